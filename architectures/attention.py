@@ -1,0 +1,98 @@
+"""Vanilla multi-head softmax attention (Vaswani et al. 2017), the `transformer` mixer.
+
+The fast path is ``torch.nn.functional.scaled_dot_product_attention``, which picks flash,
+memory-efficient, cuDNN or math kernels by itself. :func:`dense_attention` is the plain
+exact version: every efficient attention in this package is tested against it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from architectures.layers import RotaryEmbedding
+
+
+def dense_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Exact softmax attention with an explicit boolean mask; the reference implementation.
+
+    Args:
+        q, k, v: (B, H, L, hd) / (B, H, S, hd).
+        allowed: broadcastable to (B, H, L, S); True where query i may attend key j.
+            A query with no allowed key outputs zeros (never NaN).
+    """
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, H, L, S)
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    return weights @ v  # (B, H, L, hd)
+
+
+def padding_and_causal_mask(mask: torch.Tensor | None, L: int, causal: bool, device) -> torch.Tensor | None:
+    """Boolean (B or 1, 1, L, L) mask allowing real keys and, if causal, only the past."""
+    allowed = None
+    if causal:
+        allowed = torch.ones(L, L, dtype=torch.bool, device=device).tril()[None, None]
+    if mask is not None:
+        key_ok = mask[:, None, None, :]  # (B, 1, 1, L)
+        allowed = key_ok if allowed is None else allowed & key_ok
+    return allowed
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head softmax attention mixer: (B, L, D) -> (B, L, D).
+
+    Args:
+        d_model: model width.
+        causal: attend only to the past (and the present).
+        layer_idx: position of this layer in the stack (unused; part of the mixer contract).
+        n_heads: number of heads; ``d_model`` must divide evenly.
+        dropout: attention-weight dropout in training.
+        rope: rotate queries and keys by their positions (set by ``model.positional=rope``).
+    """
+
+    def __init__(
+        self, d_model: int, *, causal: bool, layer_idx: int = 0, n_heads: int, dropout: float = 0.0,
+        rope: bool = False,
+    ):
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"model.d_model={d_model} is not divisible by model.mixer.n_heads={n_heads}")
+        self.causal = causal
+        self.n_heads = n_heads
+        self.dropout = dropout
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.out = nn.Linear(d_model, d_model)
+        self.rotary = RotaryEmbedding(d_model // n_heads) if rope else None
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Split x (B, L, D) into rotated q, k and v of shape (B, H, L, hd)."""
+        B, L, D = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
+        if self.rotary is not None:
+            q, k = self.rotary(q), self.rotary(k)
+        return q, k, v
+
+    def merge(self, y: torch.Tensor) -> torch.Tensor:
+        B, H, L, hd = y.shape
+        return self.out(y.transpose(1, 2).reshape(B, L, H * hd))  # (B, L, D)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        q, k, v = self.project(x)
+        L = x.shape[1]
+        dropout = self.dropout if self.training else 0.0
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=self.causal)
+        else:
+            # padding is on the right, so with a causal mask every real query keeps >= 1 key;
+            # a pad query attending nothing gets zeros from dense_attention's nan_to_num, and
+            # here we let pads see themselves to keep SDPA free of all-masked rows.
+            allowed = padding_and_causal_mask(mask, L, self.causal, x.device)
+            allowed = allowed | torch.eye(L, dtype=torch.bool, device=x.device)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout)
+        return self.merge(y)

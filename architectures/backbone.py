@@ -1,0 +1,176 @@
+"""The shared backbone: embedding, positions, pre-norm residual blocks of mixer + feed-forward,
+final norm and the task head.
+
+Architectures plug in only their sequence mixer, built as
+``mixer(d_model, causal=..., layer_idx=i)`` from a Hydra ``_partial_`` config, with the
+contract ``forward(x (B, L, D), mask (B, L) bool or None) -> (B, L, D)``; ``mask`` is True at
+real tokens. The model maps a task batch (see :mod:`tasks.base`) to logits:
+
+=========  =====================
+kind       logits
+=========  =====================
+classify   (B, n_outputs)
+pair       (B, n_outputs)
+lm         (B, L, n_outputs)
+seq2seq    (B, Lt, n_outputs)
+=========  =====================
+
+``seq2seq`` runs as a prefix language model on ``source + [sep] + target[:-1]``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from architectures.layers import (
+    ClassifierHead,
+    FeedForward,
+    PairHead,
+    UnsupportedTask,
+    make_norm,
+    pool,
+    prefix_lm_layout,
+    sinusoidal_positions,
+)
+from tasks.base import TaskSpec
+
+POSITIONALS = ("none", "sinusoidal", "learned", "rope")
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + mixer(norm(x)), then x + ffn(norm(x))."""
+
+    def __init__(self, d_model: int, mixer: nn.Module, *, d_ff: int, dropout: float, norm: str):
+        super().__init__()
+        self.norm1 = make_norm(norm, d_model)
+        self.mixer = mixer
+        self.norm2 = make_norm(norm, d_model)
+        self.ffn = FeedForward(d_model, d_ff=d_ff, dropout=dropout) if d_ff > 0 else None
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.dropout(self.mixer(self.norm1(x), mask))
+        if self.ffn is not None:
+            x = x + self.dropout(self.ffn(self.norm2(x)))
+        return x
+
+
+def input_length(spec: TaskSpec) -> int:
+    """The longest sequence the backbone will see for this task."""
+    if spec.kind == "seq2seq":
+        return spec.seq_len + spec.target_len
+    return max((spec.seq_len, *spec.eval_seq_lens))
+
+
+class SequenceModel(nn.Module):
+    """A stack of mixer blocks on the shared backbone, with the head for ``spec.kind``.
+
+    Args:
+        spec: the task's :class:`tasks.base.TaskSpec`.
+        mixer: a callable ``mixer(d_model, causal=..., layer_idx=...) -> nn.Module``.
+        d_model: width of the residual stream.
+        n_layers: number of blocks.
+        d_ff: feed-forward width; 0 removes the feed-forward (e.g. for Mamba blocks).
+        dropout: dropout on residual branches and embeddings.
+        norm: ``layernorm`` or ``rmsnorm``.
+        positional: ``none``, ``sinusoidal``, ``learned`` or ``rope`` (passed to the mixer).
+        pooling: ``mean``, ``cls`` or ``last`` for ``classify`` and ``pair``.
+        tie_embeddings: share the input embedding with the ``lm`` output layer when sizes match.
+    """
+
+    def __init__(
+        self,
+        *,
+        spec: TaskSpec,
+        mixer: Callable[..., nn.Module],
+        d_model: int,
+        n_layers: int,
+        d_ff: int,
+        dropout: float = 0.0,
+        norm: str = "layernorm",
+        positional: str = "sinusoidal",
+        pooling: str = "mean",
+        tie_embeddings: bool = False,
+    ):
+        super().__init__()
+        if positional not in POSITIONALS:
+            raise ValueError(f"model.positional must be one of {POSITIONALS}, got {positional!r}")
+        if spec.kind == "seq2seq" and spec.sep_id is None:
+            raise UnsupportedTask("a decoder-only model needs the task's sep_id for seq2seq")
+        self.spec = spec
+        self.pooling = pooling
+        self.positional = positional
+        self.embed = nn.Embedding(spec.vocab_size, d_model)
+        self.max_len = input_length(spec)
+        if positional == "learned":
+            self.pos_embed = nn.Embedding(self.max_len, d_model)
+        self.dropout = nn.Dropout(dropout)
+        extra = {"rope": True} if positional == "rope" else {}
+        self.blocks = nn.ModuleList(
+            Block(d_model, build_mixer(mixer, d_model, causal=spec.causal, layer_idx=i, **extra),
+                  d_ff=d_ff, dropout=dropout, norm=norm)
+            for i in range(n_layers)
+        )
+        self.norm = make_norm(norm, d_model)
+        if spec.kind == "classify":
+            self.head = ClassifierHead(d_model, spec.n_outputs)
+        elif spec.kind == "pair":
+            self.head = PairHead(d_model, spec.n_outputs)
+        else:
+            self.head = nn.Linear(d_model, spec.n_outputs, bias=False)
+            if tie_embeddings and spec.n_outputs == spec.vocab_size:
+                self.head.weight = self.embed.weight
+
+    def encode(self, tokens: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Tokens (B, L) -> final hidden states (B, L, D)."""
+        L = tokens.shape[1]
+        x = self.embed(tokens)  # (B, L, D)
+        if self.positional == "sinusoidal":
+            x = x + sinusoidal_positions(L, x.shape[-1]).to(x)
+        elif self.positional == "learned":
+            if L > self.max_len:
+                raise ValueError(f"learned positions cover {self.max_len} tokens, got a sequence of {L}")
+            x = x + self.pos_embed.weight[:L]
+        x = self.dropout(x)
+        for block in self.blocks:
+            x = block(x, mask)
+        return self.norm(x)
+
+    def padding_mask(self, tokens: torch.Tensor) -> torch.Tensor | None:
+        # lm batches are never padded (tasks.base), and their pad id may be a real token there
+        if self.spec.kind == "lm":
+            return None
+        return tokens != self.spec.pad_id
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        kind = self.spec.kind
+        if kind == "seq2seq":
+            tokens, target_pos = prefix_lm_layout(
+                batch["source"], batch["target"], pad_id=self.spec.pad_id, sep_id=self.spec.sep_id
+            )
+            h = self.encode(tokens, tokens != self.spec.pad_id)  # (B, Ls + Lt, D)
+            h = h.gather(1, target_pos.unsqueeze(-1).expand(-1, -1, h.shape[-1]))  # (B, Lt, D)
+            return self.head(h)
+        tokens = batch["tokens"]
+        mask = self.padding_mask(tokens)
+        h = self.encode(tokens, mask)
+        if kind == "lm":
+            return self.head(h)  # (B, L, V)
+        pooled = pool(h, mask, self.pooling)
+        if kind == "classify":
+            return self.head(pooled)
+        tokens2 = batch["tokens2"]
+        mask2 = self.padding_mask(tokens2)
+        pooled2 = pool(self.encode(tokens2, mask2), mask2, self.pooling)
+        return self.head(pooled, pooled2)
+
+
+def build_mixer(mixer: Callable[..., nn.Module], d_model: int, **kwargs) -> nn.Module:
+    """Call the mixer factory, turning a wrong hyper-parameter into an error naming the config."""
+    try:
+        return mixer(d_model, **kwargs)
+    except TypeError as e:
+        raise TypeError(f"model.mixer could not be built with {sorted(kwargs)}: {e}") from e

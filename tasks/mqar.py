@@ -1,0 +1,112 @@
+"""Multi-query associative recall (MQAR), as in Zoology (Arora et al. 2023, arXiv 2312.04927).
+
+A sequence starts with ``n_pairs`` key-value pairs, keys drawn from ``[1, V/2)`` and values
+from ``[V/2, V)``, all keys distinct. The rest of the sequence holds random filler tokens,
+among which every key is asked again exactly once, at a gap after the context drawn from a
+power law (``power_a``; small gaps are likelier). The model must output, at each query, the
+value that was paired with that key. Nothing else is scored.
+
+Worked example (V = 16, seq_len = 12, n_pairs = 2; ``.`` = filler, ``-`` = ignored)::
+
+    tokens   3 12  5  9  .  .  5  .  .  3  .  .
+    targets  -  -  -  -  -  -  9  -  -  12 -  -
+
+Differences from Zoology's generator, all harmless: filler tokens avoid id 0 (our pad id,
+which Zoology never uses for keys either), keys and values are sampled with a vectorised
+random permutation, and query gaps with the Gumbel top-k trick (the same distribution as
+``numpy.random.choice(replace=False, p=...)``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tasks.base import IGNORE_INDEX, ArrayDataset, TaskSpec, cached_splits, smallest_int_dtype
+
+
+def generate_mqar(
+    n_examples: int, *, vocab_size: int, seq_len: int, n_pairs: int, power_a: float, seed: int
+) -> dict[str, torch.Tensor]:
+    """Draw ``n_examples`` MQAR sequences; returns ``tokens`` and ``targets`` of (N, seq_len)."""
+    context = 2 * n_pairs
+    space = (seq_len - context) // 2  # query slots sit at even offsets after the context
+    n_keys = vocab_size // 2 - 1
+    if n_pairs > n_keys:
+        raise ValueError(f"mqar: n_pairs={n_pairs} needs more than vocab_size//2-1={n_keys} keys")
+    if n_pairs > space:
+        raise ValueError(
+            f"mqar: seq_len={seq_len} leaves room for {space} queries after the context of "
+            f"{context} tokens, fewer than n_pairs={n_pairs}; raise task.seq_len"
+        )
+    g = torch.Generator().manual_seed(seed)
+    N = n_examples
+
+    # distinct keys in [1, V/2) and values in [V/2, V) per example: random permutations
+    keys = torch.rand(N, n_keys, generator=g).argsort(dim=1)[:, :n_pairs] + 1  # (N, P)
+    n_values = vocab_size - vocab_size // 2
+    values = torch.rand(N, n_values, generator=g).argsort(dim=1)[:, :n_pairs] + vocab_size // 2
+
+    # query gaps without replacement, p(gap = i) proportional to a * i^(a-1), i = 1..space
+    log_p = torch.log(power_a * torch.arange(1, space + 1, dtype=torch.float64) ** (power_a - 1))
+    gumbel = -torch.log(-torch.log(torch.rand(N, space, generator=g, dtype=torch.float64)))
+    gaps = (log_p + gumbel).topk(n_pairs, dim=1).indices  # (N, P), distinct slots
+
+    tokens = torch.randint(1, vocab_size, (N, seq_len), generator=g)
+    tokens[:, 0:context:2] = keys
+    tokens[:, 1:context:2] = values
+    query_pos = context + 2 * gaps  # (N, P)
+    tokens.scatter_(1, query_pos, keys)
+    targets = torch.full((N, seq_len), IGNORE_INDEX, dtype=torch.long)
+    targets.scatter_(1, query_pos, values)
+    dtype = smallest_int_dtype(vocab_size)
+    return {"tokens": tokens.to(dtype), "targets": targets.to(dtype)}
+
+
+class MQAR:
+    """Zoology's MQAR as an ``lm`` task scored by accuracy at the query positions.
+
+    Args:
+        vocab_size: V; keys come from [1, V/2), values from [V/2, V); 0 is reserved.
+        seq_len: tokens per sequence.
+        n_pairs: key-value pairs in the context (and queries per sequence).
+        power_a: exponent of the power law over query gaps (Zoology: 0.01).
+        n_train, n_val, n_test: examples per split (each split drawn with its own seed).
+        seed: data seed; the data are a pure function of the parameters and this seed.
+        cache_dir: where generated data are cached (``None``: ``results/cache``).
+    """
+
+    def __init__(
+        self,
+        *,
+        vocab_size: int,
+        seq_len: int,
+        n_pairs: int,
+        power_a: float,
+        n_train: int,
+        n_val: int,
+        n_test: int,
+        seed: int,
+        cache_dir: str | None = None,
+    ):
+        self.params = dict(
+            vocab_size=vocab_size, seq_len=seq_len, n_pairs=n_pairs, power_a=power_a,
+            n_train=n_train, n_val=n_val, n_test=n_test, seed=seed,
+        )
+        self.spec = TaskSpec(kind="lm", vocab_size=vocab_size, n_outputs=vocab_size, seq_len=seq_len)
+        self.cache_dir = cache_dir
+        self._splits: dict | None = None
+
+    def _build(self) -> dict[str, dict[str, torch.Tensor]]:
+        p = self.params
+        common = dict(vocab_size=p["vocab_size"], seq_len=p["seq_len"], n_pairs=p["n_pairs"],
+                      power_a=p["power_a"])
+        sizes = {"train": p["n_train"], "val": p["n_val"], "test": p["n_test"]}
+        return {
+            split: generate_mqar(n, **common, seed=p["seed"] * 3 + i)
+            for i, (split, n) in enumerate(sizes.items())
+        }
+
+    def dataset(self, split: str) -> ArrayDataset:
+        if self._splits is None:
+            self._splits = cached_splits("mqar", self.params, self._build, self.cache_dir)
+        return ArrayDataset(self._splits[split])
