@@ -1,0 +1,435 @@
+"""Sparse softmax attention: sliding window (`local`), Longformer and BigBird mixers.
+
+Each mixer is multi-head softmax attention (it reuses :class:`MultiHeadAttention`'s q/k/v and
+output projections) in which a query sees only some keys:
+
+* ``local``: a sliding window of ``window`` keys. Causal: keys ``i - window < j <= i``.
+  Bidirectional: ``|i - j| <= window // 2`` (``window // 2`` on each side plus itself).
+* ``longformer`` (Beltagy et al. 2020): the window plus ``n_global`` global tokens (the first
+  positions) that attend to every key and are attended by every query. In causal mode a global
+  token, like every query, sees only the past.
+* ``bigbird`` (Zaheer et al. 2020): attention between blocks of ``block_size`` tokens: the
+  ``n_window_blocks`` blocks around the query block, the first ``n_global_blocks`` blocks (global
+  both ways) and ``n_random_blocks`` random blocks per query block. The random pattern is fixed
+  per layer (a ``torch.Generator`` seeded from ``seed`` and ``layer_idx``) and drawn from the
+  sequence's real (unpadded) blocks, so padding never changes a real token's output. In causal
+  mode a query block sees only blocks at or before it, and its random blocks come from the past.
+
+The portable path chunks queries into blocks and gathers, for each block, only the key blocks
+it needs: O(L * window) time and memory, never an L x L mask. ``sliding_window_mask``,
+``longformer_mask`` and ``bigbird_mask`` build the equivalent dense boolean masks; with them
+:func:`architectures.attention.dense_attention` is the exact reference. On CUDA the same masks
+run as a compiled FlexAttention block mask (FlexAttention has no CPU backward, so CPU never
+reaches it).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+
+from architectures.attention import MultiHeadAttention
+
+# ----------------------------------------------------------------------------- dense references
+
+
+def in_window(i: torch.Tensor, j: torch.Tensor, window: int, causal: bool) -> torch.Tensor:
+    """True where key position ``j`` lies in query position ``i``'s window (broadcasting)."""
+    if causal:
+        return (j <= i) & (j > i - window)
+    return (i - j).abs() <= window // 2
+
+
+def sliding_window_mask(L: int, window: int, causal: bool, device=None) -> torch.Tensor:
+    """Dense (L, L) mask of ``local`` attention: True where query i may attend key j."""
+    i = torch.arange(L, device=device)[:, None]
+    return in_window(i, i.T, window, causal)
+
+
+def longformer_mask(L: int, window: int, n_global: int, causal: bool, device=None) -> torch.Tensor:
+    """Dense (L, L) mask of ``longformer`` attention: the window plus global rows and columns."""
+    i = torch.arange(L, device=device)[:, None]
+    j = i.T
+    allowed = in_window(i, j, window, causal) | (i < n_global) | (j < n_global)
+    return allowed & (j <= i) if causal else allowed
+
+
+def bigbird_block_mask(n_window_blocks: int, n_global_blocks: int, random_blocks: torch.Tensor) -> torch.Tensor:
+    """Block-level BigBird pattern (..., nb, nb) from random key blocks (..., nb, r), -1 = none."""
+    nb = random_blocks.shape[-2]
+    q = torch.arange(nb, device=random_blocks.device)[:, None]
+    blocks = ((q - q.T).abs() <= (n_window_blocks - 1) // 2) | (q < n_global_blocks) | (q.T < n_global_blocks)
+    is_random = (random_blocks[..., None] == torch.arange(nb, device=random_blocks.device)).any(-2)
+    return blocks | is_random  # (..., nb, nb)
+
+
+def bigbird_mask(
+    L: int, *, block_size: int, n_window_blocks: int, n_global_blocks: int, random_blocks: torch.Tensor,
+    causal: bool,
+) -> torch.Tensor:
+    """Dense (..., L, L) mask of ``bigbird`` attention for random key blocks (..., ceil(L / b), r)."""
+    blocks = bigbird_block_mask(n_window_blocks, n_global_blocks, random_blocks)
+    allowed = blocks.repeat_interleave(block_size, -2).repeat_interleave(block_size, -1)[..., :L, :L]
+    return allowed & torch.ones(L, L, dtype=torch.bool, device=allowed.device).tril() if causal else allowed
+
+
+def bigbird_random_blocks(
+    n_blocks: int, *, n_window_blocks: int, n_global_blocks: int, n_random_blocks: int, causal: bool,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """Draw each query block's random key blocks: (n_blocks, n_random_blocks), -1 where none.
+
+    Candidates are the blocks that are neither global nor in the window (and, if causal, before
+    the query block); global query blocks see everything and get none.
+    """
+    half = (n_window_blocks - 1) // 2
+    table = torch.full((n_blocks, n_random_blocks), -1, dtype=torch.long)
+    for q in range(n_global_blocks, n_blocks):
+        candidates = torch.tensor([k for k in range(n_global_blocks, q if causal else n_blocks) if abs(k - q) > half],
+                                  dtype=torch.long)
+        pick = candidates[torch.randperm(len(candidates), generator=generator)[:n_random_blocks]]
+        table[q, : len(pick)] = pick
+    return table
+
+
+# ------------------------------------------------------------------------------ blocked kernels
+
+
+def masked_softmax_attend(scores: torch.Tensor, allowed: torch.Tensor, v: torch.Tensor, dropout: float = 0.0):
+    """Softmax over allowed keys, then weights @ v. A query with no allowed key gets zeros, and
+    its row is filled with zeros before the softmax so that no NaN reaches the backward pass."""
+    has_key = allowed.any(-1, keepdim=True)
+    scores = scores.masked_fill(~allowed, float("-inf")).masked_fill(~has_key, 0.0)
+    weights = torch.softmax(scores, dim=-1) * has_key
+    if dropout > 0:
+        weights = F.dropout(weights, dropout)
+    return weights @ v
+
+
+def pad_to_blocks(block_size: int, key_real: torch.Tensor | None, *xs: torch.Tensor):
+    """Right-pad (B, H, L, hd) tensors to a multiple of ``block_size``; the key mask pads False."""
+    B, _, L, _ = xs[0].shape
+    pad = -L % block_size
+    if key_real is None:
+        key_real = torch.ones(B, L, dtype=torch.bool, device=xs[0].device)
+    return F.pad(key_real, (0, pad), value=False), *(F.pad(x, (0, 0, 0, pad)) for x in xs)
+
+
+def gather_blocks(x: torch.Tensor, key_blocks: torch.Tensor, block_size: int) -> torch.Tensor:
+    """For each query block, the concatenation of its key blocks.
+
+    Args:
+        x: (B, H, Lp, d) with Lp a multiple of ``block_size``.
+        key_blocks: (B, nq, m) block indices; -1 (no block) reads block 0, to be masked out.
+
+    Returns:
+        (B, H, nq, m * block_size, d)
+    """
+    B, H, Lp, d = x.shape
+    _, nq, m = key_blocks.shape
+    blocks = x.view(B, H, Lp // block_size, block_size, d).transpose(1, 2)  # (B, nb, H, b, d)
+    batch = torch.arange(B, device=x.device)[:, None, None]
+    picked = blocks[batch, key_blocks.clamp(min=0)]  # (B, nq, m, H, b, d)
+    return picked.permute(0, 3, 1, 2, 4, 5).reshape(B, H, nq, m * block_size, d)
+
+
+def key_positions(key_blocks: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Token positions (B, nq, m * b) of gathered key blocks (B, nq, m); -1 for missing blocks."""
+    pos = key_blocks[..., None] * block_size + torch.arange(block_size, device=key_blocks.device)
+    return pos.masked_fill(key_blocks[..., None] < 0, -1).flatten(-2)
+
+
+def attend_gathered(q, k, v, key_real, key_blocks, qpos, block_size, rule, dropout, extra=None) -> torch.Tensor:
+    """Attention of query blocks to the key blocks each one gathers.
+
+    Args:
+        q: (B, H, nq, b, hd) query blocks; k, v: (B, H, Lp, hd); key_real: (B, Lp) bool.
+        key_blocks: (B, nq, m) the key blocks of each query block, -1 for none.
+        qpos: (nq, b, 1) the queries' token positions.
+        rule: ``rule(qpos, kpos)``, which token pairs inside the gathered blocks are allowed.
+        extra: optional ``(k_extra, v_extra, allowed_extra)`` of shapes (B, H, G, hd) twice and
+            (B, 1, nq, b, G): keys every query block sees (Longformer's global tokens), joining
+            the same softmax.
+
+    Returns:
+        (B, H, nq, b, hd)
+    """
+    B, H, nq, b, hd = q.shape
+    kpos = key_positions(key_blocks, block_size)[:, None, :, None, :]  # (B, 1, nq, 1, S)
+    real = gather_blocks(key_real[:, None, :, None], key_blocks, block_size)  # (B, 1, nq, S, 1)
+    allowed = (kpos >= 0) & real.transpose(-2, -1) & rule(qpos, kpos)  # (B, 1, nq, b, S)
+    k_sel, v_sel = gather_blocks(k, key_blocks, block_size), gather_blocks(v, key_blocks, block_size)
+    if extra is not None:
+        k_extra, v_extra, allowed_extra = extra
+        k_sel = torch.cat([k_sel, k_extra[:, :, None].expand(-1, -1, nq, -1, -1)], 3)  # (B, H, nq, S + G, hd)
+        v_sel = torch.cat([v_sel, v_extra[:, :, None].expand(-1, -1, nq, -1, -1)], 3)
+        allowed = torch.cat([allowed, allowed_extra], -1)
+    scores = q @ k_sel.transpose(-2, -1) / math.sqrt(hd)  # (B, H, nq, b, S)
+    return masked_softmax_attend(scores, allowed, v_sel, dropout)
+
+
+def global_rows(q, k, v, key_real, causal: bool, dropout: float) -> torch.Tensor:
+    """The first G queries (B, H, G, hd) attend to every real key (every past one if causal)."""
+    G, Lp = q.shape[2], k.shape[2]
+    allowed = key_real[:, None, None, :]  # (B, 1, 1, Lp)
+    if causal:
+        allowed = allowed & (torch.arange(Lp, device=q.device) <= torch.arange(G, device=q.device)[:, None])
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, H, G, Lp)
+    return masked_softmax_attend(scores, allowed, v, dropout)
+
+
+def window_block_size(window: int, L: int) -> int:
+    """Query block for a window: half the window (so a block gathers about 1.5 windows of keys),
+    at least 16 to keep the matmuls from being tiny, at most the sequence."""
+    return max(1, min(max(window // 2, 16), L))
+
+
+def sliding_window_attention(
+    q, k, v, *, window: int, causal: bool, key_real: torch.Tensor | None = None, n_global: int = 0,
+    dropout: float = 0.0,
+) -> torch.Tensor:
+    """Blocked sliding-window attention, plus Longformer's global tokens when ``n_global > 0``.
+
+    Equals ``dense_attention(q, k, v, longformer_mask(L, window, n_global, causal) & key_real)``
+    in O(L * window) time and memory.
+
+    Args:
+        q, k, v: (B, H, L, hd).
+        key_real: (B, L) True at real tokens, or None.
+
+    Returns:
+        (B, H, L, hd)
+    """
+    B, H, L, hd = q.shape
+    b = window_block_size(window, L)
+    key_real, q, k, v = pad_to_blocks(b, key_real, q, k, v)
+    nb = q.shape[2] // b
+    reach = min(nb - 1, math.ceil((window - 1) / b) if causal else math.ceil((window // 2) / b))
+    offsets = torch.arange(-reach, (0 if causal else reach) + 1, device=q.device)
+    blocks = torch.arange(nb, device=q.device)[:, None] + offsets  # (nb, m)
+    blocks = blocks.masked_fill((blocks < 0) | (blocks >= nb), -1).expand(B, -1, -1)
+    qpos = torch.arange(nb * b, device=q.device).view(nb, b, 1)
+    G = min(n_global, L)
+    extra = None
+    if G:
+        gpos = torch.arange(G, device=q.device)
+        # a global key inside the window is already gathered: count it once
+        g_allowed = key_real[:, None, None, None, :G] & ~in_window(qpos, gpos, window, causal)
+        extra = (k[:, :, :G], v[:, :, :G], g_allowed & (gpos <= qpos) if causal else g_allowed)
+    y = attend_gathered(q.view(B, H, nb, b, hd), k, v, key_real, blocks, qpos, b,
+                        lambda i, j: in_window(i, j, window, causal), dropout, extra)
+    y = y.reshape(B, H, nb * b, hd)[:, :, :L]
+    if G:
+        y = torch.cat([global_rows(q[:, :, :G], k, v, key_real, causal, dropout), y[:, :, G:]], 2)
+    return y
+
+
+def bigbird_attention(
+    q, k, v, *, block_size: int, n_window_blocks: int, n_global_blocks: int, random_blocks: torch.Tensor,
+    causal: bool, key_real: torch.Tensor | None = None, dropout: float = 0.0,
+) -> torch.Tensor:
+    """Blocked BigBird attention; equals ``dense_attention`` with :func:`bigbird_mask`.
+
+    Global query blocks attend densely (O(g * b * L)); every other query block gathers its
+    window, global and random key blocks (O(L * b * (window + global + random blocks))).
+
+    Args:
+        q, k, v: (B, H, L, hd).
+        random_blocks: (B, ceil(L / block_size), r) each example's random key blocks, -1 = none.
+        key_real: (B, L) True at real tokens, or None.
+
+    Returns:
+        (B, H, L, hd)
+    """
+    B, H, L, hd = q.shape
+    b = block_size
+    key_real, q, k, v = pad_to_blocks(b, key_real, q, k, v)
+    nb = q.shape[2] // b
+    g = min(n_global_blocks, nb)
+    half = (n_window_blocks - 1) // 2
+    qb = torch.arange(g, nb, device=q.device)[:, None]  # the non-global query blocks
+    window = qb + torch.arange(-half, half + 1, device=q.device)
+    glob = torch.arange(g, device=q.device).expand(nb - g, g)
+    blocks = torch.cat([torch.cat([window, glob], 1).expand(B, -1, -1), random_blocks[:, g:].to(q.device)], 2)
+    invalid = (blocks < 0) | (blocks >= nb)
+    if causal:
+        invalid = invalid | (blocks > qb)
+    blocks = blocks.masked_fill(invalid, -1)  # (B, nb - g, m)
+    # a block listed twice (a neighbour that is also global) must be counted once
+    m = blocks.shape[-1]
+    earlier = torch.ones(m, m, dtype=torch.bool, device=q.device).tril(-1)
+    blocks = blocks.masked_fill(((blocks[..., :, None] == blocks[..., None, :]) & earlier).any(-1), -1)
+    qpos = torch.arange(g * b, nb * b, device=q.device).view(nb - g, b, 1)
+    y = attend_gathered(q[:, :, g * b:].reshape(B, H, nb - g, b, hd), k, v, key_real, blocks, qpos, b,
+                        (lambda i, j: j <= i) if causal else (lambda i, j: j >= 0), dropout)
+    y = torch.cat([global_rows(q[:, :, : g * b], k, v, key_real, causal, dropout),
+                   y.reshape(B, H, (nb - g) * b, hd)], 2)
+    return y[:, :, :L]
+
+
+# -------------------------------------------------------------------------- CUDA: FlexAttention
+
+
+@functools.cache
+def compiled_flex_attention():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention)
+
+
+def flex_sparse_attention(q, k, v, mask_mod) -> torch.Tensor:
+    """FlexAttention with a block mask from ``mask_mod(b, h, q_idx, kv_idx)``; CUDA only."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    B, _, L, _ = q.shape
+    block_mask = create_block_mask(mask_mod, B, None, L, L, device=q.device)
+    return compiled_flex_attention()(q, k, v, block_mask=block_mask)
+
+
+# ----------------------------------------------------------------------------------- the mixers
+
+
+class SparseAttention(MultiHeadAttention):
+    """Multi-head attention in which each query sees only some keys; subclasses say which,
+    once as a blocked portable kernel (:meth:`attend`) and once as a FlexAttention
+    ``mask_mod`` (:meth:`mask_mod`)."""
+
+    def attend(self, q, k, v, key_real: torch.Tensor | None, dropout: float) -> torch.Tensor:
+        raise NotImplementedError
+
+    def mask_mod(self, key_real: torch.Tensor):
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        q, k, v = self.project(x)  # (B, H, L, hd)
+        dropout = self.dropout if self.training else 0.0
+        if x.is_cuda and dropout == 0.0:  # FlexAttention has no attention dropout
+            key_real = mask if mask is not None else torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+            y = flex_sparse_attention(q, k, v, self.mask_mod(key_real))
+        else:
+            y = self.attend(q, k, v, mask, dropout)
+        return self.merge(y)
+
+
+class LocalAttention(SparseAttention):
+    """Sliding-window attention, the ``local`` mixer (see the module docstring for the window).
+
+    Args:
+        d_model: model width.
+        causal: attend only to the past (and the present).
+        layer_idx: position in the stack (unused).
+        n_heads: number of heads.
+        window: keys per query: causal ``i - window < j <= i``; bidirectional ``|i - j| <= window // 2``.
+        dropout: attention-weight dropout in training.
+        rope: rotate queries and keys by their positions.
+    """
+
+    def __init__(
+        self, d_model: int, *, causal: bool, layer_idx: int = 0, n_heads: int, window: int,
+        dropout: float = 0.0, rope: bool = False,
+    ):
+        super().__init__(d_model, causal=causal, layer_idx=layer_idx, n_heads=n_heads, dropout=dropout, rope=rope)
+        if window < 1:
+            raise ValueError(f"model.mixer.window must be at least 1, got {window}")
+        self.window = window
+        self.n_global = 0
+
+    def attend(self, q, k, v, key_real, dropout):
+        return sliding_window_attention(q, k, v, window=self.window, causal=self.causal, key_real=key_real,
+                                        n_global=self.n_global, dropout=dropout)
+
+    def mask_mod(self, key_real):
+        window, n_global, causal = self.window, self.n_global, self.causal
+
+        def mask_mod(b, h, i, j):
+            allowed = in_window(i, j, window, causal) | (i < n_global) | (j < n_global)
+            return allowed & (j <= i) & key_real[b, j] if causal else allowed & key_real[b, j]
+
+        return mask_mod
+
+
+class LongformerAttention(LocalAttention):
+    """Sliding window plus ``n_global`` global tokens (the first positions), the ``longformer``
+    mixer. Arguments as :class:`LocalAttention`, plus ``n_global``."""
+
+    def __init__(
+        self, d_model: int, *, causal: bool, layer_idx: int = 0, n_heads: int, window: int, n_global: int,
+        dropout: float = 0.0, rope: bool = False,
+    ):
+        super().__init__(d_model, causal=causal, layer_idx=layer_idx, n_heads=n_heads, window=window,
+                         dropout=dropout, rope=rope)
+        if n_global < 0:
+            raise ValueError(f"model.mixer.n_global must be >= 0, got {n_global}")
+        self.n_global = n_global
+
+
+class BigBirdAttention(SparseAttention):
+    """Block-sparse window + global + random attention, the ``bigbird`` mixer.
+
+    Args:
+        d_model, causal, n_heads, dropout, rope: as :class:`LocalAttention`.
+        layer_idx: position in the stack; with ``seed`` it fixes this layer's random blocks.
+        block_size: tokens per block.
+        n_window_blocks: odd number of blocks around (and including) the query block.
+        n_global_blocks: leading blocks that attend everywhere and are attended by all.
+        n_random_blocks: random key blocks per query block.
+        seed: seed of the random pattern.
+    """
+
+    def __init__(
+        self, d_model: int, *, causal: bool, layer_idx: int = 0, n_heads: int, block_size: int,
+        n_window_blocks: int, n_global_blocks: int, n_random_blocks: int, seed: int, dropout: float = 0.0,
+        rope: bool = False,
+    ):
+        super().__init__(d_model, causal=causal, layer_idx=layer_idx, n_heads=n_heads, dropout=dropout, rope=rope)
+        if block_size < 1:
+            raise ValueError(f"model.mixer.block_size must be at least 1, got {block_size}")
+        if n_window_blocks < 1 or n_window_blocks % 2 == 0:
+            raise ValueError(f"model.mixer.n_window_blocks must be odd and >= 1 (self + neighbours on each "
+                             f"side), got {n_window_blocks}")
+        if n_global_blocks < 0 or n_random_blocks < 0:
+            raise ValueError("model.mixer.n_global_blocks and model.mixer.n_random_blocks must be >= 0, got "
+                             f"{n_global_blocks} and {n_random_blocks}")
+        self.block_size, self.n_window_blocks = block_size, n_window_blocks
+        self.n_global_blocks, self.n_random_blocks = n_global_blocks, n_random_blocks
+        self.seed, self.layer_idx = seed, layer_idx
+        self._random_tables: dict[int, torch.Tensor] = {}
+
+    def random_table(self, n_blocks: int) -> torch.Tensor:
+        """This layer's random key blocks (n_blocks, n_random_blocks) for a sequence of n_blocks."""
+        if n_blocks not in self._random_tables:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.layer_idx)
+            self._random_tables[n_blocks] = bigbird_random_blocks(
+                n_blocks, n_window_blocks=self.n_window_blocks, n_global_blocks=self.n_global_blocks,
+                n_random_blocks=self.n_random_blocks, causal=self.causal, generator=generator)
+        return self._random_tables[n_blocks]
+
+    def random_blocks(self, key_real: torch.Tensor | None, B: int, L: int) -> torch.Tensor:
+        """(B, ceil(L / block_size), r): each example's table, drawn for its real blocks only, so
+        that padding an example never changes which real blocks it attends to."""
+        nb = -(-L // self.block_size)
+        n_real = [nb] * B if key_real is None else (-(-key_real.sum(1) // self.block_size)).tolist()
+        tables = [F.pad(self.random_table(n), (0, 0, 0, nb - n), value=-1) for n in n_real]
+        return torch.stack(tables)
+
+    def attend(self, q, k, v, key_real, dropout):
+        B, _, L, _ = q.shape
+        return bigbird_attention(
+            q, k, v, block_size=self.block_size, n_window_blocks=self.n_window_blocks,
+            n_global_blocks=self.n_global_blocks, random_blocks=self.random_blocks(key_real, B, L),
+            causal=self.causal, key_real=key_real, dropout=dropout)
+
+    def mask_mod(self, key_real):
+        B, L = key_real.shape
+        random_blocks = self.random_blocks(key_real, B, L).to(key_real.device)
+        blocks = bigbird_block_mask(self.n_window_blocks, self.n_global_blocks, random_blocks)  # (B, nb, nb)
+        b, causal = self.block_size, self.causal
+
+        def mask_mod(bi, h, i, j):
+            allowed = blocks[bi, i // b, j // b] & key_real[bi, j]
+            return allowed & (j <= i) if causal else allowed
+
+        return mask_mod
