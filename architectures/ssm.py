@@ -1,0 +1,352 @@
+"""State-space sequence mixing: the Mamba selective scan and the S4D layer.
+
+* :func:`selective_scan` has the shapes and semantics of ``selective_scan_ref`` of the mamba-ssm
+  package (Gu & Dao 2023). On CUDA it calls mamba-ssm's fused kernel when that package imports;
+  everywhere else it runs :func:`selective_scan_torch`, a chunked scan in plain PyTorch.
+  :func:`selective_scan_reference` is the sequential recurrence both must equal.
+* :class:`S4D` is the diagonal state-space layer of Gu et al. 2022 ("On the Parameterization and
+  Initialization of Diagonal State Space Models"), as the S4 repository's standalone ``S4D``
+  layer: S4D-Lin init, ZOH discretisation, a convolution kernel applied by FFT, GELU, then a
+  GLU output projection.
+
+The Mamba block itself lives in :mod:`architectures.mamba`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+try:  # the fused CUDA kernel; absent on CPU-only machines (it needs nvcc to build)
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as _cuda_selective_scan
+except ImportError:  # pragma: no cover - depends on the machine
+    _cuda_selective_scan = None
+
+
+# --------------------------------------------------------------------------- selective scan
+
+
+def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                             return_last_state=False):
+    """The selective scan as a plain loop over time steps: the documentation of the semantics.
+
+    x_t = exp(delta_t A) x_{t-1} + delta_t B_t u_t,  y_t = C_t . x_t,  out = (y + D u) * silu(z).
+
+    Args:
+        u, delta: (B, D, L).
+        A: (D, N), real (negative for a stable system).
+        B, C: (B, N, L) input-dependent, (B, G, N, L) shared by D/G channels each, or (D, N) fixed.
+        D: (D,) skip connection, or None.
+        z: (B, D, L) gate, or None.
+        delta_bias: (D,) added to delta before the optional softplus.
+        delta_softplus: apply softplus to delta.
+        return_last_state: also return the state after the last step, (B, D, N).
+    """
+    dtype_in = u.dtype
+    u, delta, Bm, Cm = _prepare(u, delta, A, B, C, delta_bias, delta_softplus)
+    dA = torch.exp(torch.einsum("bdl,dn->bdln", delta, A.float()))  # (B, D, L, N)
+    shape = (*u.shape, A.shape[1])
+    dBu = (delta * u).unsqueeze(-1) * Bm.expand(shape)  # (B, D, L, N)
+    Cm = Cm.expand(shape)
+    x = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])  # (B, D, N)
+    ys = []
+    for t in range(u.shape[2]):
+        x = dA[:, :, t] * x + dBu[:, :, t]
+        ys.append((x * Cm[:, :, t]).sum(-1))  # (B, D)
+    out = _finish(torch.stack(ys, dim=-1), u, D, z).to(dtype_in)
+    return (out, x) if return_last_state else out
+
+
+def _expand_BC(X: torch.Tensor, batch: int, dim: int, L: int, name: str) -> torch.Tensor:
+    """B or C in any accepted layout -> broadcastable to (B, D, L, N)."""
+    if X.is_complex():
+        raise ValueError(f"selective_scan: complex {name} is not supported (A, B, C must be real)")
+    if X.dim() == 2:  # fixed (D, N)
+        return X.float()[None, :, None, :]  # (1, D, 1, N)
+    if X.dim() == 3:  # (B, N, L)
+        return X.float().transpose(1, 2)[:, None]  # (B, 1, L, N)
+    if X.dim() == 4:  # (B, G, N, L): group g serves channels g*D/G .. (g+1)*D/G - 1
+        groups = X.shape[1]
+        if dim % groups:
+            raise ValueError(f"selective_scan: {name} has {groups} groups, which do not divide D={dim}")
+        return X.float().transpose(2, 3).repeat_interleave(dim // groups, dim=1)  # (B, D, L, N)
+    raise ValueError(f"selective_scan: {name} must be (D, N), (B, N, L) or (B, G, N, L), got {tuple(X.shape)}")
+
+
+def _prepare(u, delta, A, B, C, delta_bias, delta_softplus):
+    if A.is_complex():
+        raise ValueError("selective_scan: only real A is supported (Mamba's S6 uses real A)")
+    u, delta = u.float(), delta.float()
+    if delta_bias is not None:
+        delta = delta + delta_bias.float()[:, None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+    batch, dim, L = u.shape
+    return u, delta, _expand_BC(B, batch, dim, L, "B"), _expand_BC(C, batch, dim, L, "C")
+
+
+def _finish(y, u, D, z):
+    out = y if D is None else y + u * D.float()[:, None]
+    return out if z is None else out * F.silu(z.float())
+
+
+def _chunk_scan(a: torch.Tensor, h: torch.Tensor, reverse: bool) -> torch.Tensor:
+    """In place, h_t = a_t h_prev + h_t over dim 1 of (nc, T, ...) chunks; prev = t-1 (t+1 if reverse).
+
+    Three passes, each a loop over the T positions of a chunk (all chunks at once) or over the
+    nc chunks (all channels at once), never over all nc*T steps:
+    1. a local scan inside every chunk from a zero state, keeping the chunk's total decay;
+    2. the states at chunk boundaries, carried chunk to chunk;
+    3. each chunk's entering state, decayed by the running product of a, added to the local scan.
+    Every multiplier is some a in (0, 1], so nothing can overflow however long the sequence.
+    """
+    nc, T = h.shape[:2]
+    order = list(range(T - 1, -1, -1)) if reverse else list(range(T))
+    decay = a[:, order[0]].clone()  # (nc, ...) product of a over the chunk so far
+    for prev, t in zip(order[:-1], order[1:]):
+        h[:, t].addcmul_(a[:, t], h[:, prev])
+        decay.mul_(a[:, t])
+    enter = torch.zeros_like(decay)  # (nc, ...) the state entering each chunk
+    state = torch.zeros_like(decay[0])
+    for c in (range(nc - 1, -1, -1) if reverse else range(nc)):
+        enter[c] = state
+        state = decay[c] * state + h[c, order[-1]]
+    carried = enter
+    for t in order:
+        carried = a[:, t] * carried  # (nc, ...) enter state decayed up to position t
+        h[:, t] += carried
+    return h
+
+
+class _LinearScan(torch.autograd.Function):
+    """h_t = a_t h_{t-1} + b_t over dim 1 of (nc, T, ...) chunks, h_{-1} = 0; b is overwritten by h.
+
+    The backward is the same scan run backwards in time: with lam_t = dL/dh_t (through every
+    path), lam_t = g_t + a_{t+1} lam_{t+1}, dL/db_t = lam_t and dL/da_t = lam_t h_{t-1}.
+    """
+
+    @staticmethod
+    def forward(ctx, a, b):
+        h = _chunk_scan(a, b, reverse=False)
+        ctx.mark_dirty(b)
+        ctx.save_for_backward(a, h)
+        return h
+
+    @staticmethod
+    def backward(ctx, grad_h):
+        a, h = ctx.saved_tensors
+        shape = a.shape
+        a_flat, h_flat = a.flatten(0, 1), h.flatten(0, 1)  # (L, ...)
+        a_next = torch.zeros_like(a_flat)  # a_{t+1}, zero past the end
+        a_next[:-1] = a_flat[1:]
+        lam = _chunk_scan(a_next.view(shape), grad_h.contiguous().clone(), reverse=True)
+        grad_a = torch.zeros_like(a_flat)
+        torch.mul(lam.flatten(0, 1)[1:], h_flat[:-1], out=grad_a[1:])
+        return grad_a.view(shape), lam
+
+
+def scan_chunk_size(L: int) -> int:
+    """Chunk length for :func:`selective_scan_torch`: about sqrt(L), a power of two, at least 16.
+
+    sqrt(L) balances the loop over positions in a chunk against the loop over chunks.
+    """
+    return max(16, 2 ** round(math.log2(max(L, 1)) / 2))
+
+
+def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                         return_last_state=False, chunk_size: int | None = None):
+    """The selective scan in plain PyTorch (any device), chunked; same semantics as the reference.
+
+    The state tensors are laid out time-major, (L, B, D, N), so every step of the chunk loops
+    reads one contiguous (B, D, N) slab per chunk. The sequence is padded to a multiple of the
+    chunk length with delta = 0 and u = 0, which leaves the state unchanged (decay 1, input 0).
+    """
+    dtype_in = u.dtype
+    if A.is_complex():
+        raise ValueError("selective_scan: only real A is supported (Mamba's S6 uses real A)")
+    batch, dim, L = u.shape
+    N = A.shape[1]
+    u, delta = u.float(), delta.float()
+    if delta_bias is not None:
+        delta = delta + delta_bias.float()[:, None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+    T = chunk_size or scan_chunk_size(L)
+    Lp = -(-L // T) * T
+    pad = (0, Lp - L)
+    chunks = (Lp // T, T)
+    delta_t = F.pad(delta, pad).permute(2, 0, 1).reshape(*chunks, batch, dim, 1)  # (nc, T, B, D, 1)
+    du_t = F.pad(delta * u, pad).permute(2, 0, 1).reshape(*chunks, batch, dim, 1)  # (nc, T, B, D, 1)
+    Bt = _time_major(B, batch, dim, pad, "B")
+    Bt = Bt.reshape(*chunks, *Bt.shape[1:]) if B.dim() > 2 else Bt[None]  # (nc, T, B, D or 1, N)
+    a = torch.exp(delta_t * A.float())  # (nc, T, B, D, N), in (0, 1] for A <= 0
+    b = du_t * Bt  # (nc, T, B, D, N)
+    h = _LinearScan.apply(a, b).view(Lp, batch, dim, N)[:L]  # (L, B, D, N)
+    Ct = _time_major(C, batch, dim, (0, 0), "C")
+    if C.dim() == 2:  # fixed C: (1, 1, D, N)
+        y = torch.einsum("lbdn,dn->lbd", h, Ct[0, 0])  # (L, B, D)
+    elif C.dim() == 3:  # one C for every channel: (L, B, 1, N)
+        y = torch.einsum("lbdn,lbn->lbd", h, Ct[:, :, 0])  # (L, B, D)
+    else:  # grouped, expanded to (L, B, D, N)
+        y = (h * Ct).sum(-1)
+    out = _finish(y.permute(1, 2, 0), u, D, z).to(dtype_in)  # (B, D, L)
+    return (out, h[-1]) if return_last_state else out
+
+
+def _time_major(X: torch.Tensor, batch: int, dim: int, pad: tuple[int, int], name: str) -> torch.Tensor:
+    """B or C -> (L, B, D or 1, N) time-major (or (1, 1, D, N) when fixed), padded in time."""
+    if X.is_complex():
+        raise ValueError(f"selective_scan: complex {name} is not supported (A, B, C must be real)")
+    X = X.float()
+    if X.dim() == 2:
+        return X[None, None]  # (1, 1, D, N)
+    if X.dim() == 3:
+        return F.pad(X, pad).permute(2, 0, 1).unsqueeze(2).contiguous()  # (L, B, 1, N)
+    if X.dim() == 4:
+        groups = X.shape[1]
+        if dim % groups:
+            raise ValueError(f"selective_scan: {name} has {groups} groups, which do not divide D={dim}")
+        X = F.pad(X, pad).permute(3, 0, 1, 2).repeat_interleave(dim // groups, dim=2)
+        return X.contiguous()  # (L, B, D, N)
+    raise ValueError(f"selective_scan: {name} must be (D, N), (B, N, L) or (B, G, N, L), got {tuple(X.shape)}")
+
+
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                   return_last_state=False):
+    """Mamba's selective scan; shapes and semantics of mamba-ssm's ``selective_scan_ref``.
+
+    Dispatches to mamba-ssm's fused CUDA kernel for CUDA tensors when mamba-ssm imports, else
+    to :func:`selective_scan_torch`. See :func:`selective_scan_reference` for the arguments.
+
+    Returns:
+        out (B, D, L) in u's dtype, and with ``return_last_state`` the final state (B, D, N).
+    """
+    if u.is_cuda and _cuda_selective_scan is not None:
+        return _cuda_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    return selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+
+
+# --------------------------------------------------------------------------- S4D
+
+
+class S4DKernel(nn.Module):
+    """S4D's convolution kernel (Gu et al. 2022), S4D-Lin init, ZOH discretisation.
+
+    With n = d_state / 2 complex modes (each stands for a conjugate pair, hence the 2 Re below),
+    A_n = -exp(log_A_real) + i A_imag = -0.5 + i pi n at init, dt = exp(log_dt):
+
+        K[l] = 2 Re( sum_n C_n (exp(dt A_n) - 1) / A_n * exp(dt A_n l) ),  l = 0 .. L-1.
+
+    The powers exp(dt A l) are never materialised as an (H, n, L) tensor: with l = q Lb + r and
+    Lb ~ sqrt(L), exp(dt A l) = exp(dt A Lb q) exp(dt A r), so K is one batched real matmul of an
+    (H, Q, 2n) by an (H, 2n, Lb) factor; every exponent has a non-positive real part.
+
+    Args:
+        d_model: number of channels H.
+        d_state: state size N (N / 2 complex modes).
+        channels: independent kernels sharing A and dt (2 for a bidirectional layer).
+        dt_min, dt_max: log_dt is drawn uniformly in [log dt_min, log dt_max].
+        ssm_lr: learning rate of A and dt (marked with ``_optim``, no weight decay), as in S4.
+    """
+
+    def __init__(self, d_model: int, *, d_state: int, channels: int, dt_min: float, dt_max: float, ssm_lr: float):
+        super().__init__()
+        if d_state % 2:
+            raise ValueError(f"model.mixer.d_state must be even (conjugate pairs), got {d_state}")
+        H, n = d_model, d_state // 2
+        self.log_dt = nn.Parameter(torch.rand(H) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        self.log_A_real = nn.Parameter(torch.full((H, n), math.log(0.5)))
+        self.A_imag = nn.Parameter(math.pi * torch.arange(n, dtype=torch.float32).repeat(H, 1))
+        self.C = nn.Parameter(torch.view_as_real(torch.randn(channels, H, n, dtype=torch.cfloat)))  # (c, H, n, 2)
+        for p in (self.log_dt, self.log_A_real, self.A_imag):
+            p._optim = {"lr": ssm_lr, "weight_decay": 0.0}
+        self._cache: tuple | None = None
+
+    def discretize(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """dt A (H, n) and the ZOH-scaled output weights C (exp(dt A) - 1) / A, (c, H, n); complex."""
+        A = torch.complex(-torch.exp(self.log_A_real), self.A_imag)  # (H, n)
+        dtA = A * torch.exp(self.log_dt).unsqueeze(-1)  # (H, n)
+        return dtA, torch.view_as_complex(self.C) * torch.expm1(dtA) / A
+
+    def forward(self, L: int, use_cache: bool = True) -> torch.Tensor:
+        """The kernels (c, H, L). Without autograd the last one is reused until a parameter changes."""
+        key = (L, self.C.device, *(p._version for p in self.parameters()))
+        if use_cache and not torch.is_grad_enabled() and self._cache is not None and self._cache[0] == key:
+            return self._cache[1]
+        dtA, C_eff = self.discretize()
+        c, H, n = C_eff.shape
+        Lb = math.ceil(math.sqrt(L))
+        Q = -(-L // Lb)
+        steps = torch.arange(max(Lb, Q), device=dtA.device, dtype=torch.float32)
+        inner = torch.exp(dtA.unsqueeze(-1) * steps[:Lb])  # (H, n, Lb)
+        outer = C_eff.unsqueeze(-1) * torch.exp(dtA.unsqueeze(-1) * (Lb * steps[:Q]))  # (c, H, n, Q)
+        # Re(sum_n w v) = sum_n (Re w Re v - Im w Im v): one real matmul over 2n
+        left = torch.cat([outer.real, -outer.imag], dim=2).transpose(2, 3)  # (c, H, Q, 2n)
+        right = torch.cat([inner.real, inner.imag], dim=1)  # (H, 2n, Lb)
+        K = 2 * (left @ right).reshape(c, H, Q * Lb)[..., :L]  # (c, H, L)
+        if not torch.is_grad_enabled():
+            self._cache = (key, K)
+        return K
+
+
+class S4D(nn.Module):
+    """The S4D layer as a mixer: FFT convolution with the S4D kernel, skip D, GELU, GLU projection.
+
+    Bidirectional (S4 repo style) when the task is not causal and ``bidirectional`` is set: a
+    second kernel runs backwards in time, y_t = sum_{s<=t} K0[t-s] u_s + sum_{s>t} K1[s-t-1] u_s.
+    Pads (right padding, ``mask`` False) are zeroed before the convolution, so a backward kernel
+    never carries them into real positions.
+
+    Args:
+        d_model: width H; one SSM per channel.
+        causal: the task forbids looking ahead.
+        layer_idx: position in the stack (unused).
+        d_state: state size N per channel (N / 2 complex modes).
+        dt_min, dt_max: range of the initial step size.
+        ssm_lr: learning rate of A and dt.
+        bidirectional: use a backward kernel too when ``causal`` is False.
+        dropout: dropout after the GELU.
+    """
+
+    def __init__(
+        self, d_model: int, *, causal: bool, layer_idx: int = 0, d_state: int, dt_min: float, dt_max: float,
+        ssm_lr: float, bidirectional: bool, dropout: float = 0.0,
+    ):
+        super().__init__()
+        self.bidirectional = bidirectional and not causal
+        self.kernel = S4DKernel(d_model, d_state=d_state, channels=2 if self.bidirectional else 1,
+                                dt_min=dt_min, dt_max=dt_max, ssm_lr=ssm_lr)
+        self.D = nn.Parameter(torch.randn(d_model))
+        self.dropout = nn.Dropout(dropout)
+        self.output_linear = nn.Linear(d_model, 2 * d_model)  # then GLU back to d_model
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        L = x.shape[1]
+        if mask is not None:
+            x = x * mask.unsqueeze(-1).to(x.dtype)
+        u = x.transpose(1, 2).float()  # (B, H, L)
+        K = self.kernel(L)  # (c, H, L)
+        if self.bidirectional:
+            K = F.pad(K[0], (0, L)) + F.pad(K[1].flip(-1), (L, 0))  # (H, 2L): causal half, then anti-causal
+        else:
+            K = K[0]
+        y = torch.fft.irfft(torch.fft.rfft(u, n=2 * L) * torch.fft.rfft(K, n=2 * L), n=2 * L)[..., :L]
+        y = y + u * self.D.unsqueeze(-1)  # (B, H, L)
+        return self.project(y.transpose(1, 2).to(x.dtype))
+
+    def project(self, y: torch.Tensor) -> torch.Tensor:
+        return F.glu(self.output_linear(self.dropout(F.gelu(y))), dim=-1)
+
+    def step(self, x_t: torch.Tensor, state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One token: x_t (B, H), state (B, H, n) complex or None -> y_t (B, H), state."""
+        if self.bidirectional:
+            raise RuntimeError("S4D.step needs a causal layer; this one is bidirectional (a non-causal task)")
+        dtA, C_eff = self.kernel.discretize()  # C_eff folds in the ZOH input weight (exp(dtA)-1)/A
+        if state is None:
+            state = torch.zeros(*x_t.shape, dtA.shape[-1], dtype=dtA.dtype, device=x_t.device)
+        state = torch.exp(dtA) * state + x_t.unsqueeze(-1)  # (B, H, n)
+        y = 2 * (C_eff[0] * state).sum(-1).real + self.D * x_t  # (B, H)
+        return self.project(y), state
