@@ -1,0 +1,115 @@
+"""Shared helpers of the Long Range Arena loaders: finding data, errors that name file and line,
+cache keys from the data files, padding, byte encoding and a one-screen summary of the splits.
+
+Every loader in ``tasks/`` that reads a published LRA format goes through these, so that a
+missing folder or a bad row reads the same way in every task::
+
+    basic_train.tsv:17: expected a label 0-9 in column 'Target', found '12'
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+# Raw documents are cut to this many bytes before tokenisation in the LRA byte pipelines
+# (matching/input_pipeline.py: ``encoder.encode(s.numpy()[:10000])``).
+LRA_BYTE_CUT = 10_000
+
+
+class DataFormatError(ValueError):
+    """A data file does not hold what its published format says; the message names file:line."""
+
+
+def format_error(path: str | Path, where: int | str | None, expected: str, found: str) -> DataFormatError:
+    """An error reading ``<file>:<line>: expected <what>, found <what>``.
+
+    Args:
+        path: the offending file.
+        where: a 1-based line number, or a free-form location (``"entry 17 of b'labels'"``).
+        expected: what the format asks for.
+        found: what the file holds (keep it short; see :func:`shorten`).
+    """
+    location = str(path) if where is None else f"{path}:{where}"
+    return DataFormatError(f"{location}: expected {expected}, found {found}")
+
+
+def shorten(text: str | bytes, limit: int = 60) -> str:
+    """``repr`` of ``text`` cut to ``limit`` characters, for error messages."""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", errors="replace")
+    return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
+def missing_data(task: str, data_dir: str | Path, missing: Sequence[str | Path], how_to_get: str) -> FileNotFoundError:
+    """The error for data that are not where ``task.data_dir`` points.
+
+    Args:
+        task: the task name, as typed on the command line.
+        data_dir: the configured folder.
+        missing: the files or folders that were looked for and not found.
+        how_to_get: one or two sentences on where the data come from.
+    """
+    listed = "\n".join(f"  - {m}" for m in missing)
+    return FileNotFoundError(
+        f"{task}: data not found under task.data_dir={str(data_dir)!r}. Missing:\n{listed}\n"
+        f"{how_to_get}\nThen run with task.data_dir=<that folder>."
+    )
+
+
+def fingerprint(paths: Sequence[str | Path]) -> str:
+    """A hash of the files' resolved paths, sizes and modification times (the cache key)."""
+    h = hashlib.sha256()
+    for p in paths:
+        st = Path(p).stat()
+        h.update(f"{Path(p).resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def pad_rows(rows: Sequence[Sequence[int] | np.ndarray], seq_len: int, *, pad_id: int) -> torch.Tensor:
+    """Right-pad (or cut) each row to ``seq_len``; returns an int16 tensor (N, seq_len)."""
+    out = np.full((len(rows), seq_len), pad_id, dtype=np.int16)
+    for i, row in enumerate(rows):
+        row = np.asarray(row[:seq_len], dtype=np.int16)
+        out[i, : len(row)] = row
+    return torch.from_numpy(out)
+
+
+def encode_bytes(data: bytes, seq_len: int) -> np.ndarray:
+    """LRA's byte encoding (``tfds ByteTextEncoder``): byte b -> id b + 1, id 0 is padding.
+
+    ``data`` is cut to :data:`LRA_BYTE_CUT` bytes and then to ``seq_len`` tokens, as in LRA.
+    """
+    cut = data[:LRA_BYTE_CUT][:seq_len]
+    return np.frombuffer(cut, dtype=np.uint8).astype(np.int16) + 1
+
+
+def describe_splits(title: str, splits: dict[str, dict[str, torch.Tensor]], *, pad_id: int, seq_len: int) -> str:
+    """A short multi-line summary: examples, real-token lengths and label balance per split.
+
+    Lengths count the tokens that are not ``pad_id``; ``full`` is the share of sequences that
+    fill all ``seq_len`` positions (those were cut, or happened to fit exactly).
+    """
+    lines = [title]
+    for split, arrays in splits.items():
+        label = arrays["label"]
+        counts = torch.bincount(label.long()).tolist()
+        share = ", ".join(f"{c}: {n / max(len(label), 1):.1%}" for c, n in enumerate(counts))
+        lines.append(f"  {split:5s} {len(label):7d} examples; labels {share}")
+        for key in ("tokens", "tokens2"):
+            if key not in arrays:
+                continue
+            lengths = (arrays[key] != pad_id).sum(1).double()
+            if len(lengths) == 0:
+                continue
+            q = torch.quantile(lengths, torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)).tolist()
+            full = (lengths == seq_len).double().mean().item()
+            lines.append(
+                f"        {key}: length min {q[0]:.0f} / median {q[1]:.0f} / max {q[2]:.0f}, "
+                f"mean {lengths.mean():.1f}; {full:.1%} fill seq_len={seq_len}"
+            )
+    return "\n".join(lines)
