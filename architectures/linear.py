@@ -124,14 +124,24 @@ def linear_attention(
     phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor, *, causal: bool,
     mask: torch.Tensor | None, chunk_size: int, eps: float = EPS,
 ) -> torch.Tensor:
-    """Dispatch to the global (bidirectional) or chunked (causal) form; (B, H, L, hd)."""
-    if not causal:
-        return global_linear_attention(phi_q, phi_k, v, mask, eps)
-    if mask is not None:  # padding is on the right, so this only matters for the pads themselves
+    """Dispatch to the global (bidirectional) or chunked (causal) form; (B, H, L, hd).
+
+    The portable forms run in at least float32, autocast off: their sums run over the whole
+    sequence, which bfloat16 accumulators would round away (the fla kernel accumulates in
+    float32 by itself).
+    """
+    if causal and mask is not None:  # padding is on the right: this only matters for the pads
         phi_k = phi_k * mask[:, None, :, None].to(phi_k.dtype)
-    if chunk_linear_attn is not None and phi_q.is_cuda:
+    if causal and chunk_linear_attn is not None and phi_q.is_cuda:
         return fla_causal_linear_attention(phi_q, phi_k, v, eps)
-    return chunked_causal_linear_attention(phi_q, phi_k, v, chunk_size, eps)
+    low = v.dtype in (torch.float16, torch.bfloat16)
+    with torch.autocast(v.device.type, enabled=False):
+        args = [t.float() if low else t for t in (phi_q, phi_k, v)]
+        if causal:
+            y = chunked_causal_linear_attention(*args, chunk_size, eps)
+        else:
+            y = global_linear_attention(*args, mask, eps)
+    return y.to(v.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -163,7 +173,9 @@ def favor_features(x: torch.Tensor, projection: torch.Tensor, *, is_query: bool)
     normaliser), and for keys the bound max_j |w_j|^2 / 2 >= w_j . x' - |x'|^2 / 2, which
     holds for every key and depends on no data, so it cancels exactly and keeps causality
     (a max over the sequence's keys, as in the paper's code, would leak the future). The
-    1/sqrt(m) factor cancels too and is left out.
+    1/sqrt(m) factor cancels too and is left out. The bound is loose, so features can be
+    small (about 1e-6 to 1e-9 for unit-scale inputs): the Performer's normaliser uses no
+    eps beyond a guard against 0 / 0.
 
     Args:
         x: (B, H, L, hd) queries or keys.
@@ -218,11 +230,16 @@ class LinearAttention(nn.Module):
     def feature_maps(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return elu_feature_map(q), elu_feature_map(k)
 
+    def eps(self, dtype: torch.dtype) -> float:
+        """What the normaliser adds to its denominator."""
+        return EPS
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         B, L, D = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)  # (B, H, L, hd)
         phi_q, phi_k = self.feature_maps(q, k)  # (B, H, L, F)
-        y = linear_attention(phi_q, phi_k, v, causal=self.causal, mask=mask, chunk_size=self.chunk_size)
+        y = linear_attention(phi_q, phi_k, v, causal=self.causal, mask=mask, chunk_size=self.chunk_size,
+                             eps=self.eps(x.dtype))
         return self.out(y.transpose(1, 2).reshape(B, L, D))
 
     def step(self, x_t: torch.Tensor, state: tuple | None) -> tuple[torch.Tensor, tuple]:
@@ -236,7 +253,7 @@ class LinearAttention(nn.Module):
         kv = kv + phi_k.unsqueeze(-1) * v.unsqueeze(-2)  # (B, H, F, hd)
         z = z + phi_k
         num = (phi_q.unsqueeze(-2) @ kv).squeeze(-2)  # (B, H, hd)
-        y = num / ((phi_q * z).sum(-1, keepdim=True) + EPS)
+        y = num / ((phi_q * z).sum(-1, keepdim=True) + self.eps(x_t.dtype))
         return self.out(y.reshape(B, D)), (kv, z)
 
 
@@ -277,6 +294,11 @@ class PerformerAttention(LinearAttention):
 
     def feature_maps(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return favor_features(q, self.projection, is_query=True), favor_features(k, self.projection, is_query=False)
+
+    def eps(self, dtype: torch.dtype) -> float:
+        # FAVOR+ features are positive and their stabilised scale can be far below 1e-6 (see
+        # favor_features), so the usual eps would bias the estimate: guard only against 0 / 0
+        return torch.finfo(dtype).tiny
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         if self.training and self.redraw_every > 0:
