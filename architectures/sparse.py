@@ -1,7 +1,7 @@
-"""Sparse softmax attention: sliding window (`local`), Longformer and BigBird mixers.
+"""Sparse softmax attention mixers: sliding window (`local`), Longformer and BigBird.
 
-Each mixer is multi-head softmax attention (it reuses :class:`MultiHeadAttention`'s q/k/v and
-output projections) in which a query sees only some keys:
+Multi-head softmax attention (:class:`MultiHeadAttention`'s projections) where a query sees
+only some keys:
 
 * ``local``: a sliding window of ``window`` keys. Causal: keys ``i - window < j <= i``.
   Bidirectional: ``|i - j| <= window // 2`` (``window // 2`` on each side plus itself).
@@ -15,12 +15,11 @@ output projections) in which a query sees only some keys:
   sequence's real (unpadded) blocks, so padding never changes a real token's output. In causal
   mode a query block sees only blocks at or before it, and its random blocks come from the past.
 
-The portable path chunks queries into blocks and gathers, for each block, only the key blocks
-it needs: O(L * window) time and memory, never an L x L mask. ``sliding_window_mask``,
-``longformer_mask`` and ``bigbird_mask`` build the equivalent dense boolean masks; with them
-:func:`architectures.attention.dense_attention` is the exact reference. On CUDA the same masks
-run as a compiled FlexAttention block mask (FlexAttention has no CPU backward, so CPU never
-reaches it).
+The portable path chunks queries into blocks and gathers only the key blocks each needs:
+O(L * window) time and memory, never an L x L mask. ``sliding_window_mask``, ``longformer_mask``
+and ``bigbird_mask`` build the equivalent dense masks for the exact reference,
+:func:`architectures.attention.dense_attention`. On CUDA the same patterns run as a compiled
+FlexAttention block mask (it has no CPU backward, so CPU never reaches it).
 """
 
 from __future__ import annotations
@@ -119,27 +118,14 @@ def pad_to_blocks(block_size: int, key_real: torch.Tensor | None, *xs: torch.Ten
 
 
 def gather_blocks(x: torch.Tensor, key_blocks: torch.Tensor, block_size: int) -> torch.Tensor:
-    """For each query block, the concatenation of its key blocks.
-
-    Args:
-        x: (B, H, Lp, d) with Lp a multiple of ``block_size``.
-        key_blocks: (B, nq, m) block indices; -1 (no block) reads block 0, to be masked out.
-
-    Returns:
-        (B, H, nq, m * block_size, d)
-    """
+    """x (B, H, Lp, d) -> (B, H, nq, m * b, d): for each query block its key blocks (B, nq, m),
+    concatenated; -1 (no block) reads block 0, which the caller masks out."""
     B, H, Lp, d = x.shape
     _, nq, m = key_blocks.shape
     blocks = x.view(B, H, Lp // block_size, block_size, d).transpose(1, 2)  # (B, nb, H, b, d)
     batch = torch.arange(B, device=x.device)[:, None, None]
     picked = blocks[batch, key_blocks.clamp(min=0)]  # (B, nq, m, H, b, d)
     return picked.permute(0, 3, 1, 2, 4, 5).reshape(B, H, nq, m * block_size, d)
-
-
-def key_positions(key_blocks: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Token positions (B, nq, m * b) of gathered key blocks (B, nq, m); -1 for missing blocks."""
-    pos = key_blocks[..., None] * block_size + torch.arange(block_size, device=key_blocks.device)
-    return pos.masked_fill(key_blocks[..., None] < 0, -1).flatten(-2)
 
 
 def attend_gathered(q, k, v, key_real, key_blocks, qpos, block_size, rule, dropout, extra=None) -> torch.Tensor:
@@ -150,15 +136,15 @@ def attend_gathered(q, k, v, key_real, key_blocks, qpos, block_size, rule, dropo
         key_blocks: (B, nq, m) the key blocks of each query block, -1 for none.
         qpos: (nq, b, 1) the queries' token positions.
         rule: ``rule(qpos, kpos)``, which token pairs inside the gathered blocks are allowed.
-        extra: optional ``(k_extra, v_extra, allowed_extra)`` of shapes (B, H, G, hd) twice and
-            (B, 1, nq, b, G): keys every query block sees (Longformer's global tokens), joining
-            the same softmax.
+        extra: optional ``(k_extra, v_extra, allowed_extra)``, (B, H, G, hd) twice and
+            (B, 1, nq, b, G): keys every query block sees (Longformer's global tokens).
 
     Returns:
         (B, H, nq, b, hd)
     """
     B, H, nq, b, hd = q.shape
-    kpos = key_positions(key_blocks, block_size)[:, None, :, None, :]  # (B, 1, nq, 1, S)
+    kpos = key_blocks[..., None] * block_size + torch.arange(block_size, device=q.device)  # (B, nq, m, b)
+    kpos = kpos.masked_fill(key_blocks[..., None] < 0, -1).flatten(-2)[:, None, :, None, :]  # (B, 1, nq, 1, S)
     real = gather_blocks(key_real[:, None, :, None], key_blocks, block_size)  # (B, 1, nq, S, 1)
     allowed = (kpos >= 0) & real.transpose(-2, -1) & rule(qpos, kpos)  # (B, 1, nq, b, S)
     k_sel, v_sel = gather_blocks(k, key_blocks, block_size), gather_blocks(v, key_blocks, block_size)
@@ -193,15 +179,9 @@ def sliding_window_attention(
 ) -> torch.Tensor:
     """Blocked sliding-window attention, plus Longformer's global tokens when ``n_global > 0``.
 
-    Equals ``dense_attention(q, k, v, longformer_mask(L, window, n_global, causal) & key_real)``
+    q, k, v (B, H, L, hd) and key_real (B, L) (True at real tokens, or None) -> (B, H, L, hd).
+    Equals ``dense_attention`` with ``longformer_mask(L, window, n_global, causal) & key_real``
     in O(L * window) time and memory.
-
-    Args:
-        q, k, v: (B, H, L, hd).
-        key_real: (B, L) True at real tokens, or None.
-
-    Returns:
-        (B, H, L, hd)
     """
     B, H, L, hd = q.shape
     b = window_block_size(window, L)
@@ -233,16 +213,10 @@ def bigbird_attention(
 ) -> torch.Tensor:
     """Blocked BigBird attention; equals ``dense_attention`` with :func:`bigbird_mask`.
 
-    Global query blocks attend densely (O(g * b * L)); every other query block gathers its
-    window, global and random key blocks (O(L * b * (window + global + random blocks))).
-
-    Args:
-        q, k, v: (B, H, L, hd).
-        random_blocks: (B, ceil(L / block_size), r) each example's random key blocks, -1 = none.
-        key_real: (B, L) True at real tokens, or None.
-
-    Returns:
-        (B, H, L, hd)
+    q, k, v (B, H, L, hd), key_real (B, L) or None and each example's random key blocks
+    ``random_blocks`` (B, ceil(L / block_size), r), -1 = none -> (B, H, L, hd). Global query
+    blocks attend densely (O(g * b * L)); every other query block gathers its window, global and
+    random key blocks (O(L * b * (n_window_blocks + n_global_blocks + r))).
     """
     B, H, L, hd = q.shape
     b = block_size
@@ -388,10 +362,9 @@ class BigBirdAttention(SparseAttention):
         if block_size < 1:
             raise ValueError(f"model.mixer.block_size must be at least 1, got {block_size}")
         if n_window_blocks < 1 or n_window_blocks % 2 == 0:
-            raise ValueError(f"model.mixer.n_window_blocks must be odd and >= 1 (self + neighbours on each "
-                             f"side), got {n_window_blocks}")
-        if n_global_blocks < 0 or n_random_blocks < 0:
-            raise ValueError("model.mixer.n_global_blocks and model.mixer.n_random_blocks must be >= 0, got "
+            raise ValueError(f"model.mixer.n_window_blocks must be odd (self + neighbours), got {n_window_blocks}")
+        if min(n_global_blocks, n_random_blocks) < 0:
+            raise ValueError("model.mixer.n_global_blocks and n_random_blocks must be >= 0, got "
                              f"{n_global_blocks} and {n_random_blocks}")
         self.block_size, self.n_window_blocks = block_size, n_window_blocks
         self.n_global_blocks, self.n_random_blocks = n_global_blocks, n_random_blocks
