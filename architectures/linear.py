@@ -113,11 +113,13 @@ def fla_causal_linear_attention(
     The kernel computes the unnormalised numerator; the denominator is formed here so that
     ``eps`` is exactly the portable path's.
     """
-    q, k, vt = (t.transpose(1, 2).contiguous() for t in (phi_q, phi_k, v))  # (B, L, H, F)
+    q, k, vt = (t.transpose(1, 2).to(v.dtype).contiguous() for t in (phi_q, phi_k, v))  # (B, L, H, F)
     extra = {"head_first": False} if _FLA_HEAD_FIRST else {}
     num, _ = chunk_linear_attn(q, k, vt, scale=1.0, normalize=False, **extra)  # (B, L, H, hd)
-    den = (q * k.cumsum(1)).sum(-1, keepdim=True)  # (B, L, H, 1)
-    return (num / (den + eps)).transpose(1, 2)  # (B, H, L, hd)
+    with torch.autocast(v.device.type, enabled=False):  # a running sum: keep it in float32
+        den = (q.float() * k.float().cumsum(1)).sum(-1, keepdim=True)  # (B, L, H, 1)
+        y = num.float() / (den + eps)
+    return y.to(v.dtype).transpose(1, 2)  # (B, H, L, hd)
 
 
 def linear_attention(
