@@ -1,0 +1,129 @@
+"""The Mamba block (Gu & Dao 2023, arXiv 2312.00752) as a sequence mixer, after state-spaces/mamba's
+``mamba_simple.Mamba``.
+
+    x (B, L, D) -> in_proj -> [x | z]  (B, L, 2E)         E = expand * D
+    x -> causal depthwise conv1d (d_conv) -> SiLU
+    x -> x_proj -> [dt (R) | B (N) | C (N)];  dt -> dt_proj (R -> E, bias = inverse softplus of dt0)
+    y = selective_scan(x, dt, A = -exp(A_log), B, C, D, z, delta_softplus)   (y *= SiLU(z) inside)
+    out = out_proj(y)
+
+The block is causal, as in the paper. With ``bidirectional: true`` on a non-causal task
+(classify/pair) the same block (same weights) also runs on each sequence reversed within its
+real length, and the two outputs are summed. Either way right padding cannot reach real tokens:
+a causal pass never looks right, and the reversed pass keeps the pads at the end.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from architectures.ssm import selective_scan
+
+
+def reverse_within_length(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Reverse each sequence of x (B, L, ...) over its real tokens, leaving right pads in place.
+
+    Its own inverse: applying it twice gives x back.
+    """
+    if mask is None:
+        return x.flip(1)
+    L = x.shape[1]
+    lengths = mask.long().sum(1, keepdim=True)  # (B, 1)
+    t = torch.arange(L, device=x.device)  # (L,)
+    index = torch.where(t < lengths, lengths - 1 - t, t)  # (B, L)
+    index = index.view(*index.shape, *([1] * (x.dim() - 2))).expand_as(x)
+    return x.gather(1, index)
+
+
+class Mamba(nn.Module):
+    """The Mamba mixer: (B, L, D) -> (B, L, D).
+
+    Args:
+        d_model: model width D.
+        causal: the task forbids looking ahead.
+        layer_idx: position in the stack (unused).
+        d_state: SSM state size N per channel (16 in the paper).
+        d_conv: width of the causal depthwise convolution (4).
+        expand: inner width E = expand * d_model (2).
+        dt_rank: rank R of the dt projection; None for ceil(d_model / 16).
+        dt_min, dt_max: initial dt is log-uniform in [dt_min, dt_max] (1e-3, 1e-1).
+        dt_init_floor: lower clamp of the initial dt (1e-4).
+        conv_bias: bias in the convolution (True in the paper's code).
+        bias: biases in in_proj and out_proj (False).
+        bidirectional: on non-causal tasks, also run the block on the reversed sequence and sum.
+    """
+
+    def __init__(
+        self, d_model: int, *, causal: bool, layer_idx: int = 0, d_state: int, d_conv: int, expand: int,
+        dt_rank: int | None = None, dt_min: float, dt_max: float, dt_init_floor: float,
+        conv_bias: bool = True, bias: bool = False, bidirectional: bool = False,
+    ):
+        super().__init__()
+        E = expand * d_model
+        self.d_inner, self.d_state, self.d_conv = E, d_state, d_conv
+        self.dt_rank = dt_rank or math.ceil(d_model / 16)
+        self.bidirectional = bidirectional and not causal
+        self.in_proj = nn.Linear(d_model, 2 * E, bias=bias)
+        self.conv1d = nn.Conv1d(E, E, d_conv, groups=E, padding=d_conv - 1, bias=conv_bias)
+        self.x_proj = nn.Linear(E, self.dt_rank + 2 * d_state, bias=False)
+        self.dt_proj = nn.Linear(self.dt_rank, E, bias=True)
+        self.out_proj = nn.Linear(E, d_model, bias=bias)
+
+        # dt init: weights U(-R^-1/2, R^-1/2); bias = softplus^-1(dt0), dt0 log-uniform in [dt_min, dt_max]
+        std = self.dt_rank ** -0.5
+        nn.init.uniform_(self.dt_proj.weight, -std, std)
+        dt = torch.exp(torch.rand(E) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        dt = dt.clamp(min=dt_init_floor)
+        with torch.no_grad():
+            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
+        # S4D-real init: A_n = -(n + 1), stored as log for positivity
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(E, 1))
+        self.D = nn.Parameter(torch.ones(E))
+        self.A_log._optim = {"weight_decay": 0.0}
+        self.D._optim = {"weight_decay": 0.0}
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        y = self.scan(x)
+        if self.bidirectional:
+            y = y + reverse_within_length(self.scan(reverse_within_length(x, mask)), mask)
+        return y
+
+    def scan(self, x: torch.Tensor) -> torch.Tensor:
+        """One causal pass over x (B, L, D)."""
+        L = x.shape[1]
+        xs, z = self.in_proj(x).transpose(1, 2).chunk(2, dim=1)  # (B, E, L) each
+        xs = F.silu(self.conv1d(xs)[..., :L])  # causal: keep the first L outputs
+        dt, B, C = self.x_proj(xs.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = (dt @ self.dt_proj.weight.T).transpose(1, 2)  # (B, E, L); its bias goes in as delta_bias
+        A = -torch.exp(self.A_log.float())  # (E, N)
+        y = selective_scan(
+            xs, dt, A, B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous(), self.D.float(),
+            z=z, delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
+        )  # (B, E, L)
+        return self.out_proj(y.transpose(1, 2))  # (B, L, D)
+
+    def step(self, x_t: torch.Tensor, state: tuple | None) -> tuple[torch.Tensor, tuple]:
+        """One token: x_t (B, D); state (conv (B, E, d_conv), ssm (B, E, N)) or None."""
+        if self.bidirectional:
+            raise RuntimeError("Mamba.step needs a causal block; this one is bidirectional (a non-causal task)")
+        if state is None:
+            state = (x_t.new_zeros(x_t.shape[0], self.d_inner, self.d_conv),
+                     x_t.new_zeros(x_t.shape[0], self.d_inner, self.d_state, dtype=torch.float32))
+        conv_state, ssm_state = state
+        xs, z = self.in_proj(x_t).chunk(2, dim=-1)  # (B, E) each
+        conv_state = torch.cat([conv_state[..., 1:], xs.unsqueeze(-1)], dim=-1)  # last d_conv inputs
+        xs = (conv_state * self.conv1d.weight[:, 0]).sum(-1)
+        if self.conv1d.bias is not None:
+            xs = xs + self.conv1d.bias
+        xs = F.silu(xs)
+        dt, B, C = self.x_proj(xs).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = F.softplus(self.dt_proj(dt)).float()  # (B, E)
+        A = -torch.exp(self.A_log.float())  # (E, N)
+        ssm_state = torch.exp(dt.unsqueeze(-1) * A) * ssm_state + (dt * xs).unsqueeze(-1) * B.unsqueeze(1)
+        y = (ssm_state * C.unsqueeze(1)).sum(-1) + self.D * xs  # (B, E)
+        y = y * F.silu(z)
+        return self.out_proj(y.to(x_t.dtype)), (conv_state, ssm_state)
