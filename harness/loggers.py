@@ -1,0 +1,67 @@
+"""Experiment trackers. ``logger=none`` never imports wandb; ``logger=wandb`` runs offline by
+default, writing into the run directory, so nothing ever waits on the network."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+
+class NoLogger:
+    def log(self, values: dict, step: int) -> None:
+        pass
+
+    def summary(self, values: dict) -> None:
+        pass
+
+    def finish(self, status: str) -> None:
+        pass
+
+
+class WandbLogger:
+    """One W&B run per training run: resolved config, metrics per evaluation, a final summary."""
+
+    def __init__(self, cfg: DictConfig, *, run_dir: Path, job_type: str, run_id: str):
+        os.environ.setdefault("WANDB_SILENT", "true")
+        if cfg.logger.mode == "offline":
+            # never reach for the network, not even for a version check
+            os.environ.setdefault("WANDB_DISABLE_CODE", "true")
+        import wandb
+
+        self._wandb = wandb
+        self.run = wandb.init(
+            project=cfg.logger.project,
+            entity=cfg.logger.get("entity"),
+            group=cfg.logger.get("group"),
+            tags=[str(t) for t in cfg.logger.get("tags") or []],
+            job_type=job_type,
+            name=f"{cfg.model.name}-{cfg.task.name}-s{cfg.seed}",
+            id=run_id,
+            resume="allow",
+            dir=str(run_dir),
+            mode=cfg.logger.mode,
+            config=OmegaConf.to_container(cfg, resolve=True),
+            settings=wandb.Settings(console="off", x_disable_stats=True),
+            reinit="finish_previous",
+        )
+
+    def log(self, values: dict, step: int) -> None:
+        self.run.log(values, step=step)
+
+    def summary(self, values: dict) -> None:
+        for key, value in values.items():
+            self.run.summary[key] = value
+
+    def finish(self, status: str) -> None:
+        self.run.summary["status"] = status
+        self.run.finish(exit_code=0 if status == "ok" else 1)
+
+
+def make_logger(cfg: DictConfig, *, run_dir: Path, job_type: str, run_id: str):
+    if cfg.logger.name == "none":
+        return NoLogger()
+    if cfg.logger.name == "wandb":
+        return WandbLogger(cfg, run_dir=run_dir, job_type=job_type, run_id=run_id)
+    raise ValueError(f"logger must be 'wandb' or 'none', got logger.name={cfg.logger.name!r}")

@@ -1,0 +1,108 @@
+"""Timing and memory helpers shared by training runs and ``arena-bench``.
+
+Rules (DESIGN.md, "Measurement rules"): a timed step is forward + backward + optimizer step;
+the first steps are warm-up and not counted; CUDA work is synchronised before the clock is read;
+the median and inter-quartile range are reported. Peak memory is CUDA's allocator peak, or on
+CPU the process's peak resident set minus its resident set after imports.
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+
+import torch
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class StepTimer:
+    """Collects wall times of steps after ``warmup`` steps, synchronising CUDA around each."""
+
+    def __init__(self, device: torch.device, *, warmup: int = 5):
+        self.device = device
+        self.warmup = warmup
+        self.seen = 0
+        self.times_ms: list[float] = []
+        self._t0: float | None = None
+
+    def start(self) -> None:
+        synchronize(self.device)
+        self._t0 = time.perf_counter()
+
+    def stop(self) -> float:
+        """End the step; returns its wall time in ms (counted only after warm-up)."""
+        synchronize(self.device)
+        ms = (time.perf_counter() - self._t0) * 1e3
+        self.seen += 1
+        if self.seen > self.warmup:
+            self.times_ms.append(ms)
+        return ms
+
+    def summary(self, tokens_per_step: int) -> dict[str, float | None]:
+        return timing_summary(self.times_ms, tokens_per_step)
+
+
+def timing_summary(times_ms: list[float], tokens_per_step: int) -> dict[str, float | None]:
+    """Median and IQR of step times in ms, and tokens per second at the median."""
+    if not times_ms:
+        return {"step_ms_median": None, "step_ms_iqr": None, "tokens_per_s": None, "steps_timed": 0}
+    median = statistics.median(times_ms)
+    if len(times_ms) >= 4:
+        q = statistics.quantiles(times_ms, n=4)
+        iqr = q[2] - q[0]
+    else:
+        iqr = 0.0
+    return {
+        "step_ms_median": median,
+        "step_ms_iqr": iqr,
+        "tokens_per_s": tokens_per_step / (median / 1e3) if median > 0 else None,
+        "steps_timed": len(times_ms),
+    }
+
+
+def current_rss_bytes() -> int:
+    """Resident set size of this process now (Linux /proc; falls back to the peak)."""
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+        return pages * resource.getpagesize()
+    except OSError:
+        return peak_rss_bytes()
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far (ru_maxrss is in KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class PeakMemory:
+    """Peak memory of the region between ``start()`` and ``stop()``.
+
+    On CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``. On CPU: the
+    process's peak RSS minus the RSS at ``start()``; exact only when the process ran nothing
+    bigger before (``arena-bench`` measures each configuration in a fresh process for that reason;
+    a training run in a multirun process says so in ``how``).
+    """
+
+    def __init__(self, device: torch.device, *, isolated: bool = True):
+        self.device = device
+        self.isolated = isolated
+        self.baseline = 0
+
+    def start(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self.baseline = current_rss_bytes()
+
+    def stop(self) -> dict[str, int | str]:
+        if self.device.type == "cuda":
+            return {"peak_bytes": int(torch.cuda.max_memory_allocated(self.device)),
+                    "how": "cuda_max_memory_allocated"}
+        how = "cpu_peak_rss_minus_baseline" + ("" if self.isolated else "_shared_process")
+        return {"peak_bytes": max(0, peak_rss_bytes() - self.baseline), "how": how}

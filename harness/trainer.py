@@ -1,0 +1,309 @@
+"""The training loop: AdamW, linear warm-up then cosine decay, gradient clipping, evaluation on
+val every N steps, best-val weights kept, resumable checkpoints.
+
+The data order is a pure function of (seed, step), so a resumed run sees exactly the batches
+the uninterrupted run would have seen, and with the RNG states restored it computes the same
+numbers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from harness.measure import PeakMemory, StepTimer
+from harness.objectives import evaluate, loss_and_counts, tokens_in
+
+CHECKPOINT_FILE = "checkpoint.pt"
+METRICS_FILE = "metrics.jsonl"
+
+
+class Diverged(Exception):
+    """The training loss became NaN or infinite."""
+
+
+class TimeLimit(Exception):
+    """``trainer.time_limit_s`` ran out."""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def param_groups(model: nn.Module, *, lr: float, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay on matrices, none on biases/norms/1-D parameters, and one group per
+    ``param._optim`` setting (S4-style: SSM parameters with their own lr and no decay)."""
+    groups: dict[tuple, dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        settings = {"lr": lr, "weight_decay": weight_decay if p.ndim >= 2 else 0.0}
+        settings.update(getattr(p, "_optim", {}))
+        key = tuple(sorted(settings.items()))
+        groups.setdefault(key, {**settings, "params": []})["params"].append(p)
+    return list(groups.values())
+
+
+def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
+    """LR multiplier: linear from 0 to 1 over warm-up, then cosine down to ``min_lr_ratio``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def batch_indices(step: int, *, n_examples: int, batch_size: int, seed: int) -> torch.Tensor:
+    """Indices of the training batch at ``step``: epochs are seeded permutations, last partial
+    batch dropped."""
+    per_epoch = n_examples // batch_size
+    if per_epoch == 0:
+        raise ValueError(
+            f"trainer.batch_size={batch_size} is larger than the training split ({n_examples} examples)"
+        )
+    epoch, i = divmod(step, per_epoch)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(n_examples, generator=g)
+    return order[i * batch_size:(i + 1) * batch_size]
+
+
+def rng_state() -> dict:
+    py_version, py_internal, py_gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {
+        "python": [py_version, list(py_internal), py_gauss],
+        "numpy": [np_name, torch.from_numpy(np_keys.astype(np.int64)), np_pos, np_has_gauss, np_gauss],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, gauss_np = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss_np))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    best_metric: float | None = None
+    best_step: int | None = None
+    best_weights: dict | None = None
+    last_train_loss: float | None = None
+    step_times_ms: list[float] = field(default_factory=list)
+
+
+class Trainer:
+    """Trains one model on one task into ``run_dir`` (checkpoint.pt, metrics.jsonl).
+
+    Args:
+        model, task: built from the config.
+        trainer_cfg: the ``trainer`` config node.
+        seed: the run's seed (also orders the data).
+        device: where to train.
+        run_dir: the run's output directory.
+        logger: a harness.loggers logger.
+    """
+
+    def __init__(self, *, model, task, trainer_cfg, seed: int, device: torch.device, run_dir: Path, logger):
+        self.model = model.to(device)
+        self.task = task
+        self.spec = task.spec
+        self.cfg = trainer_cfg
+        self.seed = seed
+        self.device = device
+        self.run_dir = run_dir
+        self.logger = logger
+        self.train_set = task.dataset("train")
+        self.val_set = task.dataset("val")
+        self.optimizer = torch.optim.AdamW(
+            param_groups(model, lr=trainer_cfg.lr, weight_decay=trainer_cfg.weight_decay),
+            lr=trainer_cfg.lr, betas=tuple(trainer_cfg.betas),
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda s: warmup_cosine(s, warmup_steps=trainer_cfg.warmup_steps,
+                                    total_steps=trainer_cfg.steps, min_lr_ratio=trainer_cfg.min_lr_ratio),
+        )
+        self.state = TrainState()
+        self.timer = StepTimer(device)
+        self.memory = PeakMemory(device)
+        self.resumed_from: int | None = None
+
+    # -- data -------------------------------------------------------------------------------
+    def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device, non_blocking=True).long() if not v.is_floating_point()
+                else v.to(self.device) for k, v in batch.items()}
+
+    def eval_batches(self, dataset, limit: int | None):
+        size = self.cfg.eval_batch_size or self.cfg.batch_size
+        n_batches = math.ceil(len(dataset) / size)
+        if limit is not None:
+            n_batches = min(n_batches, limit)
+        for i in range(n_batches):
+            yield dataset[torch.arange(i * size, min((i + 1) * size, len(dataset)))]
+
+    def autocast(self):
+        if self.cfg.precision == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        if self.cfg.precision != "fp32":
+            raise ValueError(f"trainer.precision must be 'fp32' or 'bf16', got {self.cfg.precision!r}")
+        return contextlib.nullcontext()
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def save_checkpoint(self) -> None:
+        s = self.state
+        atomic_torch_save({
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "rng": rng_state(), "step": s.step,
+            "best_metric": s.best_metric, "best_step": s.best_step, "best_weights": s.best_weights,
+            "last_train_loss": s.last_train_loss,
+        }, self.run_dir / CHECKPOINT_FILE)
+
+    def maybe_resume(self) -> None:
+        path = self.run_dir / CHECKPOINT_FILE
+        if not path.exists():
+            return
+        ckpt = torch.load(path, weights_only=True, map_location=self.device)
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        set_rng_state(ckpt["rng"])
+        self.state = TrainState(step=ckpt["step"], best_metric=ckpt["best_metric"],
+                                best_step=ckpt["best_step"], best_weights=ckpt["best_weights"],
+                                last_train_loss=ckpt["last_train_loss"])
+        self.resumed_from = ckpt["step"]
+        self.truncate_metrics_after(ckpt["step"])
+
+    def truncate_metrics_after(self, step: int) -> None:
+        """Drop metric lines written after the checkpoint, so a resumed run never repeats them."""
+        path = self.run_dir / METRICS_FILE
+        if not path.exists():
+            return
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line)
+            except (json.JSONDecodeError, KeyError):
+                continue  # a line cut by a kill
+        path.write_text("".join(l + "\n" for l in kept))
+
+    def write_metrics(self, line: dict) -> None:
+        with open(self.run_dir / METRICS_FILE, "a") as f:
+            f.write(json.dumps(line) + "\n")
+
+    # -- the loop -----------------------------------------------------------------------------
+    def is_better(self, value: float) -> bool:
+        best = self.state.best_metric
+        if math.isnan(value):
+            return False
+        if best is None:
+            return True
+        return value > best if self.spec.higher_is_better else value < best
+
+    def validate(self, elapsed_s: float, tokens_per_s: float | None) -> dict:
+        result = evaluate(self.model, self.eval_batches(self.val_set, self.cfg.eval_batches),
+                          self.spec, self.to_device, self.autocast)
+        s = self.state
+        if self.is_better(result["metric"]):
+            s.best_metric, s.best_step = result["metric"], s.step
+            s.best_weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        line = {"step": s.step, "split": "val", "loss": result["loss"], "metric_name": self.spec.metric,
+                "metric": result["metric"], "elapsed_s": elapsed_s, "tokens_per_s": tokens_per_s}
+        self.write_metrics(line)
+        self.logger.log({"val/loss": result["loss"], f"val/{self.spec.metric}": result["metric"],
+                         "train/loss": s.last_train_loss, "tokens_per_s": tokens_per_s,
+                         "lr": self.scheduler.get_last_lr()[0]}, step=s.step)
+        return result
+
+    def train_step(self, batch: dict[str, torch.Tensor]) -> float:
+        with self.autocast():
+            logits = self.model(batch)
+        loss, _, _ = loss_and_counts(logits, batch, self.spec)
+        if not torch.isfinite(loss):
+            raise Diverged(f"training loss became {loss.item()} at step {self.state.step}")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.grad_clip:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        return loss.item()
+
+    def fit(self, progress_bar) -> None:
+        """Train up to ``trainer.steps``, validating and checkpointing on the way."""
+        cfg, s = self.cfg, self.state
+        start = time.perf_counter()
+        self.memory.start()
+        self.model.train()
+        last_val = None
+        while s.step < cfg.steps:
+            idx = batch_indices(s.step, n_examples=len(self.train_set), batch_size=cfg.batch_size, seed=self.seed)
+            batch = self.to_device(self.train_set[idx])
+            self.timer.start()
+            s.last_train_loss = self.train_step(batch)
+            self.timer.stop()
+            s.step += 1
+            elapsed = time.perf_counter() - start
+            tokens_per_s = self.timer.summary(tokens_in(batch))["tokens_per_s"]
+            if s.step % cfg.eval_every == 0 or s.step == cfg.steps:
+                last_val = self.validate(elapsed, tokens_per_s)["metric"]
+                self.save_checkpoint()
+            elif s.step % cfg.checkpoint_every == 0:
+                self.save_checkpoint()
+            progress_bar.update(s.step, loss=s.last_train_loss, val=last_val, tokens_per_s=tokens_per_s)
+            if cfg.time_limit_s is not None and elapsed > cfg.time_limit_s:
+                raise TimeLimit(f"trainer.time_limit_s={cfg.time_limit_s} reached at step {s.step}")
+
+    def test(self) -> dict[str, float]:
+        """Metrics on test (and any extra test lengths) with the best-val weights."""
+        if self.state.best_weights is not None:
+            self.model.load_state_dict(self.state.best_weights)
+        metric = self.spec.metric
+        out = {}
+        result = evaluate(self.model, self.eval_batches(self.task.dataset("test"), None),
+                          self.spec, self.to_device, self.autocast)
+        out[f"test_{metric}"] = result["metric"]
+        out["test_loss"] = result["loss"]
+        for length in self.spec.eval_seq_lens:
+            data = self.task.dataset("test", seq_len=length)
+            r = evaluate(self.model, self.eval_batches(data, None), self.spec, self.to_device, self.autocast)
+            out[f"test_{metric}_len{length}"] = r["metric"]
+        return out
+
+    def summary_metrics(self) -> dict:
+        s = self.state
+        return {f"val_{self.spec.metric}": s.best_metric, "best_step": s.best_step, "steps": s.step,
+                "final_train_loss": s.last_train_loss}
+
