@@ -158,3 +158,32 @@ def cached_splits(
         if os.path.exists(tmp):
             os.unlink(tmp)
     return splits
+
+
+def random_batch(spec: TaskSpec, batch_size: int, *, seed: int = 0, seq_len: int | None = None,
+                 padded: bool = False) -> dict[str, torch.Tensor]:
+    """A batch of random tokens with the shapes and keys of ``spec``'s kind (long tensors).
+
+    Used by benchmarks (speed does not depend on the data) and by tests. With ``padded=True``,
+    classify/pair/seq2seq examples get random real lengths, right-padded with ``pad_id``.
+    """
+    g = torch.Generator().manual_seed(seed)
+    L = seq_len or spec.seq_len
+    low = 1 if spec.pad_id == 0 else 0
+
+    def tokens(length: int) -> torch.Tensor:
+        x = torch.randint(low, spec.vocab_size, (batch_size, length), generator=g)
+        x[x == spec.pad_id] = low  # never draw the pad id as a real token
+        if padded:
+            real = torch.randint(max(1, length // 2), length + 1, (batch_size,), generator=g)
+            x[torch.arange(length)[None, :] >= real[:, None]] = spec.pad_id
+        return x
+
+    if spec.kind == "lm":
+        return {"tokens": tokens(L), "targets": torch.randint(0, spec.n_outputs, (batch_size, L), generator=g)}
+    if spec.kind == "classify":
+        return {"tokens": tokens(L), "label": torch.randint(0, spec.n_outputs, (batch_size,), generator=g)}
+    if spec.kind == "pair":
+        return {"tokens": tokens(L), "tokens2": tokens(L),
+                "label": torch.randint(0, spec.n_outputs, (batch_size,), generator=g)}
+    return {"source": tokens(L), "target": tokens(spec.target_len)}
