@@ -1,0 +1,344 @@
+"""Run records read back into pandas: loading, best-on-val selection, efficiency cells.
+
+Every number in a report is computed here from ``record.json`` files (schema 1, see
+harness/records.py) and ``metrics.jsonl`` curves, so that a notebook gets the same numbers as
+``arena-report``:
+
+    >>> runs = load_runs("results/sweeps/lra")       # one row per record.json
+    >>> cells = summarize(runs)                      # best setting on val, test mean ± std
+    >>> eff = efficiency_cells(runs)                 # steps/s and peak memory per (model, L)
+
+Units: records hold accuracy as a fraction; summaries report it in percent (as papers do), bpc
+as is. Claims thresholds and published numbers use the same display units.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from harness.config import NON_RESULT_KEYS, NON_RESULT_TASK_KEYS, NON_RESULT_TRAINER_KEYS
+
+RECORD_FILE = "record.json"
+METRICS_FILE = "metrics.jsonl"
+REQUIRED = ("kind", "status", "model", "task")
+HIGHER_IS_BETTER = {"accuracy": True, "bpc": False, "loss": False, "ppl": False}
+DISPLAY_SCALE = {"accuracy": 100.0}  # fraction -> percent
+FAILED = ("oom", "diverged", "error", "timeout")
+# Config keys that never make two runs different "settings": bookkeeping, and seeds (a key whose
+# last part is "seed", e.g. config.seed or config.task.seed, marks a replicate, not a setting).
+IGNORED_CONFIG = (
+    {f"config.{k}" for k in NON_RESULT_KEYS}
+    | {f"config.trainer.{k}" for k in NON_RESULT_TRAINER_KEYS}
+    | {f"config.task.{k}" for k in NON_RESULT_TASK_KEYS}
+)
+EFFICIENCY_GROUP = ["task", "batch_size", "env.device_name"]
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _find(paths, name: str) -> list[Path]:
+    found = []
+    for path in paths:
+        path = Path(path)
+        if path.is_file():
+            if path.name == name:
+                found.append(path)
+            continue
+        if not path.exists():
+            warnings.warn(f"{path}: no such file or directory; nothing read from it", stacklevel=3)
+        for root, dirs, files in os.walk(path):
+            dirs.sort()
+            if name in files:
+                found.append(Path(root) / name)
+    return found
+
+
+def _flatten(d: dict, prefix: str, out: dict) -> None:
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            _flatten(value, name + ".", out)
+        elif isinstance(value, (list, dict)):
+            out[name] = json.dumps(value)  # hashable, so settings can be compared and grouped
+        else:
+            out[name] = value
+
+
+def _setting_key(config: dict) -> str:
+    """A string naming a run's hyper-parameter setting: its config minus seeds and bookkeeping."""
+    flat: dict = {}
+    _flatten(config, "config.", flat)
+    kept = {k: v for k, v in flat.items() if not _is_ignored(k)}
+    return json.dumps(kept, sort_keys=True, default=str)
+
+
+def _is_ignored(column: str) -> bool:
+    return column.rsplit(".", 1)[-1] == "seed" or any(
+        column == k or column.startswith(k + ".") for k in IGNORED_CONFIG)
+
+
+def _metric_name(metrics: dict) -> str | None:
+    for key in metrics:
+        if key.startswith("val_") and key != "val_loss" and "_len" not in key:
+            return key[4:]
+    for key in metrics:
+        if key.startswith("test_") and key != "test_loss" and "_len" not in key:
+            return key[5:]
+    return None
+
+
+def load_runs(*paths) -> pd.DataFrame:
+    """Read every ``record.json`` under ``paths`` into one DataFrame, one row per record.
+
+    Nested sections are flattened to dotted columns (``config.trainer.lr``,
+    ``metrics.test_accuracy``, ``speed.step_ms_median``, ``env.device_name``); unknown extra
+    fields are kept. Added columns: ``run_dir``; ``metric`` (the task metric's name, e.g.
+    ``accuracy``); ``val_metric`` / ``test_metric`` (its raw values); ``setting`` (a key that is
+    equal for runs differing only in seed). A record that cannot be parsed, or lacks one of
+    kind/status/model/task, is skipped with a warning naming the file.
+    """
+    rows = []
+    for path in _find(paths or ("results",), RECORD_FILE):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            warnings.warn(f"skipping {path}: not a readable JSON record ({e})", stacklevel=2)
+            continue
+        missing = [k for k in REQUIRED if not isinstance(record, dict) or k not in record]
+        if missing:
+            warnings.warn(f"skipping {path}: missing field(s) {', '.join(missing)}", stacklevel=2)
+            continue
+        row: dict = {}
+        _flatten(record, "", row)
+        metrics = record.get("metrics") or {}
+        metric = _metric_name(metrics) if isinstance(metrics, dict) else None
+        row["run_dir"] = str(path.parent)
+        row["metric"] = metric
+        row["val_metric"] = metrics.get(f"val_{metric}") if metric else None
+        row["test_metric"] = metrics.get(f"test_{metric}") if metric else None
+        row["setting"] = _setting_key(record.get("config") or {})
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    for col in ("kind", "status", "model", "task", "seed", "seq_len", "batch_size", "metric",
+                "val_metric", "test_metric", "setting", "run_dir", "env.device_name"):
+        if col not in df:
+            df[col] = pd.Series(dtype=float if col.endswith("metric") else object)
+    return df
+
+
+def load_curves(*paths) -> pd.DataFrame:
+    """Read every ``metrics.jsonl`` under ``paths``: one row per evaluation line.
+
+    Columns: the JSON fields (step, split, loss, metric_name, metric, elapsed_s, tokens_per_s),
+    ``run_dir``, and model/task/seed/seq_len/setting from the ``record.json`` beside the file
+    when there is one (a run still in progress has none yet). Unparseable lines (a run killed
+    mid-write) are skipped with a warning naming the file and line.
+    """
+    frames = []
+    for path in _find(paths or ("results",), METRICS_FILE):
+        lines = []
+        for lineno, text in enumerate(path.read_text().splitlines(), 1):
+            if not text.strip():
+                continue
+            try:
+                lines.append(json.loads(text))
+            except json.JSONDecodeError:
+                warnings.warn(f"skipping {path}:{lineno}: not a JSON line", stacklevel=2)
+        if not lines:
+            continue
+        frame = pd.DataFrame(lines)
+        frame["run_dir"] = str(path.parent)
+        try:
+            record = json.loads((path.parent / RECORD_FILE).read_text())
+        except (OSError, json.JSONDecodeError):
+            record = {}
+        for key in ("model", "task", "seed", "seq_len", "status"):
+            frame[key] = record.get(key)
+        frame["setting"] = _setting_key(record.get("config") or {})
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
+        columns=["step", "split", "loss", "metric_name", "metric", "run_dir", "model", "task"])
+
+
+# --------------------------------------------------------------------------- filtering
+
+_OPS = {"gt": np.greater, "ge": np.greater_equal, "lt": np.less, "le": np.less_equal,
+        "ne": np.not_equal, "eq": np.equal}
+
+
+def filter_runs(df: pd.DataFrame, where: dict | None) -> pd.DataFrame:
+    """Rows of ``df`` matching ``where``: {column: value | [values] | {gt|ge|lt|le|ne|eq: v}}.
+
+    Columns are the dotted names of load_runs (``config.sweep.name``, ``seq_len``); a column
+    no record has matches nothing.
+    """
+    keep = pd.Series(True, index=df.index)
+    for column, cond in (where or {}).items():
+        if column not in df:
+            return df.iloc[0:0]
+        col = df[column]
+        if isinstance(cond, dict):
+            for op, value in cond.items():
+                if op not in _OPS:
+                    raise ValueError(f"where {column}: unknown operator {op!r}; use {sorted(_OPS)}")
+                numeric = pd.to_numeric(col, errors="coerce")
+                keep &= pd.Series(_OPS[op](numeric, value), index=df.index).fillna(False)
+        elif isinstance(cond, list):
+            keep &= col.isin(cond)
+        else:
+            keep &= col == cond
+    return df[keep]
+
+
+# --------------------------------------------------------------------------- accuracy cells
+
+
+def display_scale(metric: str | None) -> float:
+    return DISPLAY_SCALE.get(metric, 1.0)
+
+
+def higher_is_better(metric: str | None) -> bool:
+    return HIGHER_IS_BETTER.get(metric, True)
+
+
+def _failure_label(statuses) -> str:
+    statuses = set(statuses)
+    if statuses <= {"unsupported"}:
+        return "n/a"
+    return "OOM" if "oom" in statuses else "FAIL"
+
+
+def summarize(df: pd.DataFrame, by: tuple[str, ...] = ()) -> pd.DataFrame:
+    """One row per (model, task, seq_len, *by) of train runs: the best setting's test result.
+
+    Settings (runs equal up to seed) are ranked by their mean val metric over ok seeds, in the
+    metric's better direction; the best one's test metric is reported as mean, sample std
+    (ddof 1; NaN for one seed) and n over its ok seeds, in display units (accuracy in percent).
+    ``n_total`` counts all of that setting's runs. A cell with no ok run gets ``status`` "OOM"
+    when any run ran out of memory, "n/a" when all were unsupported, else "FAIL"; extrapolation
+    metrics ``metrics.test_<metric>_len<L>`` are averaged the same way.
+    """
+    train = df[df["kind"] == "train"]
+    keys = ["model", "task", "seq_len", *by]
+    extra = sorted(c for c in train.columns
+                   if c.startswith("metrics.test_") and "_len" in c and c[-1].isdigit())
+    varying = [c for c in train.columns if c.startswith("config.") and not _is_ignored(c)
+               and train[c].astype(str).nunique() > 1]
+    out = []
+    for key, group in train.groupby(keys, dropna=False, sort=True):
+        row = dict(zip(keys, key))
+        ok = group[group["status"] == "ok"]
+        metric = group["metric"].dropna().iloc[0] if group["metric"].notna().any() else None
+        row.update(metric=metric, n_settings=group["setting"].nunique())
+        ranked = ok[ok["val_metric"].notna() | ok["test_metric"].notna()]
+        if ranked.empty:
+            row.update(status=_failure_label(group["status"]), mean=np.nan, std=np.nan, n=0,
+                       n_total=len(group), val_mean=np.nan)
+            out.append(row)
+            continue
+        val = ranked.groupby("setting")["val_metric"].mean()
+        sign = 1.0 if higher_is_better(metric) else -1.0
+        order = sorted(val.index, key=lambda s: (-(sign * val[s]) if not math.isnan(val[s])
+                                                 else math.inf, s))
+        best = order[0]
+        chosen = ranked[ranked["setting"] == best]
+        scale = display_scale(metric)
+        test = chosen["test_metric"].astype(float) * scale
+        row.update(status="ok", mean=test.mean(), std=test.std(ddof=1), n=int(test.notna().sum()),
+                   n_total=int((group["setting"] == best).sum()), val_mean=val[best] * scale,
+                   setting=best, run_ids=",".join(map(str, chosen.get("run_id", []))))
+        row["chosen"] = _describe_setting(group, best, varying)
+        for col in extra:
+            values = chosen[col].astype(float).dropna() * scale
+            if len(values):
+                row[col.replace("metrics.", "")] = values.mean()
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def _describe_setting(group: pd.DataFrame, setting: str, columns: list[str]) -> str:
+    """The hyper-parameters that vary within ``group``, as chosen: 'trainer.lr=0.001'."""
+    if group["setting"].nunique() < 2:
+        return ""
+    varying = [c for c in columns if group[c].astype(str).nunique() > 1]
+    first = group[group["setting"] == setting].iloc[0]
+    return ", ".join(f"{c.removeprefix('config.')}={first[c]}" for c in varying)
+
+
+# --------------------------------------------------------------------------- efficiency
+
+
+def efficiency_cells(df: pd.DataFrame) -> pd.DataFrame:
+    """Speed and memory per (task, batch_size, device, model, seq_len), repeats by median.
+
+    Bench records are used when there are any; otherwise the speed measured inside ok train
+    runs. Columns: steps_per_s, step_ms, peak_gb (10^9 bytes), status ("ok", or "OOM"/"FAIL"/
+    "n/a" when no measurement succeeded), speedup (steps/s over ``transformer`` in the same
+    group and seq_len), n, source.
+    """
+    bench = df[df["kind"] == "bench"]
+    source = "bench"
+    if bench.empty:
+        bench, source = df[df["kind"] == "train"], "train"
+    bench = bench.copy()
+    for col in ("speed.step_ms_median", "memory.peak_bytes"):
+        bench[col] = pd.to_numeric(bench[col], errors="coerce") if col in bench else np.nan
+    keys = [*EFFICIENCY_GROUP, "model", "seq_len"]
+    rows = []
+    for key, group in bench.groupby(keys, dropna=False, sort=True):
+        row = dict(zip(keys, key))
+        ok = group[(group["status"] == "ok") & group["speed.step_ms_median"].gt(0)]
+        if ok.empty:
+            if source == "train" and not (group["status"] == "oom").any():
+                continue  # a failed train run says nothing about speed
+            row.update(status=_failure_label(group["status"]), n=0)
+        else:
+            step_ms = ok["speed.step_ms_median"].median()
+            peak = ok["memory.peak_bytes"].median()
+            row.update(status="ok", step_ms=step_ms, steps_per_s=1000.0 / step_ms,
+                       peak_gb=peak / 1e9, n=len(ok))
+        row["source"] = source
+        rows.append(row)
+    cells = pd.DataFrame(rows, columns=[*keys, "status", "step_ms", "steps_per_s", "peak_gb", "n",
+                                        "source"])
+    ref = cells[cells["model"] == "transformer"].set_index(EFFICIENCY_GROUP + ["seq_len"])
+    index = pd.MultiIndex.from_frame(cells[EFFICIENCY_GROUP + ["seq_len"]])
+    base = ref["steps_per_s"].reindex(index).to_numpy() if len(ref) else np.nan
+    cells["speedup"] = cells["steps_per_s"].to_numpy(dtype=float) / base
+    return cells
+
+
+def scaling_exponents(cells: pd.DataFrame) -> pd.DataFrame:
+    """Least-squares slopes of log(step time) and log(peak memory) against log(seq_len).
+
+    One row per (group, model) with at least two ok seq_lens; an exponent near 2 is quadratic,
+    near 1 linear. Non-positive memory (CPU RSS deltas can be 0) is left out of the memory fit.
+    """
+    rows = []
+    ok = cells[cells["status"] == "ok"]
+    for key, group in ok.groupby([*EFFICIENCY_GROUP, "model"], dropna=False, sort=True):
+        row = dict(zip([*EFFICIENCY_GROUP, "model"], key))
+        row["time_exponent"] = _slope(group["seq_len"], group["step_ms"])
+        row["memory_exponent"] = _slope(group["seq_len"], group["peak_gb"])
+        row["n_points"] = int(group["seq_len"].nunique())
+        row["seq_lens"] = ",".join(str(int(s)) for s in sorted(group["seq_len"].unique()))
+        if row["n_points"] >= 2:
+            rows.append(row)
+    return pd.DataFrame(rows, columns=[*EFFICIENCY_GROUP, "model", "time_exponent",
+                                       "memory_exponent", "n_points", "seq_lens"])
+
+
+def _slope(x, y) -> float:
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    keep = (x > 0) & (y > 0) & np.isfinite(x) & np.isfinite(y)
+    if len(np.unique(x[keep])) < 2:
+        return np.nan
+    return float(np.polyfit(np.log(x[keep]), np.log(y[keep]), 1)[0])

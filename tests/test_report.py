@@ -1,0 +1,404 @@
+"""Results loading, tables, claims and the arena-report CLI on synthetic records."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+import math
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from harness.claims import evaluate_claims, load_claims
+from harness.report import (
+    PUBLISHED_DIR, accuracy_table, compare_published, efficiency_table, latex_table,
+    load_published, main,
+)
+from harness.results import (
+    efficiency_cells, filter_runs, load_curves, load_runs, scaling_exponents, summarize,
+)
+
+BASE = {
+    "schema": 1, "kind": "train", "run_id": "r", "config_hash": "h", "status": "ok", "error": None,
+    "model": "transformer", "task": "mqar", "seed": 0, "seq_len": 128, "batch_size": 8,
+    "params": 1000, "metrics": {}, "speed": {}, "memory": {},
+    "env": {"device": "cpu", "device_name": "testcpu", "torch": "2.13", "cuda": None,
+            "threads": 1, "git_commit": None, "host": "h"},
+    "started_at": "2025-01-01T00:00:00+00:00", "ended_at": "2025-01-01T00:01:00+00:00",
+    "wall_s": 60.0, "config": {},
+}
+_counter = [0]
+
+
+def make(root: Path, *, model="transformer", task="mqar", seq_len=128, seed=0, lr=1e-3,
+         status="ok", kind="train", val=None, test=None, metric="accuracy", step_ms=None,
+         peak=None, extra_metrics=None, model_cfg=None, **fields) -> Path:
+    """Write one schema-1 record.json under ``root`` and return its run directory."""
+    _counter[0] += 1
+    rec = copy.deepcopy(BASE)
+    rec.update(kind=kind, model=model, task=task, seq_len=seq_len, seed=seed, status=status,
+               run_id=f"run{_counter[0]}", error=None if status == "ok" else "boom", **fields)
+    if kind == "train" and status == "ok":
+        rec["metrics"] = {f"val_{metric}": val, f"test_{metric}": test, "best_step": 10,
+                          "steps": 20, "final_train_loss": 0.1, **(extra_metrics or {})}
+    if step_ms is not None:
+        rec["speed"] = {"step_ms_median": step_ms, "step_ms_iqr": 0.1, "tokens_per_s": 1.0}
+        rec["memory"] = {"peak_bytes": peak, "how": "test"}
+    rec["config"] = {"seed": seed, "model": {"name": model, **(model_cfg or {})},
+                     "task": {"name": task, "seq_len": seq_len, "seed": seed},
+                     "trainer": {"lr": lr, "betas": [0.9, 0.98], "device": "cpu"},
+                     "sweep": {"name": "test"}}
+    run_dir = root / f"{model}-{task}" / f"run{_counter[0]}"
+    run_dir.mkdir(parents=True)
+    (run_dir / "record.json").write_text(json.dumps(rec))
+    return run_dir
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def test_load_runs_flattens_and_keeps_unknown_fields(tmp_path):
+    make(tmp_path, val=0.5, test=0.4, step_ms=10.0, peak=1000, note="hello",
+         extra_metrics={"custom": 3})
+    df = load_runs(tmp_path)
+    assert len(df) == 1
+    row = df.iloc[0]
+    assert row["config.trainer.lr"] == 1e-3
+    assert row["config.trainer.betas"] == "[0.9, 0.98]"
+    assert row["metrics.test_accuracy"] == 0.4 and row["metrics.custom"] == 3
+    assert row["speed.step_ms_median"] == 10.0 and row["memory.peak_bytes"] == 1000
+    assert row["env.device_name"] == "testcpu" and row["note"] == "hello"
+    assert row["status"] == "ok" and row["metric"] == "accuracy"
+    assert row["val_metric"] == 0.5 and row["test_metric"] == 0.4
+    assert Path(row["run_dir"]).parent.name == "transformer-mqar"
+
+
+def test_corrupt_and_incomplete_records_are_skipped_with_a_warning(tmp_path):
+    make(tmp_path, val=0.5, test=0.4)
+    bad = tmp_path / "bad" / "record.json"
+    bad.parent.mkdir()
+    bad.write_text('{"schema": 1, "kind": "tra')  # truncated
+    partial = tmp_path / "partial" / "record.json"
+    partial.parent.mkdir()
+    partial.write_text(json.dumps({"schema": 1, "kind": "train", "model": "x"}))
+    with pytest.warns(UserWarning) as caught:
+        df = load_runs(tmp_path)
+    messages = [str(w.message) for w in caught]
+    assert any(str(bad) in m and "JSON" in m for m in messages)
+    assert any(str(partial) in m and "status" in m and "task" in m for m in messages)
+    assert len(df) == 1
+
+
+def test_load_curves_joins_the_record_and_skips_a_torn_line(tmp_path):
+    run = make(tmp_path, val=0.5, test=0.4)
+    lines = [{"step": s, "split": "val", "loss": 1.0, "metric_name": "accuracy", "metric": s / 10,
+              "elapsed_s": 1.0, "tokens_per_s": 5.0} for s in (1, 2)]
+    (run / "metrics.jsonl").write_text("\n".join(map(json.dumps, lines)) + '\n{"step": 3, "sp')
+    with pytest.warns(UserWarning, match="metrics.jsonl:3"):
+        curves = load_curves(tmp_path)
+    assert curves["step"].tolist() == [1, 2]
+    assert set(curves["model"]) == {"transformer"} and set(curves["seq_len"]) == {128}
+
+
+# --------------------------------------------------------------------------- accuracy
+
+
+def test_best_setting_on_val_mean_and_std(tmp_path):
+    # lr 1e-3: higher val mean, lower test -> must still be chosen (selection is on val).
+    for seed, (v, t) in enumerate([(0.90, 0.80), (0.92, 0.82), (0.94, 0.84)]):
+        make(tmp_path, lr=1e-3, seed=seed, val=v, test=t)
+    for seed, (v, t) in enumerate([(0.85, 0.99), (0.86, 0.99), (0.87, 0.99)]):
+        make(tmp_path, lr=1e-2, seed=seed, val=v, test=t)
+    cells = summarize(load_runs(tmp_path))
+    assert len(cells) == 1
+    cell = cells.iloc[0]
+    assert cell["mean"] == pytest.approx(82.0) and cell["std"] == pytest.approx(2.0)
+    assert cell["n"] == 3 and cell["n_total"] == 3 and cell["n_settings"] == 2
+    assert cell["val_mean"] == pytest.approx(92.0)
+    assert cell["chosen"] == "trainer.lr=0.001"
+    text, means = accuracy_table(cells)
+    assert text.loc["transformer", "mqar"] == "82.00 ± 2.00 (n=3)"
+    assert means.loc["transformer", "mqar"] == pytest.approx(82.0)
+
+
+def test_lower_is_better_metric_picks_lowest_val(tmp_path):
+    make(tmp_path, task="char_lm", metric="bpc", lr=1e-3, val=1.5, test=1.6)
+    make(tmp_path, task="char_lm", metric="bpc", lr=1e-2, val=1.2, test=1.3)
+    cell = summarize(load_runs(tmp_path)).iloc[0]
+    assert cell["metric"] == "bpc" and cell["mean"] == pytest.approx(1.3)
+    assert math.isnan(cell["std"]) and cell["n"] == 1
+
+
+def test_fail_oom_and_unsupported_cells(tmp_path):
+    make(tmp_path, model="transformer", task="listops", status="oom")
+    make(tmp_path, model="transformer", task="listops", status="error", lr=1e-2)
+    make(tmp_path, model="lstm", task="listops", status="diverged")
+    make(tmp_path, model="mamba", task="listops", status="unsupported")
+    # one seed of the chosen setting failed: n shows 1/2
+    make(tmp_path, model="local", task="listops", seed=0, val=0.5, test=0.25)
+    make(tmp_path, model="local", task="listops", seed=1, status="timeout")
+    # a failed setting beside an ok one: the ok one is reported
+    make(tmp_path, model="s4d", task="listops", lr=1e-2, status="oom")
+    make(tmp_path, model="s4d", task="listops", lr=1e-3, val=0.6, test=0.5)
+    text, _ = accuracy_table(summarize(load_runs(tmp_path)))
+    col = text["listops"]
+    assert col["transformer"] == "OOM" and col["lstm"] == "FAIL" and col["mamba"] == "n/a"
+    assert col["local"] == "25.00 (n=1/2)" and col["s4d"] == "50.00 (n=1)"
+
+
+def test_lra_average_column_and_not_run_cells(tmp_path):
+    for task, acc in [("listops", 0.3), ("text", 0.6), ("pathx", 0.5)]:
+        make(tmp_path, model="transformer", task=task, val=acc, test=acc)
+    make(tmp_path, model="performer", task="listops", val=0.2, test=0.2)
+    text, means = accuracy_table(summarize(load_runs(tmp_path)))
+    assert means.loc["transformer", "Avg"] == pytest.approx(45.0)  # Path-X left out
+    assert text.loc["performer", "Avg"] == "–" and text.loc["performer", "text"] == "–"
+
+
+def test_several_lengths_make_separate_columns(tmp_path):
+    make(tmp_path, seq_len=64, val=0.9, test=0.9)
+    make(tmp_path, seq_len=256, val=0.7, test=0.7)
+    text, _ = accuracy_table(summarize(load_runs(tmp_path)))
+    assert list(text.columns) == ["mqar L=64", "mqar L=256"]
+
+
+def test_filter_runs_operators(tmp_path):
+    for mem in (0, 16, 64):
+        make(tmp_path, model="transformer_xl", val=0.5, test=0.5, model_cfg={"mem_len": mem})
+    df = load_runs(tmp_path)
+    assert sorted(filter_runs(df, {"config.model.mem_len": {"gt": 0}})["config.model.mem_len"]) \
+        == [16, 64]
+    assert len(filter_runs(df, {"config.model.mem_len": [0, 64]})) == 2
+    assert len(filter_runs(df, {"config.model.nothing": 1})) == 0
+
+
+# --------------------------------------------------------------------------- efficiency
+
+
+def bench_sweep(root, models=("transformer", "linear_transformer"), lengths=(1024, 2048, 4096)):
+    for model in models:
+        power = 2 if model == "transformer" else 1
+        for L in lengths:
+            make(root, kind="bench", model=model, task="text", seq_len=L, batch_size=32,
+                 step_ms=(L / 1024) ** power * 100.0, peak=int((L / 1024) ** power * 1e9))
+
+
+def test_efficiency_speedup_and_exponents(tmp_path):
+    bench_sweep(tmp_path)
+    make(tmp_path, kind="bench", model="performer", task="text", seq_len=4096, batch_size=32,
+         status="oom")
+    eff = efficiency_cells(load_runs(tmp_path))
+    lin = eff[(eff["model"] == "linear_transformer") & (eff["seq_len"] == 4096)].iloc[0]
+    assert lin["steps_per_s"] == pytest.approx(2.5) and lin["speedup"] == pytest.approx(4.0)
+    assert lin["peak_gb"] == pytest.approx(4.0)
+    fits = scaling_exponents(eff).set_index("model")
+    assert fits.loc["transformer", "time_exponent"] == pytest.approx(2.0)
+    assert fits.loc["linear_transformer", "memory_exponent"] == pytest.approx(1.0)
+    table = efficiency_table(eff)
+    assert table.loc["linear_transformer", "steps/s L=4096"] == "2.5 (4.0x)"
+    assert table.loc["transformer", "steps/s L=4096"] == "0.625"
+    assert table.loc["performer", "steps/s L=4096"] == "OOM"
+    assert table.loc["performer", "mem GB L=1024"] == "–"
+
+
+def test_train_speed_is_used_when_there_is_no_bench(tmp_path):
+    make(tmp_path, val=0.5, test=0.5, step_ms=50.0, peak=2e9)
+    eff = efficiency_cells(load_runs(tmp_path))
+    assert eff["source"].tolist() == ["train"] and eff["steps_per_s"].tolist() == [20.0]
+
+
+# --------------------------------------------------------------------------- published
+
+
+def test_published_numbers_are_tidy_and_cited():
+    pub = load_published()
+    assert {"source", "citation", "table", "model", "task", "seq_len", "metric", "value",
+            "unit", "note"} <= set(pub.columns)
+    assert pub["citation"].notna().all()
+
+    def value(**kw):
+        hit = pub
+        for k, v in kw.items():
+            hit = hit[hit[k] == v]
+        assert len(hit) == 1, kw
+        return hit["value"].iloc[0]
+
+    assert value(model="transformer", task="listops", table="Table 1") == 36.37
+    assert value(model="performer", seq_len=4096, metric="speedup") == 5.7
+    assert value(model="Synthesizer", seq_len=3072, metric="steps_per_s") == 6.6
+    assert value(model="s4d", task="pathx") == 91.95
+    assert value(model="mamba", task="selective_copying") == 99.8
+    assert value(model="MHA-xPos", seq_len=1024) == 67.6
+    assert sorted(pub[pub["model"] == "transformer_xl"]["value"]) == [0.99, 1.06, 18.3]
+
+
+def test_comparison_puts_ours_beside_published(tmp_path):
+    make(tmp_path, task="listops", seq_len=2000, val=0.4, test=0.4)
+    bench_sweep(tmp_path)
+    runs = load_runs(tmp_path)
+    cells, eff = summarize(runs), efficiency_cells(runs)
+    comp = compare_published(load_published(), cells, eff, accuracy_table(cells)[1])
+    row = comp[(comp["task"] == "listops") & (comp["model"] == "transformer")].iloc[0]
+    assert row["ours"] == pytest.approx(40.0) and row["diff"] == pytest.approx(40.0 - 36.37)
+    up = comp[(comp["model"] == "linear_transformer") & (comp["metric"] == "speedup")
+              & (comp["seq_len"] == 4096)].iloc[0]
+    assert up["ours"] == pytest.approx(4.0) and up["diff"] == pytest.approx(4.0 - 5.6)
+    assert not (comp["model"] == "performer").any()
+
+
+# --------------------------------------------------------------------------- claims
+
+
+def claim(check, **fields):
+    return {"id": check, "claim": "c", "citation": "paper", "check": check, **fields}
+
+
+def test_speed_and_memory_claims(tmp_path):
+    bench_sweep(tmp_path)
+    make(tmp_path, kind="bench", model="local", task="text", seq_len=4096, batch_size=32,
+         status="oom")
+    runs = load_runs(tmp_path)
+    result = evaluate_claims(runs, [
+        claim("faster", a="linear_transformer", b="transformer", seq_len=4096),
+        claim("faster", a="transformer", b="linear_transformer"),  # default: largest L
+        claim("less_memory", a="linear_transformer", b="transformer", seq_len=1024),
+        claim("faster", a="performer", b="transformer"),
+        claim("faster", a="local", b="transformer", seq_len=4096),
+        claim("exponent_below", model="linear_transformer", quantity="memory", value=1.5),
+        claim("exponent_below", model="transformer", quantity="time", value=1.5),
+    ]).set_index(pd.RangeIndex(7))
+    assert result["status"].tolist() == ["holds", "differs", "differs", "not run", "differs",
+                                         "holds", "differs"]
+    assert "2.5 steps/s" in result.loc[0, "numbers"] and "0.625 steps/s" in result.loc[0, "numbers"]
+    assert "L=4096" in result.loc[1, "numbers"]
+    assert "local OOM" in result.loc[4, "numbers"]
+
+
+def test_accuracy_claims(tmp_path):
+    make(tmp_path, model="mamba", task="selective_copying", val=0.99, test=0.98)
+    make(tmp_path, model="s4d", task="selective_copying", val=0.2, test=0.18)
+    make(tmp_path, model="transformer", task="mqar", seq_len=64, val=1.0, test=1.0)
+    make(tmp_path, model="transformer", task="mqar", seq_len=256, val=0.9, test=0.9)
+    for L, lstm, bahd in [(10, 0.9, 0.99), (20, 0.7, 0.98), (40, 0.4, 0.97)]:
+        make(tmp_path, model="lstm", task="reverse", seq_len=L, val=lstm, test=lstm)
+        make(tmp_path, model="lstm_bahdanau", task="reverse", seq_len=L, val=bahd, test=bahd)
+    for mem, bpc in [(0, 1.5), (32, 1.3)]:
+        make(tmp_path, model="transformer_xl", task="char_lm", metric="bpc", val=bpc, test=bpc,
+             model_cfg={"mem_len": mem})
+    make(tmp_path, model="mamba", task="induction_heads", seq_len=256, val=1.0, test=1.0,
+         extra_metrics={"test_accuracy_len512": 1.0, "test_accuracy_len1024": 0.97})
+    xl = {"model": "transformer_xl", "where": {"config.model.mem_len": {"gt": 0}}}
+    xl0 = {"model": "transformer_xl", "where": {"config.model.mem_len": 0}}
+    claims = [
+        claim("solves_where_other_fails", a="mamba", b="s4d", task="selective_copying",
+              threshold=90),
+        claim("solves_where_other_fails", a="s4d", b="mamba", task="selective_copying",
+              threshold=90),
+        claim("solves", model="transformer", task="mqar", threshold=99),
+        claim("solves", model="transformer", task="mqar", threshold=99, seq_len=64),
+        claim("falls_with", model="lstm", task="reverse", key="seq_len"),
+        claim("falls_with", model="lstm_bahdanau", task="reverse", key="seq_len"),
+        claim("holds_with", model="lstm_bahdanau", task="reverse", key="seq_len", threshold=96),
+        claim("holds_with", model="lstm", task="reverse", key="seq_len", threshold=96),
+        claim("better", a=xl, b=xl0, task="char_lm"),
+        claim("better", a=xl0, b=xl, task="char_lm"),
+        claim("extrapolates", model="mamba", task="induction_heads", threshold=95),
+        claim("extrapolates", model="mamba", task="induction_heads", threshold=99),
+        claim("solves", model="mamba", task="mqar", threshold=99),
+        claim("falls_with", model="transformer_xl", task="char_lm", key="config.model.mem_len"),
+    ]
+    result = evaluate_claims(load_runs(tmp_path), claims)
+    assert result["status"].tolist() == [
+        "holds", "differs", "differs", "holds", "holds", "holds", "holds", "differs",
+        "holds", "differs", "holds", "differs", "not run", "holds"]
+    numbers = result["numbers"].tolist()
+    assert "98" in numbers[0] and "18" in numbers[0]
+    assert "seq_len=10: 90" in numbers[4] and "seq_len=40: 40" in numbers[4]
+    assert "tested 1024: 97" in numbers[10]
+    assert "mem_len=0: 1.5" in numbers[13] and "mem_len=32: 1.3" in numbers[13]
+
+
+def test_shipped_claims_load_and_bad_claims_are_explained(tmp_path):
+    claims = load_claims(PUBLISHED_DIR / "claims.yaml")
+    checks = {c["check"] for c in claims}
+    assert {"faster", "less_memory", "solves", "solves_where_other_fails", "better",
+            "falls_with", "holds_with", "extrapolates", "exponent_below"} <= checks
+    assert all(c["citation"] for c in claims)
+    bad = tmp_path / "claims.yaml"
+    bad.write_text("claims:\n  - {id: x, claim: c, citation: p, check: faster, a: mamba}\n")
+    with pytest.raises(ValueError, match=r"claim 'x': check 'faster' needs field 'b'"):
+        load_claims(bad)
+    bad.write_text("claims:\n  - {id: y, claim: c, citation: p, check: quicker}\n")
+    with pytest.raises(ValueError, match="unknown check 'quicker'"):
+        load_claims(bad)
+
+
+# --------------------------------------------------------------------------- report / CLI
+
+
+def test_latex_is_booktabs_and_escaped():
+    tex = latex_table(pd.DataFrame({"char_lm": ["1.20 ± 0.10 (n=3)"]}, index=["a_b"]), "Acc %",
+                      "tab:acc")
+    assert r"\toprule" in tex and r"\midrule" in tex and r"\bottomrule" in tex
+    assert r"char\_lm" in tex and r"a\_b" in tex and r"$\pm$" in tex and r"Acc \%" in tex
+
+
+class _Images(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.images, self.tables = {}, 0
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "img":
+            self.images[attrs["alt"]] = attrs["src"]
+        self.tables += tag == "table"
+
+
+@pytest.fixture(scope="module")
+def report_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    for model, acc in [("transformer", 0.6), ("linear_transformer", 0.5)]:
+        for L in (1024, 2048, 4096):
+            for seed in (0, 1):
+                run = make(root, model=model, task="text", seq_len=L, seed=seed, val=acc,
+                           test=acc + seed / 100)
+                lines = [{"step": s, "split": "val", "loss": 1.0, "metric_name": "accuracy",
+                          "metric": acc * s / 3, "elapsed_s": s, "tokens_per_s": 1.0}
+                         for s in (1, 2, 3)]
+                (run / "metrics.jsonl").write_text("\n".join(map(json.dumps, lines)) + "\n")
+    make(root, model="performer", task="text", seq_len=1024, status="oom")
+    bench_sweep(root)
+    return root
+
+
+def test_cli_writes_every_output(report_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main([str(report_dir), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "Accuracy" in printed and "text L=4096" in printed and "OOM" in printed
+    assert "steps/s L=4096" in printed and f"report: {out / 'report.html'}" in printed
+    for name in ("accuracy", "efficiency", "scaling_exponents", "comparison", "claims"):
+        assert (out / "tables" / f"{name}.csv").exists() and (out / "tables" / f"{name}.tex").exists()
+    plots = {"accuracy_vs_seq_len", "scaling", "bubble", "training_curves"}
+    for name in plots:
+        assert (out / "plots" / f"{name}.png").exists() and (out / "plots" / f"{name}.pdf").exists()
+    parser = _Images()
+    parser.feed((out / "report.html").read_text())
+    assert set(parser.images) == plots and parser.tables >= 4
+    for src in parser.images.values():
+        assert src.startswith("data:image/png;base64,")
+        assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (out / "report.md").read_text()
+    assert all(f"plots/{name}.png" in md for name in plots)
+    claims = pd.read_csv(out / "tables" / "claims.csv").set_index("id")
+    assert claims.loc["lra_linear_transformer_faster_4k", "status"] == "holds"
+    assert claims.loc["mamba_selective_copying", "status"] == "not run"
+
+
+def test_cli_without_records_says_what_to_do(tmp_path):
+    with pytest.raises(SystemExit, match="no record.json under"):
+        main([str(tmp_path), "--no-plots"])
