@@ -18,9 +18,17 @@ Which window a query sees: query t of segment s attends to keys p with
 length; the tests recompute every layer over the full sequence with this mask and explicit
 relative distances (no memory, no rel-shift) and compare.
 
+How one call runs: within a call, segment s's memory at layer l is layer l's (detached) input
+at the ``mem_len`` positions before s, all known once layer l-1 is done. So each layer runs all
+its segments at once, as a batch of (seg_len queries x [mem_len + seg_len] keys) windows,
+instead of the paper's loop of one segment per step: same outputs, same gradients (the tests
+check both against feeding one segment per call with ``mems``), n_layers steps instead of
+n_segments x n_layers. Attention goes through ``scaled_dot_product_attention`` with the
+position term as an additive bias.
+
 Task kinds (same outside contract as :class:`architectures.backbone.SequenceModel`):
 
-* ``lm``: one call streams the whole (B, L) batch segment by segment; memory starts empty
+* ``lm``: one call reads the whole (B, L) batch as L / seg_len segments; memory starts empty
   unless ``mems`` is given. After every ``lm`` call ``self.last_mems`` holds the detached
   memory, so contiguous streaming (char_lm, as in the paper's training and evaluation) is
   ``model(batch, mems=model.last_mems)`` on consecutive chunks of one stream.
@@ -43,6 +51,7 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from architectures.layers import (
     ClassifierHead,
@@ -85,6 +94,20 @@ def window_mask(L: int, seg_len: int, mem_len: int, device=None) -> torch.Tensor
     return (p <= t) & (p >= first)
 
 
+def segment_mask(n_segments: int, seg_len: int, mem_len: int, mem_given: int, device=None) -> torch.Tensor:
+    """(n, S, W + S) bool: which of [W memory slots; S segment tokens] each query of each segment sees.
+
+    Memory slot j of segment s holds position ``s * seg_len - mem_len + j`` (counted from this
+    call's first token); it exists if that is not before the ``mem_given`` positions of memory
+    handed in from a previous call. Within the segment, attention is causal.
+    """
+    S, W = seg_len, mem_len
+    slot = torch.arange(n_segments, device=device)[:, None] * S - W + torch.arange(W, device=device)  # (n, W)
+    memory_ok = (slot >= -mem_given)[:, None, :].expand(n_segments, S, W)
+    causal = torch.ones(S, S, dtype=torch.bool, device=device).tril().expand(n_segments, S, S)
+    return torch.cat([memory_ok, causal], dim=-1)  # (n, S, W + S)
+
+
 class RelativeAttention(nn.Module):
     """Multi-head attention over ``[memory; segment]`` with relative positions (Dai et al. §3.3).
 
@@ -100,53 +123,86 @@ class RelativeAttention(nn.Module):
             raise ValueError(f"model.d_model={d_model} is not divisible by model.n_heads={n_heads}")
         self.n_heads = n_heads
         self.head_dim = d_model // n_heads
+        self.dropout = dropout
         self.q = nn.Linear(d_model, d_model, bias=False)
         self.kv = nn.Linear(d_model, 2 * d_model, bias=False)
         self.r = nn.Linear(d_model, d_model, bias=False)  # W_r: projects the distance embeddings
         self.u = nn.Parameter(torch.randn(n_heads, self.head_dim) * 0.02)  # content bias
         self.v = nn.Parameter(torch.randn(n_heads, self.head_dim) * 0.02)  # position bias
         self.out = nn.Linear(d_model, d_model)
-        self.attn_dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """Attend from the segment ``x`` (B, S, D) over ``context`` = [memory; x] (B, K, D)."""
-        B, S, D = x.shape
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor, allowed: torch.Tensor, distances: torch.Tensor
+    ) -> torch.Tensor:
+        """Attend from segments to their ``[memory; segment]`` context.
+
+        Args:
+            x: (N, S, D) the segments' queries, N = B * n (batch-major).
+            context: (N, K, D) each segment's memory followed by the segment itself, so query i
+                sits at context position K - S + i.
+            allowed: (n, S, K) :func:`segment_mask`, the same for every batch row.
+            distances: (>= K, D) the sinusoidal embedding of distance d in row d.
+        """
+        N, S, D = x.shape
         K = context.shape[1]
-        M = K - S
         H, hd = self.n_heads, self.head_dim
-        q = self.q(x).view(B, S, H, hd).transpose(1, 2)  # (B, H, S, hd)
-        k, v = self.kv(context).view(B, K, 2, H, hd).permute(2, 0, 3, 1, 4)  # 2 x (B, H, K, hd)
+        q = self.q(x).view(N, S, H, hd).transpose(1, 2)  # (N, H, S, hd)
+        k, v = self.kv(context).view(N, K, 2, H, hd).permute(2, 0, 3, 1, 4)  # 2 x (N, H, K, hd)
         # distances K-1 ... 0, the order rel_shift expects
-        R = sinusoidal_positions(K, D).flip(0).to(x)  # (K, D)
-        r = self.r(R).view(K, H, hd).transpose(0, 1)  # (H, K, hd)
-        content = (q + self.u[:, None]) @ k.transpose(-2, -1)  # (B, H, S, K): terms (a) + (c)
-        position = rel_shift((q + self.v[:, None]) @ r.transpose(-2, -1))  # (B, H, S, K): (b) + (d)
-        scores = (content + position) / math.sqrt(hd)
-        # query i sits at position M + i of the context: it sees keys 0 .. M + i (all the
-        # memory and the causal part of the segment); this also hides rel_shift's garbage
-        allowed = torch.ones(S, K, dtype=torch.bool, device=x.device).tril(diagonal=M)  # (S, K)
-        scores = scores.masked_fill(~allowed, float("-inf"))
-        weights = self.attn_dropout(torch.softmax(scores, dim=-1))
-        y = weights @ v  # (B, H, S, hd)
-        return self.out(y.transpose(1, 2).reshape(B, S, D))  # (B, S, D)
+        r = self.r(distances[:K].flip(0).to(x)).view(K, H, hd).transpose(0, 1)  # (H, K, hd)
+        position = rel_shift((q + self.v[:, None].to(q.dtype)) @ r.transpose(-2, -1))  # (N, H, S, K)
+        # masking also hides rel_shift's garbage above the diagonal (the future)
+        n = allowed.shape[0]
+        position = position.view(N // n, n, H, S, K).masked_fill(~allowed[:, None], float("-inf"))
+        bias = (position.view(N, H, S, K) / math.sqrt(hd)).to(q.dtype)
+        # SDPA adds the bias to the scaled content scores: ((q + u) k^T + (q + v) (W_r R)^T) / sqrt(hd)
+        y = F.scaled_dot_product_attention(
+            q + self.u[:, None].to(q.dtype), k, v, attn_mask=bias, dropout_p=self.dropout if self.training else 0.0
+        )  # (N, H, S, hd)
+        return self.out(y.transpose(1, 2).reshape(N, S, D))  # (N, S, D)
 
 
 class XLBlock(nn.Module):
-    """Pre-norm block: x + attn(norm([mem; x])), then x + ffn(norm(x))."""
+    """Pre-norm block over all segments at once: x + attn(norm([mem; x])), then x + ffn(norm(x)).
 
-    def __init__(self, d_model: int, *, n_heads: int, d_ff: int, dropout: float, norm: str):
+    Within one call every segment's memory is the block input at the ``mem_len`` positions
+    before it, which is all known once the layer below is done: so the segments of a layer run
+    in parallel, and the result equals the paper's segment-by-segment loop (tested).
+    """
+
+    def __init__(
+        self, d_model: int, *, n_heads: int, d_ff: int, dropout: float, norm: str, seg_len: int, mem_len: int
+    ):
         super().__init__()
+        self.seg_len = seg_len
+        self.mem_len = mem_len
         self.norm1 = make_norm(norm, d_model)
         self.attn = RelativeAttention(d_model, n_heads=n_heads, dropout=dropout)
         self.norm2 = make_norm(norm, d_model)
         self.ffn = FeedForward(d_model, d_ff=d_ff, dropout=dropout)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, mem: torch.Tensor | None) -> torch.Tensor:
-        """``x`` (B, S, D) the segment entering this block, ``mem`` (B, M, D) or None."""
-        context = x if mem is None else torch.cat([mem, x], dim=1)  # (B, M + S, D)
-        h = self.norm1(context)
-        x = x + self.dropout(self.attn(h[:, -x.shape[1]:], h))
+    def forward(
+        self, x: torch.Tensor, mem: torch.Tensor | None, allowed: torch.Tensor, distances: torch.Tensor
+    ) -> torch.Tensor:
+        """Args: x (B, L, D) the block input, L a multiple of seg_len; mem (B, M0, D) memory from a
+        previous call (detached) or None; allowed (n, S, W + S) :func:`segment_mask`."""
+        B, L, D = x.shape
+        S, W = self.seg_len, self.mem_len
+        n = L // S
+        h = self.norm1(x).reshape(B * n, S, D)  # (B*n, S, D): one row per segment
+        context = h
+        if W > 0:
+            # stop-gradient: memory is the detached block input; W zero rows in front stand for
+            # the positions before the start (masked), so segment s's memory starts at row M0 + s*S
+            past = x.detach() if mem is None else torch.cat([mem, x.detach()], dim=1)  # (B, M0 + L, D)
+            M0 = past.shape[1] - L
+            past = F.pad(past, (0, 0, W, 0))  # (B, W + M0 + L, D)
+            windows = past[:, M0 : M0 + (n - 1) * S + W].unfold(1, W, S)  # (B, n, D, W)
+            windows = windows.transpose(2, 3).reshape(B * n, W, D)  # (B*n, W, D)
+            context = torch.cat([self.norm1(windows), h], dim=1)  # (B*n, W + S, D)
+        y = self.attn(h, context, allowed, distances).view(B, L, D)
+        x = x + self.dropout(y)
         return x + self.dropout(self.ffn(self.norm2(x)))
 
 
@@ -194,9 +250,12 @@ class TransformerXL(nn.Module):
         self.mem_len = mem_len
         self.pooling = pooling
         self.embed = nn.Embedding(spec.vocab_size, d_model)
+        # a query sees at most mem_len + seg_len keys: one table of distances serves every segment
+        self.register_buffer("distances", sinusoidal_positions(seg_len + mem_len, d_model), persistent=False)
         self.dropout = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(
-            XLBlock(d_model, n_heads=n_heads, d_ff=d_ff, dropout=dropout, norm=norm) for _ in range(n_layers)
+            XLBlock(d_model, n_heads=n_heads, d_ff=d_ff, dropout=dropout, norm=norm, seg_len=seg_len, mem_len=mem_len)
+            for _ in range(n_layers)
         )
         self.norm = make_norm(norm, d_model)
         if spec.kind == "classify":
@@ -207,46 +266,45 @@ class TransformerXL(nn.Module):
             self.head = nn.Linear(d_model, spec.n_outputs, bias=False)
         self.last_mems: list[torch.Tensor] | None = None
 
-    def update_mems(self, mems: list[torch.Tensor] | None, entered: list[torch.Tensor]) -> list[torch.Tensor] | None:
-        """Keep the last ``mem_len`` positions of [old memory; what entered each layer], detached."""
-        if self.mem_len == 0:
-            return None
-        if mems is None:
-            return [h[:, -self.mem_len:].detach() for h in entered]
-        return [torch.cat([m, h], dim=1)[:, -self.mem_len:].detach() for m, h in zip(mems, entered)]
-
     def encode(
         self, tokens: torch.Tensor, mems: list[torch.Tensor] | None = None
     ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
-        """Tokens (B, L) -> final hidden states (B, L, D), reading ``seg_len`` tokens at a time.
+        """Tokens (B, L) -> final hidden states (B, L, D), read in segments of ``seg_len``.
 
         Args:
             tokens: input ids.
-            mems: per-layer memory (B, M, D) to start from, e.g. a previous call's
+            mems: per-layer memory (B, M0, D) to start from, e.g. a previous call's
                 ``last_mems``; None starts empty.
 
         Returns:
-            The hidden states and the memory after the last segment (None if ``mem_len`` is 0).
+            The hidden states and, per layer, the last ``mem_len`` positions that entered it
+            (detached; None if ``mem_len`` is 0).
         """
-        if mems is not None and self.mem_len > 0:
-            if len(mems) != len(self.blocks) or any(m.shape[0] != tokens.shape[0] for m in mems):
-                raise ValueError(
-                    f"mems must be a list of {len(self.blocks)} tensors of batch size {tokens.shape[0]} "
-                    f"(a previous call's model.last_mems on the same batch size), got "
-                    f"{[tuple(m.shape) for m in mems]}"
-                )
-        elif self.mem_len == 0:
+        B, L = tokens.shape
+        S, W = self.seg_len, self.mem_len
+        if W == 0:
             mems = None
-        x_all = self.dropout(self.embed(tokens))  # (B, L, D)
-        outputs = []
-        for x in x_all.split(self.seg_len, dim=1):  # (B, S, D) each, the last may be shorter
-            entered = []
-            for i, block in enumerate(self.blocks):
-                entered.append(x)
-                x = block(x, None if mems is None else mems[i])
-            mems = self.update_mems(mems, entered)
-            outputs.append(x)
-        return self.norm(torch.cat(outputs, dim=1)), mems
+        elif mems is not None:
+            M0 = mems[0].shape[1] if mems else 0
+            if len(mems) != len(self.blocks) or any(m.shape[0] != B or m.shape[1] != M0 for m in mems) or M0 > W:
+                raise ValueError(
+                    f"mems must be a list of {len(self.blocks)} tensors of batch size {B} and at most "
+                    f"model.mem_len={W} positions (a previous call's model.last_mems on the same batch "
+                    f"size), got {[tuple(m.shape) for m in mems]}"
+                )
+        n = -(-L // S)
+        x = self.dropout(self.embed(tokens))  # (B, L, D)
+        # round up to whole segments; the zero tail lies in the future of every real token
+        x = F.pad(x, (0, 0, 0, n * S - L))  # (B, n*S, D)
+        allowed = segment_mask(n, S, W, 0 if mems is None else mems[0].shape[1], device=x.device)
+        new_mems = []
+        for i, block in enumerate(self.blocks):
+            mem = None if mems is None else mems[i]
+            if W > 0:
+                entered = x[:, :L] if mem is None else torch.cat([mem, x[:, :L]], dim=1)
+                new_mems.append(entered[:, -W:].detach())
+            x = block(x, mem, allowed, self.distances)
+        return self.norm(x[:, :L]), (new_mems if W > 0 else None)
 
     def pooled(self, tokens: torch.Tensor) -> torch.Tensor:
         """Encode a right-padded batch and pool its real tokens: (B, D)."""
