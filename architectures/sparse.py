@@ -259,7 +259,8 @@ def flex_sparse_attention(q, k, v, mask_mod) -> torch.Tensor:
     from torch.nn.attention.flex_attention import create_block_mask
 
     B, _, L, _ = q.shape
-    block_mask = create_block_mask(mask_mod, B, None, L, L, device=q.device)
+    # compiled, the mask is evaluated block by block instead of as one L x L tensor
+    block_mask = create_block_mask(mask_mod, B, None, L, L, device=q.device, _compile=True)
     return compiled_flex_attention()(q, k, v, block_mask=block_mask)
 
 
