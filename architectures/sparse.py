@@ -98,14 +98,17 @@ def bigbird_random_blocks(
 
 
 def masked_softmax_attend(scores: torch.Tensor, allowed: torch.Tensor, v: torch.Tensor, dropout: float = 0.0):
-    """Softmax over allowed keys, then weights @ v. A query with no allowed key gets zeros, and
-    its row is filled with zeros before the softmax so that no NaN reaches the backward pass."""
+    """Softmax over allowed keys, then weights @ v; a query with no allowed key gets zeros.
+
+    Masked scores get the lowest finite float rather than -inf: a row with some allowed key
+    still gives them exactly zero weight, and a row with none stays finite (no NaN in backward)
+    before its output is zeroed. One masked copy of the scores is all autograd keeps.
+    """
     has_key = allowed.any(-1, keepdim=True)
-    scores = scores.masked_fill(~allowed, float("-inf")).masked_fill(~has_key, 0.0)
-    weights = torch.softmax(scores, dim=-1) * has_key
+    weights = torch.softmax(scores.masked_fill(~allowed, torch.finfo(scores.dtype).min), dim=-1)
     if dropout > 0:
         weights = F.dropout(weights, dropout)
-    return weights @ v
+    return (weights @ v) * has_key
 
 
 def pad_to_blocks(block_size: int, key_real: torch.Tensor | None, *xs: torch.Tensor):
@@ -153,7 +156,7 @@ def attend_gathered(q, k, v, key_real, key_blocks, qpos, block_size, rule, dropo
         k_sel = torch.cat([k_sel, k_extra[:, :, None].expand(-1, -1, nq, -1, -1)], 3)  # (B, H, nq, S + G, hd)
         v_sel = torch.cat([v_sel, v_extra[:, :, None].expand(-1, -1, nq, -1, -1)], 3)
         allowed = torch.cat([allowed, allowed_extra], -1)
-    scores = q @ k_sel.transpose(-2, -1) / math.sqrt(hd)  # (B, H, nq, b, S)
+    scores = (q / math.sqrt(hd)) @ k_sel.transpose(-2, -1)  # (B, H, nq, b, S); scaling q is cheaper
     return masked_softmax_attend(scores, allowed, v_sel, dropout)
 
 
@@ -163,7 +166,7 @@ def global_rows(q, k, v, key_real, causal: bool, dropout: float) -> torch.Tensor
     allowed = key_real[:, None, None, :]  # (B, 1, 1, Lp)
     if causal:
         allowed = allowed & (torch.arange(Lp, device=q.device) <= torch.arange(G, device=q.device)[:, None])
-    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, H, G, Lp)
+    scores = (q / math.sqrt(q.shape[-1])) @ k.transpose(-2, -1)  # (B, H, G, Lp)
     return masked_softmax_attend(scores, allowed, v, dropout)
 
 
