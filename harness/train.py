@@ -127,8 +127,9 @@ def run_experiment(cfg: DictConfig, run_dir: Path, *, multirun: bool = False) ->
     chash = config_hash(result_config(cfg))
     skipped = should_skip(cfg, run_dir, chash, multirun)
     if skipped is not None:
-        print(f"[arena] skip {run_dir}: a {skipped['status']} record with config_hash {chash} "
-              f"exists (force=true reruns it)", flush=True)
+        how = "sweep.retry_failed=true or force=true" if skipped["status"] in FAILED else "force=true"
+        print(f"[arena] skip {run_dir}: it holds a {skipped['status']} record of the same config "
+              f"(config_hash {chash}); {how} reruns it", flush=True)
         return skipped
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
@@ -207,6 +208,9 @@ def hydra_main(cfg: DictConfig) -> float | None:
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
     run_dir = Path(hc.runtime.output_dir)
+    if multirun and cfg.sweep.fail_fast and any(s in FAILED for _, s, m in OUTCOMES if m):
+        print(f"[arena] not started {run_dir}: an earlier job failed and sweep.fail_fast is set", flush=True)
+        return None
     record = run_experiment(cfg, run_dir, multirun=multirun)
     report(record, run_dir)
     OUTCOMES.append((run_dir, record["status"], multirun))

@@ -35,8 +35,9 @@ def generate_mqar(
         raise ValueError(f"mqar: n_pairs={n_pairs} needs more than vocab_size//2-1={n_keys} keys")
     if n_pairs > space:
         raise ValueError(
-            f"mqar: seq_len={seq_len} leaves room for {space} queries after the context of "
-            f"{context} tokens, fewer than n_pairs={n_pairs}; raise task.seq_len"
+            f"mqar: task.seq_len={seq_len} is too short for task.n_pairs={n_pairs}: the context "
+            f"takes {context} tokens and every key is queried again after it (at least "
+            f"{4 * n_pairs} tokens in all); raise task.seq_len or lower task.n_pairs"
         )
     g = torch.Generator().manual_seed(seed)
     N = n_examples

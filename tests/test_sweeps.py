@@ -1,0 +1,89 @@
+"""Sweeps: failure isolation, idempotent reruns, kill -9 and resume, Hydra launchers/sweepers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from harness.records import validate_record
+
+ARENA_TRAIN = str(Path(sys.executable).parent / "arena-train")
+TINY = ["logger=none", "trainer=smoke", "trainer.steps=12", "trainer.eval_every=6", "trainer.checkpoint_every=2",
+        "trainer.threads=1", "task.vocab_size=32", "task.seq_len=32", "task.n_train=200", "task.n_val=32",
+        "task.n_test=32"]
+
+
+def sweep(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([ARENA_TRAIN, "-m", *TINY, *args], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=600)
+
+
+def statuses(sweep_dir: Path) -> dict[str, str]:
+    out = {}
+    for p in sweep_dir.rglob("record.json"):
+        record = json.loads(p.read_text())
+        assert validate_record(record) == [], p
+        out[p.parent.name] = record["status"]
+    return out
+
+
+def test_a_failing_job_is_recorded_and_the_sweep_goes_on_then_reruns_skip(tmp_path):
+    # n_pairs=99 cannot fit in 32 tokens: that job fails with a clear error
+    proc = sweep(tmp_path, "task.n_pairs=1,2,3,99", "sweep.name=s")
+    assert proc.returncode == 0, proc.stderr
+    found = statuses(tmp_path / "results/sweeps/s")
+    assert sorted(found.values()) == ["error", "ok", "ok", "ok"]
+    assert "sweep summary: 4 records: 1 error, 3 ok" in proc.stdout
+    again = sweep(tmp_path, "task.n_pairs=1,2,3,99", "sweep.name=s")
+    assert again.returncode == 0
+    assert again.stdout.count("[arena] skip") == 4  # ok jobs skipped; the failed one only on request
+    retried = sweep(tmp_path, "task.n_pairs=1,2,3,99", "sweep.name=s", "sweep.retry_failed=true")
+    assert retried.stdout.count("[arena] skip") == 3
+
+
+def test_fail_fast_exits_nonzero(tmp_path):
+    proc = sweep(tmp_path, "task.n_pairs=99,1", "sweep.name=ff", "sweep.fail_fast=true")
+    assert proc.returncode != 0
+    assert list(statuses(tmp_path / "results/sweeps/ff").values()) == ["error"], "stops at the first failure"
+
+
+def test_sweep_killed_with_sigkill_then_restarted_finishes_with_every_record(tmp_path):
+    args = [ARENA_TRAIN, "-m", *TINY, "trainer.steps=40", "seed=0,1,2", "sweep.name=k"]
+    proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    sweep_dir = tmp_path / "results/sweeps/k"
+    deadline = time.time() + 300
+    # kill once the first job is done and the second is part-way through
+    while time.time() < deadline:
+        done = list(sweep_dir.rglob("record.json"))
+        checkpoints = [p for p in sweep_dir.rglob("checkpoint.pt") if not (p.parent / "record.json").exists()]
+        if done and checkpoints:
+            break
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert len(list(sweep_dir.rglob("record.json"))) == 1
+    assert not list(sweep_dir.rglob("*.tmp")), "no half-written file left behind"
+    rerun = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    assert rerun.stdout.count("[arena] skip") == 1 and "resuming" in rerun.stdout
+    assert sorted(statuses(sweep_dir).values()) == ["ok", "ok", "ok"]
+
+
+def test_submitit_local_launcher_runs_jobs(tmp_path):
+    proc = sweep(tmp_path, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10", "seed=0,1",
+                 "sweep.name=sl")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(statuses(tmp_path / "results/sweeps/sl").values()) == ["ok", "ok"]
+
+
+def test_optuna_sweeper_searches_the_learning_rate(tmp_path):
+    proc = sweep(tmp_path, "experiment=lr_search", "hydra.sweeper.n_trials=2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Best parameters" in proc.stdout + proc.stderr
+    assert len(statuses(tmp_path / "results/sweeps/lr_search")) == 2
