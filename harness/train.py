@@ -168,9 +168,18 @@ def run_experiment(cfg: DictConfig, run_dir: Path, *, multirun: bool = False) ->
     record["wall_s"] = time.perf_counter() - started
     write_record(run_dir, record)
     if logger is not None:
-        logger.summary({k: v for k, v in record["metrics"].items() if v is not None})
+        logger.summary(wandb_summary(record))
         logger.finish(record["status"])
     return record
+
+
+def wandb_summary(record: dict) -> dict:
+    """The record's results as a flat W&B summary (read back by harness.wandb_runs)."""
+    summary = {k: v for k, v in record["metrics"].items() if v is not None}
+    summary.update({f"speed/{k}": v for k, v in record["speed"].items() if v is not None})
+    summary.update({f"memory/{k}": v for k, v in record["memory"].items() if v is not None})
+    summary.update({k: record[k] for k in ("status", "kind", "config_hash", "params", "wall_s")})
+    return summary
 
 
 def finish_metrics(trainer: Trainer, record: dict) -> None:

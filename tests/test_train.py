@@ -94,8 +94,17 @@ def test_failed_run_writes_error_record_and_exits_nonzero(tmp_path):
 def test_wandb_offline_run_is_written_inside_the_run_dir(tmp_path):
     run_dir = tmp_path / "wb"
     train(tmp_path, run_dir, "trainer.steps=20", "trainer.eval_every=10", logger="wandb")
-    assert record_of(run_dir)["status"] == "ok"
+    record = record_of(run_dir)
+    assert record["status"] == "ok"
     assert list((run_dir / "wandb").glob("offline-run-*")), "offline W&B files in the run dir"
+    # the offline run file reads back as the same record (what a report from W&B would see)
+    from harness.wandb_runs import records_from_offline_dirs
+
+    (from_wandb,) = records_from_offline_dirs(run_dir)
+    for key in ("status", "model", "task", "seed", "seq_len", "batch_size", "config_hash", "params",
+                "metrics", "speed", "memory"):
+        assert from_wandb[key] == record[key], key
+    assert from_wandb["config"]["trainer"]["lr"] == record["config"]["trainer"]["lr"]
 
 
 def test_logger_none_never_imports_wandb(tmp_path):
