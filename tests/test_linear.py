@@ -249,7 +249,7 @@ def test_linformer_seq_len_follows_the_task():
 )
 @pytest.mark.parametrize("name", ["linear_transformer", "performer"])
 def test_fla_kernel_matches_portable_path(name):
-    q, k, v = (t.float().cuda() for t in random_qkv(B=2, L=200, hd=16))
+    q, k, v = (t.float().cuda() for t in random_qkv(B=2, L=200, hd=D // H))
     mixer = make_mixer(name, causal=True).float().cuda()
     phi_q, phi_k = mixer.feature_maps(q, k)
     eps = mixer.eps(q.dtype)
