@@ -121,31 +121,62 @@ def _chunk_scan(a: torch.Tensor, h: torch.Tensor, reverse: bool) -> torch.Tensor
     return h
 
 
-class _LinearScan(torch.autograd.Function):
-    """h_t = a_t h_{t-1} + b_t over dim 1 of (nc, T, ...) chunks, h_{-1} = 0; b is overwritten by h.
+def _dot_n(h: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """sum_n h[..., d, n] X[..., d or 1, n] -> (..., D); X is (nc, T, B, 1, N), (1, 1, 1, D, N) or full."""
+    if X.shape[-2] == 1:
+        return torch.einsum("...dn,...n->...d", h, X.squeeze(-2))
+    if X.shape[:3] == (1, 1, 1):
+        return torch.einsum("...dn,dn->...d", h, X[0, 0, 0])
+    return (h * X).sum(-1)
+
+
+def _grad_like(h: torch.Tensor, g: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """The gradient of sum(g * _dot_n(h, X)) with respect to X, in X's shape; g is (..., D)."""
+    if X.shape[-2] == 1:
+        grad = torch.einsum("...dn,...d->...n", h, g).unsqueeze(-2)
+    elif X.shape[:3] == (1, 1, 1):
+        grad = torch.einsum("...dn,...d->dn", h, g)[None, None, None]
+    else:
+        grad = h * g.unsqueeze(-1)
+    return grad.sum_to_size(X.shape)
+
+
+class _ChunkedSelectiveScan(torch.autograd.Function):
+    """y_t = C_t . h_t, h_t = exp(delta_t A) h_{t-1} + du_t B_t, over dims (0, 1) = (chunk, position).
+
+    Inputs: delta, du (nc, T, B, D); A (D, N); B, C (nc, T, B, 1, N), (1, 1, 1, D, N) or
+    (nc, T, B, D, N). Outputs y (nc, T, B, D) and the last state (B, D, N).
 
     The backward is the same scan run backwards in time: with lam_t = dL/dh_t (through every
-    path), lam_t = g_t + a_{t+1} lam_{t+1}, dL/db_t = lam_t and dL/da_t = lam_t h_{t-1}.
+    path), lam_t = g_t + a_{t+1} lam_{t+1}, dL/d(du_t B_t) = lam_t and dL/da_t = lam_t h_{t-1}.
+    Only a = exp(delta A) and h are kept, (nc, T, B, D, N) each.
     """
 
     @staticmethod
-    def forward(ctx, a, b):
-        h = _chunk_scan(a, b, reverse=False)
-        ctx.mark_dirty(b)
-        ctx.save_for_backward(a, h)
-        return h
+    def forward(ctx, delta, du, A, B, C):
+        a = torch.exp(delta.unsqueeze(-1) * A)  # (nc, T, B, D, N), in (0, 1] for A <= 0
+        h = _chunk_scan(a, du.unsqueeze(-1) * B, reverse=False)  # (nc, T, B, D, N)
+        ctx.save_for_backward(delta, du, A, B, C, a, h)
+        return _dot_n(h, C), h[-1, -1]
 
     @staticmethod
-    def backward(ctx, grad_h):
-        a, h = ctx.saved_tensors
-        shape = a.shape
-        a_flat, h_flat = a.flatten(0, 1), h.flatten(0, 1)  # (L, ...)
-        a_next = torch.zeros_like(a_flat)  # a_{t+1}, zero past the end
-        a_next[:-1] = a_flat[1:]
-        lam = _chunk_scan(a_next.view(shape), grad_h.contiguous().clone(), reverse=True)
-        grad_a = torch.zeros_like(a_flat)
-        torch.mul(lam.flatten(0, 1)[1:], h_flat[:-1], out=grad_a[1:])
-        return grad_a.view(shape), lam
+    def backward(ctx, grad_y, grad_last):
+        delta, du, A, B, C, a, h = ctx.saved_tensors
+        grad_y = grad_y.contiguous()  # small; einsum's bmm would copy a strided one batch by batch
+        lam = grad_y.unsqueeze(-1) * C  # dL/dh through y, (nc, T, B, D, N)
+        lam[-1, -1] += grad_last
+        a_flat, h_flat = a.flatten(0, 1), h.flatten(0, 1)  # (L, B, D, N)
+        buf = torch.empty_like(a)
+        buf_flat = buf.flatten(0, 1)
+        buf_flat[:-1] = a_flat[1:]  # a_{t+1}, zero past the end
+        buf_flat[-1] = 0
+        lam = _chunk_scan(buf, lam, reverse=True)
+        buf_flat[0] = 0  # now dL/da_t = lam_t h_{t-1}, times a for dL/d(delta A)
+        torch.mul(lam.flatten(0, 1)[1:], h_flat[:-1], out=buf_flat[1:])
+        buf.mul_(a)
+        grad_delta = torch.einsum("...dn,dn->...d", buf, A)
+        grad_A = torch.einsum("...dn,...d->dn", buf, delta)
+        return grad_delta, _dot_n(lam, B), grad_A, _grad_like(lam, du, B), _grad_like(h, grad_y, C)
 
 
 def scan_chunk_size(L: int) -> int:
@@ -160,57 +191,48 @@ def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
                          return_last_state=False, chunk_size: int | None = None):
     """The selective scan in plain PyTorch (any device), chunked; same semantics as the reference.
 
-    The state tensors are laid out time-major, (L, B, D, N), so every step of the chunk loops
-    reads one contiguous (B, D, N) slab per chunk. The sequence is padded to a multiple of the
-    chunk length with delta = 0 and u = 0, which leaves the state unchanged (decay 1, input 0).
+    The state is laid out time-major in chunks, (nc, T, B, D, N), so every step of the chunk
+    loops reads one contiguous (B, D, N) slab per chunk. The sequence is padded to a multiple of
+    the chunk length with delta = 0 and u = 0, which leaves the state unchanged (decay 1, input 0).
     """
     dtype_in = u.dtype
     if A.is_complex():
         raise ValueError("selective_scan: only real A is supported (Mamba's S6 uses real A)")
     batch, dim, L = u.shape
-    N = A.shape[1]
     u, delta = u.float(), delta.float()
     if delta_bias is not None:
         delta = delta + delta_bias.float()[:, None]
     if delta_softplus:
         delta = F.softplus(delta)
     T = chunk_size or scan_chunk_size(L)
-    Lp = -(-L // T) * T
-    pad = (0, Lp - L)
-    chunks = (Lp // T, T)
-    delta_t = F.pad(delta, pad).permute(2, 0, 1).reshape(*chunks, batch, dim, 1)  # (nc, T, B, D, 1)
-    du_t = F.pad(delta * u, pad).permute(2, 0, 1).reshape(*chunks, batch, dim, 1)  # (nc, T, B, D, 1)
-    Bt = _time_major(B, batch, dim, pad, "B")
-    Bt = Bt.reshape(*chunks, *Bt.shape[1:]) if B.dim() > 2 else Bt[None]  # (nc, T, B, D or 1, N)
-    a = torch.exp(delta_t * A.float())  # (nc, T, B, D, N), in (0, 1] for A <= 0
-    b = du_t * Bt  # (nc, T, B, D, N)
-    h = _LinearScan.apply(a, b).view(Lp, batch, dim, N)[:L]  # (L, B, D, N)
-    Ct = _time_major(C, batch, dim, (0, 0), "C")
-    if C.dim() == 2:  # fixed C: (1, 1, D, N)
-        y = torch.einsum("lbdn,dn->lbd", h, Ct[0, 0])  # (L, B, D)
-    elif C.dim() == 3:  # one C for every channel: (L, B, 1, N)
-        y = torch.einsum("lbdn,lbn->lbd", h, Ct[:, :, 0])  # (L, B, D)
-    else:  # grouped, expanded to (L, B, D, N)
-        y = (h * Ct).sum(-1)
-    out = _finish(y.permute(1, 2, 0), u, D, z).to(dtype_in)  # (B, D, L)
-    return (out, h[-1]) if return_last_state else out
+    nc = -(-L // T)
+    pad = (0, nc * T - L)
+
+    def chunked(x):  # (B, D, L) -> (nc, T, B, D)
+        return F.pad(x, pad).permute(2, 0, 1).reshape(nc, T, batch, dim).contiguous()
+
+    Bc, Cc = (_chunked_BC(X, nc, T, dim, pad, name) for X, name in ((B, "B"), (C, "C")))
+    y, last = _ChunkedSelectiveScan.apply(chunked(delta), chunked(delta * u), A.float(), Bc, Cc)
+    y = y.reshape(nc * T, batch, dim)[:L].permute(1, 2, 0)  # (B, D, L)
+    out = _finish(y, u, D, z).to(dtype_in)
+    return (out, last) if return_last_state else out
 
 
-def _time_major(X: torch.Tensor, batch: int, dim: int, pad: tuple[int, int], name: str) -> torch.Tensor:
-    """B or C -> (L, B, D or 1, N) time-major (or (1, 1, D, N) when fixed), padded in time."""
+def _chunked_BC(X: torch.Tensor, nc: int, T: int, dim: int, pad: tuple[int, int], name: str) -> torch.Tensor:
+    """B or C -> (nc, T, B, 1, N), or (1, 1, 1, D, N) when fixed, or (nc, T, B, D, N) when grouped."""
     if X.is_complex():
         raise ValueError(f"selective_scan: complex {name} is not supported (A, B, C must be real)")
     X = X.float()
     if X.dim() == 2:
-        return X[None, None]  # (1, 1, D, N)
+        return X[None, None, None]  # (1, 1, 1, D, N)
     if X.dim() == 3:
-        return F.pad(X, pad).permute(2, 0, 1).unsqueeze(2).contiguous()  # (L, B, 1, N)
+        return F.pad(X, pad).permute(2, 0, 1).reshape(nc, T, X.shape[0], 1, X.shape[1]).contiguous()
     if X.dim() == 4:
-        groups = X.shape[1]
+        batch, groups, N, _ = X.shape
         if dim % groups:
             raise ValueError(f"selective_scan: {name} has {groups} groups, which do not divide D={dim}")
-        X = F.pad(X, pad).permute(3, 0, 1, 2).repeat_interleave(dim // groups, dim=2)
-        return X.contiguous()  # (L, B, D, N)
+        X = F.pad(X, pad).permute(3, 0, 1, 2).repeat_interleave(dim // groups, dim=2)  # (Lp, B, D, N)
+        return X.reshape(nc, T, batch, dim, N).contiguous()
     raise ValueError(f"selective_scan: {name} must be (D, N), (B, N, L) or (B, G, N, L), got {tuple(X.shape)}")
 
 

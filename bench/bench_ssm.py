@@ -37,8 +37,7 @@ def timeit(fn, *, warmup: int = 1, repeats: int = 5) -> tuple[float, float]:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         times.append(1e3 * (time.perf_counter() - t0))
-    q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
-    return statistics.median(times), q[2] - q[0]
+    return _median_iqr(times)
 
 
 def mambapy_selective_scan(x, delta, A, B, C, D):
@@ -58,7 +57,7 @@ def bench_scan(args) -> None:
     batch, dim, N = args.batch, 2 * args.d_model, args.d_state
     print(f"selective scan fwd+bwd, batch {batch}, d_inner {dim}, d_state {N}, device {device}, "
           f"threads {torch.get_num_threads()}")
-    print("| L | ours ms (IQR) | mambapy pscan ms (IQR) | ours / mambapy |")
+    print("| L | ours ms (IQR) | mambapy pscan ms (IQR) | ours / mambapy (median of per-round ratios) |")
     print("|---|---|---|---|")
     for L in args.lengths:
         g = torch.Generator().manual_seed(0)
@@ -73,12 +72,11 @@ def bench_scan(args) -> None:
             out = selective_scan_torch(u, delta, A, Bm, Cm, D)
             torch.autograd.grad(out.sum(), leaves)
 
-        ms, iqr = timeit(ours, repeats=args.repeats)
-        row = f"| {L} | {ms:.0f} ({iqr:.0f}) |"
         try:
             import mambapy  # noqa: F401
         except ImportError:
-            print(row + " mambapy not installed | - |")
+            ms, iqr = timeit(ours, repeats=args.repeats)
+            print(f"| {L} | {ms:.0f} ({iqr:.0f}) | mambapy not installed | - |")
             continue
         # mambapy's layout is (B, L, ED); transposes are part of its own block, so not timed
         x_l, delta_l = (t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (u, delta))
@@ -88,8 +86,18 @@ def bench_scan(args) -> None:
             out = mambapy_selective_scan(x_l, delta_l, A, B_l, C_l, D)
             torch.autograd.grad(out.sum(), [x_l, delta_l, B_l, C_l])
 
-        ms2, iqr2 = timeit(theirs, repeats=args.repeats)
-        print(row + f" {ms2:.0f} ({iqr2:.0f}) | {ms / ms2:.2f} |")
+        # interleaved, one call of each per round, so a change in machine load hits both alike
+        rounds = [(timeit(ours, warmup=0, repeats=1)[0], timeit(theirs, warmup=0, repeats=1)[0])
+                  for _ in range(args.repeats + 1)][1:]  # the first round is the warm-up
+        ms, iqr = _median_iqr([r[0] for r in rounds])
+        ms2, iqr2 = _median_iqr([r[1] for r in rounds])
+        ratio = statistics.median(r[0] / r[1] for r in rounds)
+        print(f"| {L} | {ms:.0f} ({iqr:.0f}) | {ms2:.0f} ({iqr2:.0f}) | {ratio:.2f} |")
+
+
+def _median_iqr(times: list[float]) -> tuple[float, float]:
+    q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+    return statistics.median(times), q[2] - q[0]
 
 
 def naive_vandermonde(dtA: torch.Tensor, C_eff: torch.Tensor, L: int) -> torch.Tensor:
@@ -134,7 +142,10 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[4096])
     parser.add_argument("--s4d-lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     bench_scan(args) if args.what == "scan" else bench_s4d(args)
 
 
