@@ -181,7 +181,7 @@ class CharLM:
                 f"char_lm: task.path={self.path!r} does not exist (looked for {file.resolve()}). "
                 f"{ENWIK8_HELP}"
             )
-        return torch.frombuffer(bytearray(file.read_bytes()), dtype=torch.uint8)
+        return torch.from_file(str(file), shared=False, size=file.stat().st_size, dtype=torch.uint8)
 
     def _generate(self) -> torch.Tensor:
         params = dict(n_bytes=self.n_bytes, seed=self.seed, version=CORPUS_VERSION)
@@ -214,7 +214,7 @@ class CharLM:
         streams = self._load()
         what = f"file {self.path}" if self.source == "file" else (
             f"generated corpus ({self.n_bytes} bytes, seed {self.seed})")
-        counts = torch.bincount(streams["train"].long(), minlength=256).double()
+        counts = torch.bincount(streams["train"], minlength=256).double()
         p = counts[counts > 0] / counts.sum()
         entropy = float(-(p * p.log2()).sum())
         lines = [

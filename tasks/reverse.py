@@ -1,7 +1,8 @@
 """Sequence reversal: a ``seq2seq`` task for length curves in the manner of Bahdanau et al. 2014.
 
 The source is a random string of symbols whose length is drawn uniformly from
-``[min_len, max_len]``; the target is the same string reversed, then an end-of-sequence token.
+``[min_len, seq_len]`` (``seq_len`` is the longest source); the target is the same string
+reversed, then an end-of-sequence token.
 Reversal is the hard direction for an encoder-decoder without attention: the first output
 depends on the last input and the last output on the first, so a fixed-size summary must hold
 the whole string. Bahdanau et al.'s Figure 2 (quality falls with sentence length without
@@ -12,10 +13,10 @@ encoder-decoders; never stored), 2 sep (between source and target for prefix-LM 
 (the last real target token, scored like the others, so a decoder learns where to stop), and
 symbols ``[4, V - 1]``.
 
-Batch keys: ``source`` (B, max_len) and ``target`` (B, max_len + 1), right-padded with 0, and
+Batch keys: ``source`` (B, seq_len) and ``target`` (B, seq_len + 1), right-padded with 0, and
 ``length`` (B,), the source length (models ignore it; reports bucket by it).
 
-Worked example (V = 10, max_len = 5; ``.`` = pad, ``E`` = eos = 3)::
+Worked example (V = 10, seq_len = 5; ``.`` = pad, ``E`` = eos = 3)::
 
     source   7  4  9  .  .         length 3
     target   9  4  7  E  .  .
@@ -32,40 +33,42 @@ FIRST_SYMBOL = 4
 SPLITS = ("train", "val", "test")
 
 
-def check_reverse(*, vocab_size: int, min_len: int, max_len: int) -> None:
+def check_reverse(*, vocab_size: int, min_len: int, seq_len: int) -> None:
     """Raise a ValueError naming the config key when the knobs cannot make a pair."""
     if vocab_size <= FIRST_SYMBOL:
         raise ValueError(
             f"reverse: task.vocab_size={vocab_size} leaves no symbols after the reserved ids "
             f"pad, bos, sep, eos (0-3); use task.vocab_size >= {FIRST_SYMBOL + 1}"
         )
-    if not 1 <= min_len <= max_len:
-        raise ValueError(f"reverse: need 1 <= task.min_len <= task.max_len, got {min_len}, {max_len}")
+    if not 1 <= min_len <= seq_len:
+        raise ValueError(
+            f"reverse: need 1 <= task.min_len <= task.seq_len, got {min_len} and {seq_len}"
+        )
 
 
 def generate_reverse(
-    n_examples: int, *, vocab_size: int, min_len: int, max_len: int, seed: int
+    n_examples: int, *, vocab_size: int, min_len: int, seq_len: int, seed: int
 ) -> dict[str, torch.Tensor]:
-    """Draw ``n_examples`` reversal pairs: ``source`` (N, max_len), ``target`` (N, max_len + 1),
+    """Draw ``n_examples`` reversal pairs: ``source`` (N, seq_len), ``target`` (N, seq_len + 1),
     ``length`` (N,)."""
-    check_reverse(vocab_size=vocab_size, min_len=min_len, max_len=max_len)
+    check_reverse(vocab_size=vocab_size, min_len=min_len, seq_len=seq_len)
     g = torch.Generator().manual_seed(seed)
     N = n_examples
-    lengths = torch.randint(min_len, max_len + 1, (N,), generator=g)  # (N,)
-    symbols = torch.randint(FIRST_SYMBOL, vocab_size, (N, max_len), generator=g)
-    pos = torch.arange(max_len)
-    real = pos < lengths[:, None]  # (N, max_len)
+    lengths = torch.randint(min_len, seq_len + 1, (N,), generator=g)  # (N,)
+    symbols = torch.randint(FIRST_SYMBOL, vocab_size, (N, seq_len), generator=g)
+    pos = torch.arange(seq_len)
+    real = pos < lengths[:, None]  # (N, seq_len)
     source = torch.where(real, symbols, PAD_ID)
     # target j reads source (length - 1 - j); clamped indices only land on positions masked out
-    back = (lengths[:, None] - 1 - pos).clamp(min=0)  # (N, max_len)
-    target = torch.full((N, max_len + 1), PAD_ID, dtype=torch.long)
-    target[:, :max_len] = torch.where(real, source.gather(1, back), PAD_ID)
+    back = (lengths[:, None] - 1 - pos).clamp(min=0)  # (N, seq_len)
+    target = torch.full((N, seq_len + 1), PAD_ID, dtype=torch.long)
+    target[:, :seq_len] = torch.where(real, source.gather(1, back), PAD_ID)
     target[torch.arange(N), lengths] = EOS_ID
     dtype = smallest_int_dtype(vocab_size)
     return {
         "source": source.to(dtype),
         "target": target.to(dtype),
-        "length": lengths.to(smallest_int_dtype(max_len)),
+        "length": lengths.to(smallest_int_dtype(seq_len)),
     }
 
 
@@ -76,7 +79,7 @@ class Reverse:
         vocab_size: V, shared by source and target; ids 0-3 are pad, bos, sep, eos, symbols
             are [4, V - 1].
         min_len: shortest source.
-        max_len: longest source (the spec's ``seq_len``; targets are one longer for eos).
+        seq_len: longest source (targets are one longer, for eos).
         n_train, n_val, n_test: examples per split (each split drawn with its own seed).
         seed: data seed; the data are a pure function of the parameters and this seed.
         cache_dir: where generated data are cached (``None``: ``results/cache``).
@@ -87,7 +90,7 @@ class Reverse:
         *,
         vocab_size: int,
         min_len: int,
-        max_len: int,
+        seq_len: int,
         n_train: int,
         n_val: int,
         n_test: int,
@@ -95,22 +98,22 @@ class Reverse:
         cache_dir: str | None = None,
     ):
         self.params = dict(
-            vocab_size=vocab_size, min_len=min_len, max_len=max_len,
+            vocab_size=vocab_size, min_len=min_len, seq_len=seq_len,
             n_train=n_train, n_val=n_val, n_test=n_test, seed=seed,
         )
         # fail on a bad configuration now, not when the harness first asks for data
-        check_reverse(vocab_size=vocab_size, min_len=min_len, max_len=max_len)
-        self.seq_len = max_len
+        check_reverse(vocab_size=vocab_size, min_len=min_len, seq_len=seq_len)
+        self.seq_len = seq_len
         self.spec = TaskSpec(
-            kind="seq2seq", vocab_size=vocab_size, n_outputs=vocab_size, seq_len=max_len,
-            pad_id=PAD_ID, target_len=max_len + 1, bos_id=BOS_ID, sep_id=SEP_ID,
+            kind="seq2seq", vocab_size=vocab_size, n_outputs=vocab_size, seq_len=seq_len,
+            pad_id=PAD_ID, target_len=seq_len + 1, bos_id=BOS_ID, sep_id=SEP_ID,
         )
         self.cache_dir = cache_dir
         self._splits: dict | None = None
 
     def _build(self) -> dict[str, dict[str, torch.Tensor]]:
         p = self.params
-        common = dict(vocab_size=p["vocab_size"], min_len=p["min_len"], max_len=p["max_len"])
+        common = dict(vocab_size=p["vocab_size"], min_len=p["min_len"], seq_len=p["seq_len"])
         return {
             split: generate_reverse(p[f"n_{split}"], **common, seed=p["seed"] * 3 + i)
             for i, split in enumerate(SPLITS)
@@ -128,7 +131,7 @@ class Reverse:
         p = self.params
         lines = [
             f"reverse: strings of {p['vocab_size'] - FIRST_SYMBOL} symbols, length uniform in "
-            f"[{p['min_len']}, {p['max_len']}], target = reversed source + eos; "
+            f"[{p['min_len']}, {p['seq_len']}], target = reversed source + eos; "
             f"chance accuracy {1 / (p['vocab_size'] - FIRST_SYMBOL):.1%} on symbols",
         ]
         for split, arrays in self._load().items():

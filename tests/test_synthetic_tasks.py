@@ -20,7 +20,7 @@ GENERATORS = {
     "selective_copying": lambda seed: generate_selective_copying(
         16, vocab_size=16, n_tokens=4, seq_len=24, seed=seed),
     "induction_heads": lambda seed: generate_induction_heads(16, vocab_size=16, seq_len=24, seed=seed),
-    "reverse": lambda seed: generate_reverse(16, vocab_size=12, min_len=2, max_len=9, seed=seed),
+    "reverse": lambda seed: generate_reverse(16, vocab_size=12, min_len=2, seq_len=9, seed=seed),
 }
 
 
@@ -93,7 +93,7 @@ def test_induction_heads_other_lengths(tmp_path):
 
 def test_reverse_targets():
     V, lo, hi = 12, 2, 9
-    d = generate_reverse(200, vocab_size=V, min_len=lo, max_len=hi, seed=2)
+    d = generate_reverse(200, vocab_size=V, min_len=lo, seq_len=hi, seed=2)
     assert d["source"].shape == (200, hi) and d["target"].shape == (200, hi + 1)
     lengths = set()
     for source, target, n in zip(d["source"].tolist(), d["target"].tolist(), d["length"].tolist()):
@@ -106,7 +106,7 @@ def test_reverse_targets():
 
 
 def test_reverse_spec():
-    spec = Reverse(vocab_size=12, min_len=1, max_len=9, **SMALL).spec
+    spec = Reverse(vocab_size=12, min_len=1, seq_len=9, **SMALL).spec
     assert (spec.kind, spec.n_outputs, spec.seq_len, spec.target_len) == ("seq2seq", 12, 9, 10)
     assert (spec.pad_id, spec.bos_id, spec.sep_id) == (PAD_ID, BOS_ID, SEP_ID)
 
@@ -166,9 +166,9 @@ def test_config_errors():
     with pytest.raises(ValueError, match="task.seq_len"):
         SelectiveCopying(vocab_size=16, n_tokens=16, seq_len=31, **SMALL)
     with pytest.raises(ValueError, match="task.vocab_size"):
-        Reverse(vocab_size=4, min_len=1, max_len=5, **SMALL)
+        Reverse(vocab_size=4, min_len=1, seq_len=5, **SMALL)
     with pytest.raises(ValueError, match="task.min_len"):
-        Reverse(vocab_size=10, min_len=6, max_len=5, **SMALL)
+        Reverse(vocab_size=10, min_len=6, seq_len=5, **SMALL)
 
 
 @pytest.mark.parametrize("name", sorted(GENERATORS))
@@ -211,7 +211,7 @@ BUILD = {
     "copying": ["task.seq_len=24", "task.n_tokens=4"],
     "selective_copying": ["task.seq_len=32", "task.n_tokens=4"],
     "induction_heads": ["task.seq_len=16", "task.eval_seq_lens=[32]"],
-    "reverse": ["task.max_len=8"],
+    "reverse": ["task.seq_len=8"],
     "char_lm": ["task.seq_len=32", "task.n_bytes=4000"],
 }
 
