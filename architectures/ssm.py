@@ -46,7 +46,8 @@ def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
         return_last_state: also return the state after the last step, (B, D, N).
     """
     dtype_in = u.dtype
-    u, delta, Bm, Cm = _prepare(u, delta, A, B, C, delta_bias, delta_softplus)
+    u, delta = _prepare_delta(u, delta, A, delta_bias, delta_softplus)
+    Bm, Cm = _expand_BC(B, u.shape[1], "B"), _expand_BC(C, u.shape[1], "C")
     dA = torch.exp(torch.einsum("bdl,dn->bdln", delta, A.float()))  # (B, D, L, N)
     shape = (*u.shape, A.shape[1])
     dBu = (delta * u).unsqueeze(-1) * Bm.expand(shape)  # (B, D, L, N)
@@ -60,7 +61,7 @@ def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     return (out, x) if return_last_state else out
 
 
-def _expand_BC(X: torch.Tensor, batch: int, dim: int, L: int, name: str) -> torch.Tensor:
+def _expand_BC(X: torch.Tensor, dim: int, name: str) -> torch.Tensor:
     """B or C in any accepted layout -> broadcastable to (B, D, L, N)."""
     if X.is_complex():
         raise ValueError(f"selective_scan: complex {name} is not supported (A, B, C must be real)")
@@ -76,16 +77,16 @@ def _expand_BC(X: torch.Tensor, batch: int, dim: int, L: int, name: str) -> torc
     raise ValueError(f"selective_scan: {name} must be (D, N), (B, N, L) or (B, G, N, L), got {tuple(X.shape)}")
 
 
-def _prepare(u, delta, A, B, C, delta_bias, delta_softplus):
+def _prepare_delta(u, delta, A, delta_bias, delta_softplus):
+    """u and delta in fp32, delta with its bias and softplus applied; refuses complex A."""
     if A.is_complex():
         raise ValueError("selective_scan: only real A is supported (Mamba's S6 uses real A)")
-    u, delta = u.float(), delta.float()
+    delta = delta.float()
     if delta_bias is not None:
         delta = delta + delta_bias.float()[:, None]
     if delta_softplus:
         delta = F.softplus(delta)
-    batch, dim, L = u.shape
-    return u, delta, _expand_BC(B, batch, dim, L, "B"), _expand_BC(C, batch, dim, L, "C")
+    return u.float(), delta
 
 
 def _finish(y, u, D, z):
@@ -196,14 +197,8 @@ def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
     the chunk length with delta = 0 and u = 0, which leaves the state unchanged (decay 1, input 0).
     """
     dtype_in = u.dtype
-    if A.is_complex():
-        raise ValueError("selective_scan: only real A is supported (Mamba's S6 uses real A)")
     batch, dim, L = u.shape
-    u, delta = u.float(), delta.float()
-    if delta_bias is not None:
-        delta = delta + delta_bias.float()[:, None]
-    if delta_softplus:
-        delta = F.softplus(delta)
+    u, delta = _prepare_delta(u, delta, A, delta_bias, delta_softplus)
     T = chunk_size or scan_chunk_size(L)
     nc = -(-L // T)
     pad = (0, nc * T - L)
