@@ -13,6 +13,7 @@ import matplotlib
 matplotlib.use("Agg")  # no display: reports are written by scripts and on cluster nodes
 
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
@@ -31,38 +32,66 @@ def _save(fig, out_dir: Path, name: str) -> Path:
     return png
 
 
+def _length_axis(ax, lengths) -> None:
+    """A log2 x axis ticked at the sequence lengths that were run, written out in full."""
+    ax.set_xscale("log", base=2)
+    ticks = sorted({int(v) for v in lengths})
+    ax.set_xticks(ticks, [str(t) for t in ticks], rotation=45 if len(ticks) > 4 else 0)
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    ax.set_xlabel("sequence length")
+
+
 def _palette(models) -> dict:
     models = sorted(set(models))
     return dict(zip(models, sns.color_palette("tab20" if len(models) > 10 else "tab10",
                                               len(models))))
 
 
-def accuracy_vs_seq_len(runs: pd.DataFrame, cells: pd.DataFrame, out_dir: Path) -> Path | None:
+def _facets(data: pd.DataFrame, x: str, ylabel, name: str, out_dir: Path,
+            xlog: bool) -> Path:
+    """One panel per task, one line per model through ``mean`` with a ± ``sd`` band.
+
+    ``data`` is already aggregated (one row per point): plotting thousands of raw runs with
+    seaborn's own aggregation is what made reports slow.
+    """
+    tasks = sorted(data["task"].unique())
+    ncols = min(3, len(tasks))
+    nrows = -(-len(tasks) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.3 * nrows), squeeze=False)
+    palette = _palette(data["model"])
+    for ax, task in zip(axes.flat, tasks):
+        part = data[data["task"] == task].sort_values(x)
+        sns.lineplot(data=part, x=x, y="mean", hue="model", palette=palette, marker="o",
+                     errorbar=None, ax=ax, legend=False)
+        for model, line in part.groupby("model"):
+            sd = line["sd"].fillna(0.0)
+            ax.fill_between(line[x], line["mean"] - sd, line["mean"] + sd, alpha=0.15,
+                            color=palette[model], linewidth=0)
+        ax.set(title=task, ylabel=ylabel(part))
+        if xlog:
+            _length_axis(ax, part[x])
+    for ax in list(axes.flat)[len(tasks):]:
+        ax.set_visible(False)
+    handles = [plt.Line2D([], [], color=c, marker="o", label=m) for m, c in palette.items()]
+    fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
+    fig.tight_layout()
+    return _save(fig, out_dir, name)
+
+
+def accuracy_vs_seq_len(cells: pd.DataFrame, out_dir: Path) -> Path | None:
     """Test metric against seq_len, one panel per task, one line per model (mean ± sd).
 
-    Uses the runs of each cell's chosen setting, so every point is a best-on-val result.
+    Points are the summary cells (best setting on val, mean and sd over seeds); only tasks run
+    at two or more lengths are drawn.
     """
-    if cells.empty or "setting" not in cells:
+    if cells.empty or "mean" not in cells:
         return None
-    chosen = cells[cells["status"] == "ok"][["model", "task", "seq_len", "setting"]]
-    data = runs[(runs["kind"] == "train") & (runs["status"] == "ok")].merge(
-        chosen, on=["model", "task", "seq_len", "setting"])
-    data = data[data["test_metric"].notna()]
-    tasks = [t for t, g in data.groupby("task") if g["seq_len"].nunique() > 1]
-    if not tasks:
+    data = cells[(cells["status"] == "ok") & cells["mean"].notna()].rename(columns={"std": "sd"})
+    data = data[data.groupby("task")["seq_len"].transform("nunique") > 1]
+    if data.empty:
         return None
-    data = data[data["task"].isin(tasks)].copy()
-    data["value"] = data["test_metric"] * data["metric"].map(display_scale)
-    grid = sns.relplot(data=data, x="seq_len", y="value", hue="model", col="task",
-                       col_wrap=min(3, len(tasks)), kind="line", marker="o", errorbar="sd",
-                       palette=_palette(data["model"]), facet_kws={"sharey": False},
-                       height=3.2, aspect=1.2)
-    grid.set(xscale="log")
-    for task, ax in grid.axes_dict.items():
-        metric = data.loc[data["task"] == task, "metric"].iloc[0]
-        ax.set_ylabel(UNITS.get(metric, metric))
-    grid.set_xlabels("sequence length")
-    return _save(grid.figure, out_dir, "accuracy_vs_seq_len")
+    return _facets(data, "seq_len", lambda part: UNITS.get(part["metric"].iloc[0], "metric"),
+                   "accuracy_vs_seq_len", out_dir, xlog=True)
 
 
 def _main_group(eff: pd.DataFrame) -> pd.DataFrame:
@@ -93,7 +122,8 @@ def scaling(eff: pd.DataFrame, fits: pd.DataFrame, out_dir: Path) -> Path | None
             slope = f" (slope {fit.iloc[0]:.2f})" if len(fit) and pd.notna(fit.iloc[0]) else ""
             y = g[column].where(g[column] > 0)
             ax.plot(g["seq_len"], y, marker="o", color=palette[model], label=f"{model}{slope}")
-        ax.set(xscale="log", yscale="log", xlabel="sequence length", ylabel=label)
+        ax.set(yscale="log", ylabel=label)
+        _length_axis(ax, data["seq_len"])
         ax.legend(fontsize=7)
     first = data.iloc[0]
     fig.suptitle(f"task {first['task']}, batch {first['batch_size']}, "
@@ -154,14 +184,9 @@ def training_curves(curves: pd.DataFrame, cells: pd.DataFrame, out_dir: Path) ->
         chosen[["model", "task", "seq_len", "setting"]], on=["model", "task", "seq_len", "setting"])
     if val.empty:
         return None
-    val["value"] = val["metric"] * val["metric_name"].map(display_scale).fillna(1.0)
-    tasks = sorted(val["task"].unique())
-    grid = sns.relplot(data=val, x="step", y="value", hue="model", col="task",
-                       col_wrap=min(3, len(tasks)), kind="line", errorbar="sd",
-                       palette=_palette(val["model"]), facet_kws={"sharey": False,
-                                                                  "sharex": False},
-                       height=3.2, aspect=1.2)
-    for task, ax in grid.axes_dict.items():
-        metric = val.loc[val["task"] == task, "metric_name"].iloc[0]
-        ax.set_ylabel(f"val {UNITS.get(metric, metric)}")
-    return _save(grid.figure, out_dir, "training_curves")
+    val = val.assign(value=val["metric"] * val["metric_name"].map(display_scale).fillna(1.0))
+    data = val.groupby(["task", "model", "step"], as_index=False).agg(
+        mean=("value", "mean"), sd=("value", "std"), metric_name=("metric_name", "first"))
+    return _facets(data, "step", lambda part: "val " + UNITS.get(part["metric_name"].iloc[0],
+                                                                 "metric"),
+                   "training_curves", out_dir, xlog=False)

@@ -79,7 +79,8 @@ def accuracy_table(cells: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     if len(tasks) >= 2 and len(set(tasks)) == len(tasks):  # one column per task, as in LRA
         means["Avg"] = means[avg_cols].mean(axis=1, skipna=False)
         text["Avg"] = means["Avg"].map(lambda v: NOT_RUN if pd.isna(v) else _num(v))
-    return text.fillna(NOT_RUN).rename_axis(None), means.rename_axis(None)
+    return (text.fillna(NOT_RUN).rename_axis(index=None, columns=None),
+            means.rename_axis(index=None, columns=None))
 
 
 def _setup_label(row) -> str:
@@ -117,7 +118,7 @@ def efficiency_table(eff: pd.DataFrame) -> pd.DataFrame:
     table = table.reset_index()
     if table["setup"].nunique() == 1:
         table = table.drop(columns="setup")
-    return table.set_index("model").rename_axis(None)
+    return table.set_index("model").rename_axis(index=None, columns=None)
 
 
 def load_published(directory: str | Path = PUBLISHED_DIR) -> pd.DataFrame:
@@ -244,8 +245,11 @@ def _html_page(sections: list[tuple[str, str, object]], plots: dict[str, Path]) 
         if intro:
             parts.append(f"<p>{html.escape(intro)}</p>")
         if isinstance(table, pd.DataFrame):
-            parts.append(table.to_html(escape=True, na_rep="", border=0) if not table.empty
-                         else "<p><em>no data</em></p>")
+            body = table.to_html(escape=True, na_rep="", border=0) if not table.empty \
+                else "<p><em>no data</em></p>"
+            for status in ("holds", "differs"):  # colour claim verdicts
+                body = body.replace(f"<td>{status}</td>", f"<td class='{status}'>{status}</td>")
+            parts.append(body)
     if plots:
         parts.append("<h2>Plots</h2>")
     for name, png in plots.items():
@@ -298,7 +302,7 @@ def build_report(dirs: list[str], out: Path, *, published_dir: Path = PUBLISHED_
         from harness import plots as P  # matplotlib is imported only when plots are asked for
 
         plot_dir = out / "plots"
-        made = {"accuracy_vs_seq_len": P.accuracy_vs_seq_len(runs, cells, plot_dir),
+        made = {"accuracy_vs_seq_len": P.accuracy_vs_seq_len(cells, plot_dir),
                 "scaling": P.scaling(eff, fits, plot_dir),
                 "bubble": P.bubble(eff, acc_means, plot_dir),
                 "training_curves": P.training_curves(load_curves(*dirs), cells, plot_dir)}
@@ -342,10 +346,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-plots", action="store_true", help="tables only (faster)")
     args = parser.parse_args(argv)
     out = args.out or Path(args.dirs[0]) / "report"
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        result = build_report(args.dirs, out, published_dir=args.published,
-                              claims_file=args.claims, plots=not args.no_plots)
+        try:
+            result = build_report(args.dirs, out, published_dir=args.published,
+                                  claims_file=args.claims, plots=not args.no_plots)
+        finally:
+            for w in caught:  # one line each (corrupt records, torn metrics lines)
+                if issubclass(w.category, UserWarning):
+                    print(f"warning: {w.message}", file=sys.stderr)
     with pd.option_context("display.width", 200, "display.max_columns", 50):
         print("Accuracy (best setting on val; test mean ± std (n))")
         print(result["accuracy"].to_string() if len(result["accuracy"]) else "  no train runs")

@@ -211,6 +211,8 @@ def higher_is_better(metric: str | None) -> bool:
 
 def _failure_label(statuses) -> str:
     statuses = set(statuses)
+    if statuses <= {"ok"}:
+        return "no metric"  # ok runs that recorded no val/test metric (e.g. zero steps)
     if statuses <= {"unsupported"}:
         return "n/a"
     return "OOM" if "oom" in statuses else "FAIL"
@@ -226,51 +228,55 @@ def summarize(df: pd.DataFrame, by: tuple[str, ...] = ()) -> pd.DataFrame:
     when any run ran out of memory, "n/a" when all were unsupported, else "FAIL"; extrapolation
     metrics ``metrics.test_<metric>_len<L>`` are averaged the same way.
     """
-    train = df[df["kind"] == "train"]
     keys = ["model", "task", "seq_len", *by]
+    train = df[df["kind"] == "train"].copy()
     extra = sorted(c for c in train.columns
                    if c.startswith("metrics.test_") and "_len" in c and c[-1].isdigit())
+    if train.empty:
+        return pd.DataFrame(columns=[*keys, "metric", "n_settings", "status", "mean", "std", "n",
+                                     "n_total", "val_mean", "setting", "chosen", "run_ids"])
+    # One metric per cell (the first one named), its display scale and better direction.
+    train["metric"] = train.groupby(keys, dropna=False)["metric"].transform("first")
+    scale = train["metric"].map(lambda m: display_scale(m)).astype(float)
+    for col in ("val_metric", "test_metric", *extra):
+        train[col] = pd.to_numeric(train[col], errors="coerce") * scale
+    sign = train["metric"].map(lambda m: 1.0 if higher_is_better(m) else -1.0).astype(float)
+    train["_rank"] = -sign * train["val_metric"]  # lower ranks first
+    if "run_id" not in train:
+        train["run_id"] = ""
     varying = [c for c in train.columns if c.startswith("config.") and not _is_ignored(c)
-               and train[c].astype(str).nunique() > 1]
-    out = []
-    for key, group in train.groupby(keys, dropna=False, sort=True):
-        row = dict(zip(keys, key))
-        ok = group[group["status"] == "ok"]
-        metric = group["metric"].dropna().iloc[0] if group["metric"].notna().any() else None
-        row.update(metric=metric, n_settings=group["setting"].nunique())
-        ranked = ok[ok["val_metric"].notna() | ok["test_metric"].notna()]
-        if ranked.empty:
-            row.update(status=_failure_label(group["status"]), mean=np.nan, std=np.nan, n=0,
-                       n_total=len(group), val_mean=np.nan)
-            out.append(row)
-            continue
-        val = ranked.groupby("setting")["val_metric"].mean()
-        sign = 1.0 if higher_is_better(metric) else -1.0
-        order = sorted(val.index, key=lambda s: (-(sign * val[s]) if not math.isnan(val[s])
-                                                 else math.inf, s))
-        best = order[0]
-        chosen = ranked[ranked["setting"] == best]
-        scale = display_scale(metric)
-        test = chosen["test_metric"].astype(float) * scale
-        row.update(status="ok", mean=test.mean(), std=test.std(ddof=1), n=int(test.notna().sum()),
-                   n_total=int((group["setting"] == best).sum()), val_mean=val[best] * scale,
-                   setting=best, run_ids=",".join(map(str, chosen.get("run_id", []))))
-        row["chosen"] = _describe_setting(group, best, varying)
-        for col in extra:
-            values = chosen[col].astype(float).dropna() * scale
-            if len(values):
-                row[col.replace("metrics.", "")] = values.mean()
-        out.append(row)
-    return pd.DataFrame(out)
+               and c not in keys and train[c].astype(str).nunique() > 1]
 
-
-def _describe_setting(group: pd.DataFrame, setting: str, columns: list[str]) -> str:
-    """The hyper-parameters that vary within ``group``, as chosen: 'trainer.lr=0.001'."""
-    if group["setting"].nunique() < 2:
-        return ""
-    varying = [c for c in columns if group[c].astype(str).nunique() > 1]
-    first = group[group["setting"] == setting].iloc[0]
-    return ", ".join(f"{c.removeprefix('config.')}={first[c]}" for c in varying)
+    cells = train.groupby(keys, dropna=False, sort=True).agg(
+        metric=("metric", "first"), n_settings=("setting", "nunique"),
+        statuses=("status", lambda s: frozenset(s)), n_runs=("status", "size"))
+    totals = train.groupby([*keys, "setting"], dropna=False).size().rename("n_total")
+    ranked = train[(train["status"] == "ok")
+                   & (train["val_metric"].notna() | train["test_metric"].notna())]
+    per_setting = ranked.groupby([*keys, "setting"], dropna=False).agg(
+        val_mean=("val_metric", "mean"), rank=("_rank", "mean"), mean=("test_metric", "mean"),
+        std=("test_metric", "std"), n=("test_metric", "count"),
+        run_ids=("run_id", lambda r: ",".join(map(str, r))),
+        **{c.replace("metrics.", ""): (c, "mean") for c in extra},
+        **{f"_v:{c}": (c, "first") for c in varying})
+    per_setting = per_setting.join(totals).reset_index()
+    per_setting["rank"] = per_setting["rank"].fillna(math.inf)
+    best = per_setting.sort_values(["rank", "setting"], kind="stable").drop_duplicates(keys)
+    # Describe the chosen setting by the hyper-parameters that vary inside its cell.
+    spread = {c: train.assign(_s=train[c].astype(str)).groupby(keys, dropna=False)["_s"]
+              .nunique().rename(c) for c in varying}
+    best = best.merge(pd.DataFrame(spread).reset_index() if spread else
+                      cells.reset_index()[keys], on=keys, how="left", suffixes=("", "_spread"))
+    best["chosen"] = [", ".join(f"{c.removeprefix('config.')}={row[f'_v:{c}']}"
+                                for c in varying if row[c] > 1) for _, row in best.iterrows()]
+    best = best.drop(columns=["rank", *varying, *(f"_v:{c}" for c in varying)])
+    out = cells.reset_index().merge(best, on=keys, how="left")
+    failed = out["mean"].isna() & out["n"].isna()
+    out["status"] = [_failure_label(st) if f else "ok" for st, f in zip(out["statuses"], failed)]
+    out.loc[failed, "n"] = 0
+    out["n_total"] = out["n_total"].where(~failed, out["n_runs"]).astype(int)
+    out["n"] = out["n"].astype(int)
+    return out.drop(columns=["statuses", "n_runs"])
 
 
 # --------------------------------------------------------------------------- efficiency
