@@ -199,7 +199,8 @@ def _check_two_sided(df, claim) -> tuple[str, str]:
             results.append(True if ra["status"] == "ok" and rb["status"] in ("FAIL", "OOM")
                            else False if rb["status"] == "ok" and ra["status"] in ("FAIL", "OOM")
                            else None)
-        numbers.append(f"L={_key(p['seq_len'])}: {a['label']} {_cell(ra)} vs {b['label']} {_cell(rb)}")
+        numbers.append(f"L={_key(p['seq_len'])}: {a['label']} {_cell(ra)} vs "
+                       f"{b['label']} {_cell(rb)}")
     text = "; ".join(numbers)
     if "threshold" in claim:
         text += f" (threshold {claim['threshold']})"
@@ -219,7 +220,8 @@ def _check_trend(df, claim) -> tuple[str, str]:
         line = line.sort_values(key)
         series = ", ".join(f"{key.removeprefix('config.')}={_key(r[key])}: {_cell(r)}"
                            for _, r in line.iterrows())
-        numbers.append(series if key == "seq_len" else f"L={_key(line['seq_len'].iloc[0])}: {series}")
+        at = f"L={_key(line['seq_len'].iloc[0])}: "
+        numbers.append(series if key == "seq_len" else at + series)
         if claim["check"] == "holds_with":
             decided = [_solves(r, claim["threshold"]) for _, r in line.iterrows()]
             if len(line) < 2 or None in decided:

@@ -25,7 +25,7 @@ import pandas as pd
 
 from harness.claims import evaluate_claims, load_claims
 from harness.results import (
-    EFFICIENCY_GROUP, display_scale, efficiency_cells, load_curves, load_runs, scaling_exponents,
+    EFFICIENCY_GROUP, efficiency_cells, load_curves, load_runs, scaling_exponents,
     summarize,
 )
 
