@@ -7,6 +7,7 @@ this module only reads back what the jobs recorded.
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -42,6 +43,60 @@ def summary_lines(records: list[dict], limit: int = 30) -> list[str]:
     if len(records) > limit:
         lines.append(f"... and {len(records) - limit} more (arena-report for the full tables)")
     return lines
+
+
+def count_jobs(config: DictConfig) -> int | None:
+    """Jobs a basic multirun will launch: the product of the sweep sizes on the command line and
+    in ``hydra.sweeper.params``; None for sweepers that decide as they go (e.g. Optuna)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    sweeper = config.hydra.sweeper
+    if "n_trials" in sweeper:
+        return int(sweeper.n_trials)
+    strings = list(config.hydra.overrides.task)
+    params = sweeper.get("params") or {}
+    overridden = {s.split("=", 1)[0].lstrip("+~") for s in strings}
+    strings += [f"{key}={value}" for key, value in params.items() if key not in overridden]
+    total = 1
+    for override in OverridesParser.create().parse_overrides(strings):
+        if override.is_sweep_override():
+            total *= len(list(override.sweep_string_iterator()))
+    return total
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+class SweepProgress(Callback):
+    """One line per job: which job, how many left, elapsed time and an estimate of what is left."""
+
+    def __init__(self) -> None:
+        self.total: int | None = None
+        self.started = time.perf_counter()
+        self.done = 0
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        self.started = time.perf_counter()
+        try:
+            self.total = count_jobs(config)
+        except Exception:  # noqa: BLE001 - progress is a courtesy, never a failure
+            self.total = None
+
+    def on_job_start(self, config: DictConfig, **kwargs) -> None:
+        if config.hydra.mode is None or str(config.hydra.mode) != "RunMode.MULTIRUN":
+            return
+        elapsed = time.perf_counter() - self.started
+        of = f"/{self.total}" if self.total else ""
+        eta = ""
+        if self.done and self.total:
+            eta = f", about {_duration(elapsed / self.done * (self.total - self.done))} left"
+        overrides = " ".join(config.hydra.overrides.task)
+        print(f"[arena] job {self.done + 1}{of} ({overrides}) after {_duration(elapsed)}{eta}", flush=True)
+
+    def on_job_end(self, config: DictConfig, job_return, **kwargs) -> None:
+        self.done += 1
 
 
 class SweepSummary(Callback):
