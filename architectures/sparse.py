@@ -97,18 +97,13 @@ def bigbird_random_blocks(
 # ------------------------------------------------------------------------------ blocked kernels
 
 
-def masked_softmax_attend(scores: torch.Tensor, allowed: torch.Tensor, v: torch.Tensor, dropout: float = 0.0):
-    """Softmax over allowed keys, then weights @ v; a query with no allowed key gets zeros.
-
-    Masked scores get the lowest finite float rather than -inf: a row with some allowed key
-    still gives them exactly zero weight, and a row with none stays finite (no NaN in backward)
-    before its output is zeroed. One masked copy of the scores is all autograd keeps.
-    """
+def attend(q, k, v, allowed: torch.Tensor, dropout: float = 0.0) -> torch.Tensor:
+    """Softmax attention where ``allowed`` (broadcastable to (..., Lq, S)) is True, through SDPA,
+    whose fused kernels keep no (Lq, S) weights for the backward pass. They would give NaN to a
+    query with no allowed key, so such a query sees every key and its output is zeroed."""
     has_key = allowed.any(-1, keepdim=True)
-    weights = torch.softmax(scores.masked_fill(~allowed, torch.finfo(scores.dtype).min), dim=-1)
-    if dropout > 0:
-        weights = F.dropout(weights, dropout)
-    return (weights @ v) * has_key
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed | ~has_key, dropout_p=dropout)
+    return y * has_key
 
 
 def pad_to_blocks(block_size: int, key_real: torch.Tensor | None, *xs: torch.Tensor):
@@ -121,43 +116,47 @@ def pad_to_blocks(block_size: int, key_real: torch.Tensor | None, *xs: torch.Ten
 
 
 def gather_blocks(x: torch.Tensor, key_blocks: torch.Tensor, block_size: int) -> torch.Tensor:
-    """x (B, H, Lp, d) -> (B, H, nq, m * b, d): for each query block its key blocks (B, nq, m),
+    """x (B, H, Lp, d) -> (B * nq, H, m * b, d): for each query block its key blocks (B, nq, m),
     concatenated; -1 (no block) reads block 0, which the caller masks out."""
     B, H, Lp, d = x.shape
     _, nq, m = key_blocks.shape
     blocks = x.view(B, H, Lp // block_size, block_size, d).transpose(1, 2)  # (B, nb, H, b, d)
     batch = torch.arange(B, device=x.device)[:, None, None]
     picked = blocks[batch, key_blocks.clamp(min=0)]  # (B, nq, m, H, b, d)
-    return picked.permute(0, 3, 1, 2, 4, 5).reshape(B, H, nq, m * block_size, d)
+    return picked.transpose(2, 3).reshape(B * nq, H, m * block_size, d)
 
 
 def attend_gathered(q, k, v, key_real, key_blocks, qpos, block_size, rule, dropout, extra=None) -> torch.Tensor:
     """Attention of query blocks to the key blocks each one gathers.
 
     Args:
-        q: (B, H, nq, b, hd) query blocks; k, v: (B, H, Lp, hd); key_real: (B, Lp) bool.
+        q: (B, H, nq * b, hd) the queries; k, v: (B, H, Lp, hd); key_real: (B, Lp) bool.
         key_blocks: (B, nq, m) the key blocks of each query block, -1 for none.
         qpos: (nq, b, 1) the queries' token positions.
         rule: ``rule(qpos, kpos)``, which token pairs inside the gathered blocks are allowed.
         extra: optional ``(k_extra, v_extra, allowed_extra)``, (B, H, G, hd) twice and
-            (B, 1, nq, b, G): keys every query block sees (Longformer's global tokens).
+            (B, nq, b, G): keys every query block sees (Longformer's global tokens).
 
     Returns:
-        (B, H, nq, b, hd)
+        (B, H, nq * b, hd)
     """
-    B, H, nq, b, hd = q.shape
-    kpos = key_blocks[..., None] * block_size + torch.arange(block_size, device=q.device)  # (B, nq, m, b)
-    kpos = kpos.masked_fill(key_blocks[..., None] < 0, -1).flatten(-2)[:, None, :, None, :]  # (B, 1, nq, 1, S)
-    real = gather_blocks(key_real[:, None, :, None], key_blocks, block_size)  # (B, 1, nq, S, 1)
-    allowed = (kpos >= 0) & real.transpose(-2, -1) & rule(qpos, kpos)  # (B, 1, nq, b, S)
+    B, H, _, hd = q.shape
+    nq, b, _ = qpos.shape
+    batch = torch.arange(B, device=q.device)[:, None, None]
+    kpos = key_blocks[..., None] * block_size + torch.arange(block_size, device=q.device)  # (B, nq, m, bk)
+    real = key_real.view(B, -1, block_size)[batch, key_blocks.clamp(min=0)]  # (B, nq, m, bk)
+    kpos = kpos.masked_fill((key_blocks[..., None] < 0) | ~real, -1).flatten(2)[:, :, None, :]  # (B, nq, 1, S)
+    allowed = (kpos >= 0) & rule(qpos, kpos)  # (B, nq, b or 1, S); -1 marks a missing or pad key
     k_sel, v_sel = gather_blocks(k, key_blocks, block_size), gather_blocks(v, key_blocks, block_size)
     if extra is not None:
         k_extra, v_extra, allowed_extra = extra
-        k_sel = torch.cat([k_sel, k_extra[:, :, None].expand(-1, -1, nq, -1, -1)], 3)  # (B, H, nq, S + G, hd)
-        v_sel = torch.cat([v_sel, v_extra[:, :, None].expand(-1, -1, nq, -1, -1)], 3)
-        allowed = torch.cat([allowed, allowed_extra], -1)
-    scores = (q / math.sqrt(hd)) @ k_sel.transpose(-2, -1)  # (B, H, nq, b, S); scaling q is cheaper
-    return masked_softmax_attend(scores, allowed, v_sel, dropout)
+        G = k_extra.shape[2]
+        k_sel = torch.cat([k_sel, k_extra[:, None].expand(-1, nq, -1, -1, -1).reshape(B * nq, H, G, hd)], 2)
+        v_sel = torch.cat([v_sel, v_extra[:, None].expand(-1, nq, -1, -1, -1).reshape(B * nq, H, G, hd)], 2)
+        allowed = torch.cat([allowed.expand(B, nq, b, -1), allowed_extra.expand(B, nq, b, G)], -1)
+    q_blocks = q.view(B, H, nq, b, hd).transpose(1, 2).reshape(B * nq, H, b, hd)
+    y = attend(q_blocks, k_sel, v_sel, allowed.flatten(0, 1)[:, None], dropout)  # (B * nq, H, b, hd)
+    return y.view(B, nq, H, b, hd).transpose(1, 2).reshape(B, H, nq * b, hd)
 
 
 def global_rows(q, k, v, key_real, causal: bool, dropout: float) -> torch.Tensor:
@@ -166,8 +165,7 @@ def global_rows(q, k, v, key_real, causal: bool, dropout: float) -> torch.Tensor
     allowed = key_real[:, None, None, :]  # (B, 1, 1, Lp)
     if causal:
         allowed = allowed & (torch.arange(Lp, device=q.device) <= torch.arange(G, device=q.device)[:, None])
-    scores = (q / math.sqrt(q.shape[-1])) @ k.transpose(-2, -1)  # (B, H, G, Lp)
-    return masked_softmax_attend(scores, allowed, v, dropout)
+    return attend(q, k, v, allowed, dropout)
 
 
 def window_block_size(window: int, L: int) -> int:
@@ -200,11 +198,10 @@ def sliding_window_attention(
     if G:
         gpos = torch.arange(G, device=q.device)
         # a global key inside the window is already gathered: count it once
-        g_allowed = key_real[:, None, None, None, :G] & ~in_window(qpos, gpos, window, causal)
+        g_allowed = key_real[:, None, None, :G] & ~in_window(qpos, gpos, window, causal)  # (B, nb, b, G)
         extra = (k[:, :, :G], v[:, :, :G], g_allowed & (gpos <= qpos) if causal else g_allowed)
-    y = attend_gathered(q.view(B, H, nb, b, hd), k, v, key_real, blocks, qpos, b,
-                        lambda i, j: in_window(i, j, window, causal), dropout, extra)
-    y = y.reshape(B, H, nb * b, hd)[:, :, :L]
+    y = attend_gathered(q, k, v, key_real, blocks, qpos, b, lambda i, j: in_window(i, j, window, causal),
+                        dropout, extra)[:, :, :L]
     if G:
         y = torch.cat([global_rows(q[:, :, :G], k, v, key_real, causal, dropout), y[:, :, G:]], 2)
     return y
@@ -240,10 +237,9 @@ def bigbird_attention(
     earlier = torch.ones(m, m, dtype=torch.bool, device=q.device).tril(-1)
     blocks = blocks.masked_fill(((blocks[..., :, None] == blocks[..., None, :]) & earlier).any(-1), -1)
     qpos = torch.arange(g * b, nb * b, device=q.device).view(nb - g, b, 1)
-    y = attend_gathered(q[:, :, g * b:].reshape(B, H, nb - g, b, hd), k, v, key_real, blocks, qpos, b,
+    y = attend_gathered(q[:, :, g * b:], k, v, key_real, blocks, qpos, b,
                         (lambda i, j: j <= i) if causal else (lambda i, j: j >= 0), dropout)
-    y = torch.cat([global_rows(q[:, :, : g * b], k, v, key_real, causal, dropout),
-                   y.reshape(B, H, (nb - g) * b, hd)], 2)
+    y = torch.cat([global_rows(q[:, :, : g * b], k, v, key_real, causal, dropout), y], 2)
     return y[:, :, :L]
 
 
