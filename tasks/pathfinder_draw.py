@@ -25,7 +25,6 @@ Distractors that find no room are left out (the count is in :class:`Drawing`).
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
@@ -107,46 +106,41 @@ class Drawing:
     marker_masks: np.ndarray | None = None
 
 
-@functools.lru_cache(maxsize=16)
-def _disk(radius: float) -> np.ndarray:
-    """Integer (x, y) offsets within ``radius`` + a half pixel diagonal: (O, 2)."""
-    r = radius + 0.71
-    n = math.ceil(r)
-    dy, dx = np.mgrid[-n : n + 1, -n : n + 1]
-    inside = dx**2 + dy**2 <= r * r
-    return np.stack([dx[inside], dy[inside]], axis=1)
-
-
 class _Canvas:
     """Where curves and markers may still go, as two boolean grids over pixel centres.
 
-    ``near``: within ``clearance`` of a placed point, or of a possible marker (a main path's
+    ``near``: within ``clearance`` of a placed curve, or of a possible marker (a main path's
     start or end, radius ``marker_radius``). ``near_wide``: within ``clearance +
-    marker_radius`` of a placed point, which a new main path's ends (future markers) avoid.
-    Disks are stamped around rounded points, so distances hold to within about 0.7 pixel.
+    marker_radius`` of a placed curve, which a new main path's ends (future markers) avoid.
+    The zones are drawn with Pillow as thick paddles with round caps, a pixel wider than the
+    distance asked, so distances hold to within a fraction of a pixel.
     """
 
     def __init__(self, style: PathStyle):
         R = style.resolution
         self.style = style
+        self._images = {"near": Image.new("L", (R, R), 0), "near_wide": Image.new("L", (R, R), 0)}
         self.near = np.zeros((R, R), dtype=bool)
         self.near_wide = np.zeros((R, R), dtype=bool)
-        self.disk = _disk(style.clearance)
-        self.disk_wide = _disk(style.clearance + style.marker_radius)
 
-    def _stamp(self, grid: np.ndarray, points: np.ndarray, disk: np.ndarray) -> None:
-        R = self.style.resolution
-        centres = np.unique(np.round(points).astype(np.int64), axis=0)  # (M, 2)
-        pix = (centres[:, None, :] + disk[None]).reshape(-1, 2)  # (M * O, 2)
-        pix = pix[((pix >= 0) & (pix < R)).all(axis=1)]
-        grid[pix[:, 1], pix[:, 0]] = True
+    def _stamp(self, grid: str, segments: np.ndarray, radius: float) -> None:
+        """Mark pixel centres within ``radius`` (+ a pixel) of ``segments`` (N, 2, 2) as (x, y)."""
+        r = radius + 0.5
+        draw = ImageDraw.Draw(self._images[grid])
+        for (x0, y0), (x1, y1) in segments:
+            draw.line([(x0, y0), (x1, y1)], fill=255, width=round(2 * r))
+            draw.ellipse([x0 - r, y0 - r, x0 + r, y0 + r], fill=255)
+            draw.ellipse([x1 - r, y1 - r, x1 + r, y1 + r], fill=255)
+        setattr(self, grid, np.asarray(self._images[grid]) > 0)
 
-    def place(self, points: np.ndarray, ends: np.ndarray | None = None) -> None:
-        """Record a curve's ``points`` (M, 2); ``ends`` (2, 2): its ends that may carry a marker."""
-        self._stamp(self.near, points, self.disk)
-        self._stamp(self.near_wide, points, self.disk_wide)
-        if ends is not None:
-            self._stamp(self.near, ends, self.disk_wide)
+    def place(self, curve: np.ndarray, main: bool) -> None:
+        """Record a curve's paddles (P, 2, 2); a main path's two ends may carry markers."""
+        style = self.style
+        self._stamp("near_wide", curve, style.clearance + style.marker_radius)
+        self._stamp("near", curve, style.clearance)
+        if main:
+            ends = curve[[0, -1], [0, 1]]  # (2, 2): start of the first paddle, end of the last
+            self._stamp("near", np.stack([ends, ends], axis=1), style.clearance + style.marker_radius)
 
 
 def _paddle_points(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
@@ -196,7 +190,7 @@ def _sample_curves(rng: np.random.Generator, origins: np.ndarray, headings: np.n
         return None
     k = int(np.argmax(ok))
     curve = np.stack([starts[k], ends[k]], axis=1)  # (P, 2, 2)
-    canvas.place(points[k].reshape(-1, 2), curve[[0, -1], [0, 1]] if main else None)
+    canvas.place(curve, main)
     return curve
 
 
