@@ -88,7 +88,7 @@ def bench_scan(args) -> None:
 
         # interleaved, one call of each per round, so a change in machine load hits both alike
         rounds = [(timeit(ours, warmup=0, repeats=1)[0], timeit(theirs, warmup=0, repeats=1)[0])
-                  for _ in range(args.repeats + 1)][1:]  # the first round is the warm-up
+                  for _ in range(args.repeats + 2)][2:]  # two warm-up rounds (first touch of memory)
         ms, iqr = _median_iqr([r[0] for r in rounds])
         ms2, iqr2 = _median_iqr([r[1] for r in rounds])
         ratio = statistics.median(r[0] / r[1] for r in rounds)
