@@ -12,15 +12,17 @@ at the end of the same path (label 1) or of the other one (label 0)::
 Because both markers start from the two nearby path origins, the distance between the markers
 says little about the label: the model has to follow the dashes.
 
-How it is drawn (our design after the original ``snakes2`` generator, not a port of it): a path
-is sampled many candidates at a time (angles by cumulative sums, paddle end points by
-cumulative sums of unit steps); a candidate is kept when all its points lie inside the border,
-none comes within ``clearance`` of a point of an earlier curve, and its own non-neighbouring
-paddles keep that distance too. So curves never touch, and a marker (``marker_radius`` <
-``clearance``) touches only its own path: the label is exactly "one path joins the markers".
-Curves and markers are drawn white (255) with Pillow at ``SUPERSAMPLE`` times the resolution
-and box-filtered down, which gives anti-aliased grey edges like the released images.
-Distractors that find no room are left out (the count is in :class:`Drawing`).
+How it is drawn (our design after the original ``snakes2`` generator, not a port of it): a curve
+is sampled many candidates at a time (turns as a per-curve bend plus noise, summed into angles;
+paddle end points by cumulative sums of unit steps); the first candidate is kept whose points
+all lie inside the border, come no closer than ``clearance`` to an earlier curve, and whose
+non-neighbouring paddles keep that distance from each other. A main path's two ends (where
+markers may go) keep ``clearance + marker_radius`` from every other curve. So curves never
+touch, and a marker touches its own path only: the label is exactly "one path joins the
+markers" (tests check it on the drawn pixels). Curves and markers are drawn white (255) with
+Pillow at ``SUPERSAMPLE`` times the resolution and box-filtered down, which gives anti-aliased
+grey edges like the released images. Distractors that find no room are left out (the count is
+in :class:`Drawing`).
 """
 
 from __future__ import annotations
@@ -34,8 +36,8 @@ from PIL import Image, ImageDraw
 SUPERSAMPLE = 4  # drawing scale before box-filtering down (anti-aliasing)
 N_CANDIDATES = 64  # curves sampled at once per try
 MAX_TRIES = 6  # tries (of N_CANDIDATES each) per curve
-MAX_RESTARTS = 200
-BEND_SHARE = 0.6  # share of max_turn_deg that is a per-curve constant bend  # fresh images before giving up on a style that does not fit
+MAX_RESTARTS = 200  # fresh images before giving up on a style that does not fit
+BEND_SHARE = 0.6  # share of max_turn_deg that is a per-curve constant bend (so long curves fit)
 
 
 @dataclass(frozen=True)
@@ -52,8 +54,9 @@ class PathStyle:
         paddle_width: line width of a paddle.
         marker_radius: radius of the two circular markers.
         max_turn_deg: largest turn between consecutive paddles (uniform in +-max_turn_deg).
-        clearance: least distance between points of two different curves (and between
-            non-adjacent paddles of one curve); must exceed ``marker_radius``.
+        clearance: least distance between points of two different curves, between
+            non-adjacent paddles of one curve, and from a marker's edge to another curve;
+            must exceed ``paddle_width``.
         start_distance: distance between the starts of the two paths.
     """
 
@@ -70,11 +73,9 @@ class PathStyle:
     start_distance: float
 
     def __post_init__(self) -> None:
-        if self.clearance <= self.marker_radius + self.paddle_width / 2:
-            raise ValueError(
-                f"task.clearance={self.clearance} must exceed task.marker_radius + task.paddle_width/2 "
-                f"= {self.marker_radius + self.paddle_width / 2}, or a marker could touch another curve"
-            )
+        if self.clearance <= self.paddle_width:
+            raise ValueError(f"task.clearance={self.clearance} must exceed task.paddle_width={self.paddle_width}, "
+                             "or two curves could touch")
         if self.start_distance < self.clearance:
             raise ValueError(f"task.start_distance={self.start_distance} must be at least task.clearance={self.clearance}")
         if min(self.contour_length, self.distractor_length) < 1 or self.n_distractors < 0:
