@@ -337,7 +337,8 @@ def build_report(dirs: list[str], out: Path, *, published_dir: Path = PUBLISHED_
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="arena-report", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="arena-report", description="Tables, plots and claim checks from run records.")
     parser.add_argument("dirs", nargs="+", help="run or sweep directories to read records from")
     parser.add_argument("--out", type=Path, help="output directory (default: FIRST_DIR/report)")
     parser.add_argument("--published", type=Path, default=PUBLISHED_DIR,
