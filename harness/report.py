@@ -25,8 +25,8 @@ import pandas as pd
 
 from harness.claims import evaluate_claims, load_claims
 from harness.results import (
-    EFFICIENCY_GROUP, efficiency_cells, load_curves, load_runs, scaling_exponents,
-    summarize,
+    EFFICIENCY_GROUP, efficiency_cells, load_curves, load_runs, load_wandb_runs,
+    scaling_exponents, summarize,
 )
 
 PUBLISHED_DIR = Path(__file__).resolve().parent.parent / "results" / "published"
@@ -265,9 +265,13 @@ def _html_page(sections: list[tuple[str, str, object]], plots: dict[str, Path]) 
 
 
 def build_report(dirs: list[str], out: Path, *, published_dir: Path = PUBLISHED_DIR,
-                 claims_file: Path | None = None, plots: bool = True) -> dict:
-    """Compute every table, write every output under ``out``; returns the tables by name."""
-    runs = load_runs(*dirs)
+                 claims_file: Path | None = None, plots: bool = True,
+                 runs: pd.DataFrame | None = None) -> dict:
+    """Compute every table, write every output under ``out``; returns the tables by name.
+
+    ``runs`` replaces reading ``dirs`` (e.g. runs loaded from W&B by results.load_wandb_runs).
+    """
+    runs = load_runs(*dirs) if runs is None else runs
     if runs.empty:
         raise SystemExit(f"arena-report: no record.json under {' '.join(dirs)}; point it at a "
                          "run or sweep directory (e.g. results/sweeps/<name>)")
@@ -339,19 +343,31 @@ def build_report(dirs: list[str], out: Path, *, published_dir: Path = PUBLISHED_
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="arena-report", description="Tables, plots and claim checks from run records.")
-    parser.add_argument("dirs", nargs="+", help="run or sweep directories to read records from")
+    parser.add_argument("dirs", nargs="*", help="run or sweep directories to read records from")
+    parser.add_argument("--wandb", metavar="ENTITY/PROJECT",
+                        help="read runs from W&B's public API instead of record.json files")
+    parser.add_argument("--wandb-offline", action="store_true",
+                        help="read the offline W&B run folders (wandb/offline-run-*) under DIRS")
     parser.add_argument("--out", type=Path, help="output directory (default: FIRST_DIR/report)")
     parser.add_argument("--published", type=Path, default=PUBLISHED_DIR,
                         help="directory of published-number CSVs and claims.yaml")
     parser.add_argument("--claims", type=Path, help="claims file (default: PUBLISHED/claims.yaml)")
     parser.add_argument("--no-plots", action="store_true", help="tables only (faster)")
     args = parser.parse_args(argv)
+    if not args.dirs and not args.wandb:
+        parser.error("give run or sweep directories, or --wandb ENTITY/PROJECT")
+    if args.wandb and not args.out:
+        parser.error("--wandb needs --out")
     out = args.out or Path(args.dirs[0]) / "report"
+    runs = None
+    if args.wandb or args.wandb_offline:
+        offline = tuple(args.dirs) if args.wandb_offline else ()
+        runs = load_wandb_runs(project=args.wandb, offline_dirs=offline)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
             result = build_report(args.dirs, out, published_dir=args.published,
-                                  claims_file=args.claims, plots=not args.no_plots)
+                                  claims_file=args.claims, plots=not args.no_plots, runs=runs)
         finally:
             for w in caught:  # one line each (corrupt records, torn metrics lines)
                 if issubclass(w.category, UserWarning):

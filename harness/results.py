@@ -105,22 +105,31 @@ def load_runs(*paths) -> pd.DataFrame:
     equal for runs differing only in seed). A record that cannot be parsed, or lacks one of
     kind/status/model/task, is skipped with a warning naming the file.
     """
-    rows = []
+    records = []
     for path in _find(paths or ("results",), RECORD_FILE):
         try:
             record = json.loads(path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             warnings.warn(f"skipping {path}: not a readable JSON record ({e})", stacklevel=2)
             continue
+        records.append((str(path.parent), record))
+    return records_frame(records)
+
+
+def records_frame(records: list[tuple[str, dict]]) -> pd.DataFrame:
+    """One row per ``(where, record)``: the columns of :func:`load_runs`, from records however
+    they were obtained (files, or W&B runs through harness.wandb_runs)."""
+    rows = []
+    for where, record in records:
         missing = [k for k in REQUIRED if not isinstance(record, dict) or k not in record]
         if missing:
-            warnings.warn(f"skipping {path}: missing field(s) {', '.join(missing)}", stacklevel=2)
+            warnings.warn(f"skipping {where}: missing field(s) {', '.join(missing)}", stacklevel=3)
             continue
         row: dict = {}
         _flatten(record, "", row)
         metrics = record.get("metrics") or {}
         metric = _metric_name(metrics) if isinstance(metrics, dict) else None
-        row["run_dir"] = str(path.parent)
+        row["run_dir"] = where
         row["metric"] = metric
         row["val_metric"] = metrics.get(f"val_{metric}") if metric else None
         row["test_metric"] = metrics.get(f"test_{metric}") if metric else None
@@ -132,6 +141,15 @@ def load_runs(*paths) -> pd.DataFrame:
         if col not in df:
             df[col] = pd.Series(dtype=float if col.endswith("metric") else object)
     return df
+
+
+def load_wandb_runs(*, project: str | None = None, offline_dirs: tuple = ()) -> pd.DataFrame:
+    """The same DataFrame from W&B: the public API for ``entity/project``, or offline run folders."""
+    from harness.wandb_runs import records_from_offline_dirs, records_from_wandb_api
+
+    records = records_from_wandb_api(project) if project else []
+    records += records_from_offline_dirs(*offline_dirs)
+    return records_frame([(r["source"], r) for r in records])
 
 
 def load_curves(*paths) -> pd.DataFrame:

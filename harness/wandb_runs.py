@@ -91,6 +91,8 @@ def _apply(target: dict, items) -> None:
 
 def record_from_run(config: dict, summary: dict, *, run_id: str, source: str) -> dict:
     """A schema-1 record dict from a W&B run's config and summary."""
+    config = {k: v for k, v in config.items() if not k.startswith("_wandb")}  # W&B's own keys
+    summary = {k: v for k, v in summary.items() if not k.startswith("_")}
     metrics = {k: v for k, v in summary.items() if k.startswith(("val_", "test_")) or k in
                ("best_step", "steps", "final_train_loss")}
     model, task = config.get("model", {}), config.get("task", {})

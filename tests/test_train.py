@@ -105,6 +105,14 @@ def test_wandb_offline_run_is_written_inside_the_run_dir(tmp_path):
                 "metrics", "speed", "memory"):
         assert from_wandb[key] == record[key], key
     assert from_wandb["config"]["trainer"]["lr"] == record["config"]["trainer"]["lr"]
+    # ... and into the same DataFrame columns the report reads from record.json files
+    from harness.results import load_runs, load_wandb_runs
+
+    local, remote = load_runs(run_dir), load_wandb_runs(offline_dirs=(run_dir,))
+    for column in ("model", "task", "status", "seed", "seq_len", "metric", "val_metric", "test_metric",
+                   "metrics.test_accuracy", "speed.step_ms_median", "memory.peak_bytes",
+                   "config.trainer.lr", "setting"):
+        assert remote[column].tolist() == local[column].tolist(), column
 
 
 def test_logger_none_never_imports_wandb(tmp_path):
