@@ -15,8 +15,8 @@ only some keys:
   sequence's real (unpadded) blocks, so padding never changes a real token's output. In causal
   mode a query block sees only blocks at or before it, and its random blocks come from the past.
 
-The portable path chunks queries into blocks and gathers only the key blocks each needs:
-O(L * window) time and memory, never an L x L mask. ``sliding_window_mask``, ``longformer_mask``
+The portable path chunks queries into blocks, gathers only the key blocks each needs and runs
+SDPA on the blocks: O(L * window) time and memory, never an L x L mask. ``sliding_window_mask``, ``longformer_mask``
 and ``bigbird_mask`` build the equivalent dense masks for the exact reference,
 :func:`architectures.attention.dense_attention`. On CUDA the same patterns run as a compiled
 FlexAttention block mask (it has no CPU backward, so CPU never reaches it).
@@ -184,7 +184,7 @@ def sliding_window_attention(
     Equals ``dense_attention`` with ``longformer_mask(L, window, n_global, causal) & key_real``
     in O(L * window) time and memory.
     """
-    B, H, L, hd = q.shape
+    B, _, L, _ = q.shape
     b = window_block_size(window, L)
     key_real, q, k, v = pad_to_blocks(b, key_real, q, k, v)
     nb = q.shape[2] // b
@@ -218,7 +218,7 @@ def bigbird_attention(
     blocks attend densely (O(g * b * L)); every other query block gathers its window, global and
     random key blocks (O(L * b * (n_window_blocks + n_global_blocks + r))).
     """
-    B, H, L, hd = q.shape
+    B, _, L, _ = q.shape
     b = block_size
     key_real, q, k, v = pad_to_blocks(b, key_real, q, k, v)
     nb = q.shape[2] // b
