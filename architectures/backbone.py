@@ -47,7 +47,9 @@ class Block(nn.Module):
         super().__init__()
         self.norm1 = make_norm(norm, d_model)
         self.mixer = mixer
-        self.norm2 = make_norm(norm, d_model)
+        # a block without feed-forward (d_ff=0, e.g. Mamba) has no second norm either, so that
+        # every parameter gets a gradient (DDP requires it)
+        self.norm2 = make_norm(norm, d_model) if d_ff > 0 else None
         self.ffn = FeedForward(d_model, d_ff=d_ff, dropout=dropout) if d_ff > 0 else None
         self.dropout = nn.Dropout(dropout)
 

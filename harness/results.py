@@ -112,6 +112,10 @@ def load_runs(*paths) -> pd.DataFrame:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             warnings.warn(f"skipping {path}: not a readable JSON record ({e})", stacklevel=2)
             continue
+        missing = [k for k in REQUIRED if not isinstance(record, dict) or k not in record]
+        if missing:
+            warnings.warn(f"skipping {path}: missing field(s) {', '.join(missing)}", stacklevel=2)
+            continue
         records.append((str(path.parent), record))
     return records_frame(records)
 

@@ -124,6 +124,8 @@ def should_skip(cfg: DictConfig, run_dir: Path, chash: str, multirun: bool) -> d
 def run_experiment(cfg: DictConfig, run_dir: Path, *, multirun: bool = False) -> dict:
     """Train and test one configuration into ``run_dir``; always returns (and writes) a record."""
     run_dir.mkdir(parents=True, exist_ok=True)
+    for leftover in run_dir.glob(".*.tmp"):  # a write cut short by a kill; the final file is intact
+        leftover.unlink(missing_ok=True)
     chash = config_hash(result_config(cfg))
     skipped = should_skip(cfg, run_dir, chash, multirun)
     if skipped is not None:
