@@ -19,6 +19,12 @@ def register_resolvers() -> None:
     """Resolvers used in conf/: ``arena_dirname`` names a run folder from its overrides."""
     if not OmegaConf.has_resolver("arena_dirname"):
         OmegaConf.register_new_resolver("arena_dirname", lambda dirname: dirname or "defaults")
+    if not OmegaConf.has_resolver("arena_mul"):
+        # widths that follow d_model: d_ff: ${arena_mul:${.d_model},4}
+        OmegaConf.register_new_resolver("arena_mul", lambda a, b: int(a * b))
+    if not OmegaConf.has_resolver("arena_csv"):
+        # a list as a sweep string: ${arena_csv:${quickstart.seeds}} -> "0,1,2"
+        OmegaConf.register_new_resolver("arena_csv", lambda values: ",".join(str(v) for v in values))
 
 
 def instantiate_without_name(node: DictConfig, **kwargs):

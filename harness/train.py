@@ -102,6 +102,23 @@ def base_record(cfg: DictConfig, *, run_id: str, chash: str, device: torch.devic
     }
 
 
+def config_error_record(cfg: DictConfig, run_dir: Path, exc: Exception) -> dict:
+    """The record of a job whose config cannot even be resolved: status error, config as written."""
+    now = now_iso()
+    record = {
+        "schema": SCHEMA, "kind": "train", "run_id": new_run_id(), "config_hash": None, "status": "error",
+        "error": f"the config could not be resolved: {type(exc).__name__}: {exc}\n{traceback.format_exc()}",
+        "model": OmegaConf.select(cfg, "model.name", default=None, throw_on_resolution_failure=False),
+        "task": OmegaConf.select(cfg, "task.name", default=None, throw_on_resolution_failure=False),
+        "seed": OmegaConf.select(cfg, "seed", default=None, throw_on_resolution_failure=False),
+        "seq_len": None, "batch_size": None, "params": None, "metrics": {}, "speed": {}, "memory": {},
+        "env": environment(torch.device("cpu")), "started_at": now, "ended_at": now, "wall_s": 0.0,
+        "config": OmegaConf.to_container(cfg, resolve=False),
+    }
+    write_record(run_dir, record)
+    return record
+
+
 def should_skip(cfg: DictConfig, run_dir: Path, chash: str, multirun: bool) -> dict | None:
     """The existing record when this job needs no rerun (same config already done)."""
     existing = read_record(run_dir)
@@ -126,7 +143,10 @@ def run_experiment(cfg: DictConfig, run_dir: Path, *, multirun: bool = False) ->
     run_dir.mkdir(parents=True, exist_ok=True)
     for leftover in run_dir.glob(".*.tmp"):  # a write cut short by a kill; the final file is intact
         leftover.unlink(missing_ok=True)
-    chash = config_hash(result_config(cfg))
+    try:
+        chash = config_hash(result_config(cfg))
+    except Exception as exc:  # noqa: BLE001 - e.g. an interpolation that does not resolve
+        return config_error_record(cfg, run_dir, exc)
     skipped = should_skip(cfg, run_dir, chash, multirun)
     if skipped is not None:
         how = "sweep.retry_failed=true or force=true" if skipped["status"] in FAILED else "force=true"

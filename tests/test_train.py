@@ -126,3 +126,12 @@ def test_logger_none_never_imports_wandb(tmp_path):
         "assert 'wandb' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True, timeout=120)
+
+
+def test_a_config_that_does_not_resolve_still_gets_an_error_record(tmp_path):
+    run_dir = tmp_path / "unresolved"
+    out = train(tmp_path, run_dir, "+model.extra=${no_such_resolver:1}", check=False)
+    assert out.returncode != 0
+    rec = record_of(run_dir)
+    assert rec["status"] == "error" and "could not be resolved" in rec["error"]
+    assert rec["model"] == "transformer" and rec["task"] == "mqar"
