@@ -10,7 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 # The fields of a config that do not change results: excluded from config_hash.
-NON_RESULT_KEYS = ("logger", "force", "sweep", "hydra")
+NON_RESULT_KEYS = ("logger", "force", "sweep", "hydra", "quickstart")
 NON_RESULT_TRAINER_KEYS = ("device", "progress", "log_every", "checkpoint_every", "time_limit_s")
 NON_RESULT_TASK_KEYS = ("cache_dir", "data_dir")
 

@@ -281,9 +281,11 @@ def build_report(dirs: list[str], out: Path, *, published_dir: Path = PUBLISHED_
     acc_text, acc_means = accuracy_table(cells)
     eff_text = efficiency_table(eff)
     comparison = compare_published(load_published(published_dir), cells, eff, acc_means)
-    claims_file = claims_file or Path(published_dir) / "claims.yaml"
-    claims = evaluate_claims(runs, load_claims(claims_file)) if claims_file.exists() \
-        else pd.DataFrame()
+    # every claims*.yaml of the published directory (one per study), or the one file asked for
+    claim_files = [claims_file] if claims_file else sorted(Path(published_dir).glob("claims*.yaml"))
+    loaded = [claim for path in claim_files if path.exists() for claim in load_claims(path)]
+    claims = evaluate_claims(runs, loaded) if loaded else pd.DataFrame()
+    claims_file = ", ".join(str(p) for p in claim_files)
     fit_table = fits.assign(setup=fits.apply(_setup_label, axis=1) if len(fits) else []).drop(
         columns=EFFICIENCY_GROUP).set_index("model").rename_axis(None)
 
