@@ -145,7 +145,9 @@ class SequenceModel(nn.Module):
         # lm batches are never padded (tasks.base), and their pad id may be a real token there
         if self.spec.kind == "lm":
             return None
-        return tokens != self.spec.pad_id
+        mask = tokens != self.spec.pad_id
+        # no mask at all when nothing is padded (images, Pathfinder): lets SDPA use its fused kernels
+        return None if bool(mask.all()) else mask
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         kind = self.spec.kind

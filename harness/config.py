@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -15,10 +16,20 @@ NON_RESULT_TRAINER_KEYS = ("device", "progress", "log_every", "checkpoint_every"
 NON_RESULT_TASK_KEYS = ("cache_dir", "data_dir")
 
 
+def run_dirname(overrides: str) -> str:
+    """A folder name from a job's overrides: never empty, no path separators, at most 200 bytes
+    (a long one keeps its start and gets a hash of the whole, so it stays unique)."""
+    name = (overrides or "defaults").replace("/", "_")
+    if len(name.encode()) > 200:
+        digest = hashlib.sha256(name.encode()).hexdigest()[:12]
+        name = name.encode()[:180].decode(errors="ignore") + "-" + digest
+    return name
+
+
 def register_resolvers() -> None:
     """Resolvers used in conf/: ``arena_dirname`` names a run folder from its overrides."""
     if not OmegaConf.has_resolver("arena_dirname"):
-        OmegaConf.register_new_resolver("arena_dirname", lambda dirname: dirname or "defaults")
+        OmegaConf.register_new_resolver("arena_dirname", run_dirname)
     if not OmegaConf.has_resolver("arena_mul"):
         # widths that follow d_model: d_ff: ${arena_mul:${.d_model},4}
         OmegaConf.register_new_resolver("arena_mul", lambda a, b: int(a * b))

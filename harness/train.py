@@ -30,7 +30,7 @@ from harness.records import (
     FAILED, SCHEMA, atomic_write_text, config_hash, environment, new_run_id, now_iso,
     read_record, write_record,
 )
-from harness.trainer import CHECKPOINT_FILE, Diverged, TimeLimit, Trainer, seed_everything
+from harness.trainer import CHECKPOINT_FILE, METRICS_FILE, Diverged, TimeLimit, Trainer, seed_everything
 
 # outcomes of the jobs this process ran: (run_dir, status, multirun)
 OUTCOMES: list[tuple[Path, str, bool]] = []
@@ -122,7 +122,12 @@ def config_error_record(cfg: DictConfig, run_dir: Path, exc: Exception) -> dict:
 def should_skip(cfg: DictConfig, run_dir: Path, chash: str, multirun: bool) -> dict | None:
     """The existing record when this job needs no rerun (same config already done)."""
     existing = read_record(run_dir)
-    if existing is None or cfg.force:
+    if cfg.force:
+        # a forced rerun starts from scratch: no resuming from the finished run's checkpoint
+        (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
+        (run_dir / METRICS_FILE).unlink(missing_ok=True)
+        return None
+    if existing is None:
         return None
     if existing.get("config_hash") != chash:
         # the directory held a different config: keep its record aside and start afresh

@@ -166,12 +166,14 @@ class Trainer:
                 else v.to(self.device) for k, v in batch.items()}
 
     def eval_batches(self, dataset, limit: int | None):
+        """Batches over the whole split, or over a fixed random subset of ``limit`` batches (the
+        same subset at every evaluation; a split stored in label order must not bias it)."""
         size = self.cfg.eval_batch_size or self.cfg.batch_size
-        n_batches = math.ceil(len(dataset) / size)
-        if limit is not None:
-            n_batches = min(n_batches, limit)
-        for i in range(n_batches):
-            yield dataset[torch.arange(i * size, min((i + 1) * size, len(dataset)))]
+        order = torch.arange(len(dataset))
+        if limit is not None and limit * size < len(dataset):
+            order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:limit * size]
+        for i in range(0, len(order), size):
+            yield dataset[order[i:i + size]]
 
     def autocast(self):
         if self.cfg.precision == "bf16":

@@ -37,6 +37,7 @@ from typing import Callable, Literal
 import torch
 
 IGNORE_INDEX = -100
+SPLITS = ("train", "val", "test")
 KINDS = ("classify", "pair", "lm", "seq2seq")
 Kind = Literal["classify", "pair", "lm", "seq2seq"]
 
@@ -187,3 +188,27 @@ def random_batch(spec: TaskSpec, batch_size: int, *, seed: int = 0, seq_len: int
         return {"tokens": tokens(L), "tokens2": tokens(L),
                 "label": torch.randint(0, spec.n_outputs, (batch_size,), generator=g)}
     return {"source": tokens(L), "target": tokens(spec.target_len)}
+
+
+def describe_lm_splits(header: list[str], splits: dict[str, dict[str, torch.Tensor]]) -> str:
+    """A short summary of ``lm`` splits: examples, lengths, scored positions, answer balance.
+
+    Shared by the synthetic ``lm`` tasks (copying, selective copying, induction heads, MQAR).
+    """
+    lines = list(header)
+    for split, arrays in splits.items():
+        tokens, targets = arrays["tokens"], arrays["targets"]
+        N, L = tokens.shape
+        scored = targets[targets != IGNORE_INDEX].long()
+        counts = torch.bincount(scored)
+        counts = counts[counts > 0]
+        share = counts.double() / max(scored.numel(), 1)
+        balance = (
+            f"{len(counts)} answer ids, share min {share.min():.1%} max {share.max():.1%}"
+            if scored.numel() else "no scored positions"
+        )
+        lines.append(
+            f"  {split}: {N} examples x {L} tokens, {scored.numel() / max(N, 1):.1f} scored per "
+            f"example; {balance}"
+        )
+    return "\n".join(lines)

@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import torch
 
-from tasks.base import IGNORE_INDEX, ArrayDataset, TaskSpec, cached_splits, smallest_int_dtype
+from tasks.base import (
+    IGNORE_INDEX, SPLITS, ArrayDataset, TaskSpec, cached_splits, describe_lm_splits, smallest_int_dtype,
+)
 
-SPLITS = ("train", "val", "test")
 
 
 def check_copying(*, vocab_size: int, n_tokens: int, seq_len: int) -> None:
@@ -54,30 +55,6 @@ def generate_copying(
     targets[:, seq_len - M:] = data
     dtype = smallest_int_dtype(vocab_size)
     return {"tokens": tokens.to(dtype), "targets": targets.to(dtype)}
-
-
-def describe_lm_splits(header: list[str], splits: dict[str, dict[str, torch.Tensor]]) -> str:
-    """A short summary of ``lm`` splits: examples, lengths, scored positions, answer balance.
-
-    Shared by the synthetic ``lm`` tasks (copying, selective copying, induction heads).
-    """
-    lines = list(header)
-    for split, arrays in splits.items():
-        tokens, targets = arrays["tokens"], arrays["targets"]
-        N, L = tokens.shape
-        scored = targets[targets != IGNORE_INDEX].long()
-        counts = torch.bincount(scored)
-        counts = counts[counts > 0]
-        share = counts.double() / max(scored.numel(), 1)
-        balance = (
-            f"{len(counts)} answer ids, share min {share.min():.1%} max {share.max():.1%}"
-            if scored.numel() else "no scored positions"
-        )
-        lines.append(
-            f"  {split}: {N} examples x {L} tokens, {scored.numel() / max(N, 1):.1f} scored per "
-            f"example; {balance}"
-        )
-    return "\n".join(lines)
 
 
 class Copying:

@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import torch
 
-from tasks.base import IGNORE_INDEX, ArrayDataset, TaskSpec, cached_splits, smallest_int_dtype
-from tasks.copying import SPLITS, describe_lm_splits
+from tasks.base import (
+    IGNORE_INDEX, SPLITS, ArrayDataset, TaskSpec, cached_splits, describe_lm_splits, smallest_int_dtype,
+)
 
 
 def check_induction_heads(*, vocab_size: int, seq_len: int) -> None:

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import torch
 
-from tasks.base import IGNORE_INDEX, ArrayDataset, TaskSpec, cached_splits, smallest_int_dtype
+from tasks.base import (
+    IGNORE_INDEX, ArrayDataset, TaskSpec, cached_splits, describe_lm_splits, smallest_int_dtype,
+)
 
 
 def generate_mqar(
@@ -107,7 +109,16 @@ class MQAR:
             for i, (split, n) in enumerate(sizes.items())
         }
 
-    def dataset(self, split: str) -> ArrayDataset:
+    def _load(self) -> dict[str, dict[str, torch.Tensor]]:
         if self._splits is None:
             self._splits = cached_splits("mqar", self.params, self._build, self.cache_dir)
-        return ArrayDataset(self._splits[split])
+        return self._splits
+
+    def dataset(self, split: str) -> ArrayDataset:
+        return ArrayDataset(self._load()[split])
+
+    def describe(self) -> str:
+        p = self.params
+        header = [f"mqar: vocab {p['vocab_size']}, seq_len {p['seq_len']}, {p['n_pairs']} key-value "
+                  f"pairs, power_a {p['power_a']}, seed {p['seed']}"]
+        return describe_lm_splits(header, self._load())

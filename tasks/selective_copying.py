@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import torch
 
-from tasks.base import IGNORE_INDEX, ArrayDataset, TaskSpec, cached_splits, smallest_int_dtype
-from tasks.copying import SPLITS, describe_lm_splits
+from tasks.base import (
+    IGNORE_INDEX, SPLITS, ArrayDataset, TaskSpec, cached_splits, describe_lm_splits, smallest_int_dtype,
+)
 
 ROWS_PER_BLOCK = 1024
 

@@ -135,3 +135,24 @@ def test_a_config_that_does_not_resolve_still_gets_an_error_record(tmp_path):
     rec = record_of(run_dir)
     assert rec["status"] == "error" and "could not be resolved" in rec["error"]
     assert rec["model"] == "transformer" and rec["task"] == "mqar"
+
+
+def test_force_reruns_from_scratch(tmp_path):
+    run_dir = tmp_path / "forced"
+    train(tmp_path, run_dir, "trainer.steps=20", "trainer.eval_every=10")
+    first = record_of(run_dir)
+    out = train(tmp_path, run_dir, "trainer.steps=20", "trainer.eval_every=10", "force=true")
+    assert "resuming" not in out.stdout and "skip" not in out.stdout
+    again = record_of(run_dir)
+    assert again["run_id"] != first["run_id"] and again["speed"]["steps_timed"] > 0
+    assert again["metrics"] == first["metrics"], "a forced rerun of the same config is deterministic"
+
+
+def test_run_folder_names_are_safe():
+    from harness.config import run_dirname
+
+    assert run_dirname("") == "defaults"
+    assert "/" not in run_dirname("task.data_dir=/data/lra,seed=1")
+    long = ",".join(f"key{i}=value{i}" for i in range(60))
+    name = run_dirname(long)
+    assert len(name.encode()) <= 200 and name != run_dirname(long + ",x=1")
