@@ -77,3 +77,71 @@ def test_lra_table1_experiments_compose():
     assert {c.task.source for c in mini} == {"generate"}
     assert {c.task.seq_len for c in mini} == {256, 1024}
     _load_claims(_ROOT / "results/published/claims_lra_table1.yaml")
+
+
+# ---- Mamba selective copying / induction heads, Zoology MQAR (issue 10, items 2, 3, 4) ----
+import numpy as _np
+import pytest as _pytest
+
+from harness.api import build as _build
+
+_MZ_ROOT = _Path(__file__).resolve().parents[1]
+_MZ_STUDIES = ["mamba_selective_copying", "mamba_induction_heads", "zoology_mqar"]
+
+
+def _mz_sweep_params(experiment: str) -> dict[str, list[str]]:
+    text = (_MZ_ROOT / "conf" / "experiment" / f"{experiment}.yaml").read_text()
+    params = _yaml.safe_load(text)["hydra"]["sweeper"]["params"]
+    return {k: [v.strip() for v in str(values).split(",")] for k, values in params.items()}
+
+
+@_pytest.mark.parametrize("experiment", [s + v for s in _MZ_STUDIES for v in ("", "_cpu")])
+def test_mamba_zoology_experiments_compose_every_swept_model_and_length(experiment):
+    params = _mz_sweep_params(experiment)
+    for model in params["model"]:
+        for seq_len in params.get("task.seq_len", [None]):
+            overrides = [f"experiment={experiment}", f"model={model}", f"task={params['task'][0]}"]
+            cfg = _compose_config(overrides + ([f"task.seq_len={seq_len}"] if seq_len else []))
+            assert (cfg.sweep.name, cfg.model.name) == (experiment, model)
+            task = _OmegaConf.to_container(cfg.task, resolve=True)
+            if experiment.startswith("zoology_mqar"):  # Zoology's (64, 4), (128, 8), (256, 16)
+                assert task["n_pairs"] == int(seq_len) // 16 and isinstance(task["n_pairs"], int)
+
+
+def test_mamba_zoology_full_experiments_use_the_papers_settings():
+    sc = _compose_config(["experiment=mamba_selective_copying", "model=mamba", "task=selective_copying"])
+    assert (sc.task.seq_len, sc.task.vocab_size, sc.task.n_tokens) == (4096, 16, 16)
+    assert (sc.model.n_layers, sc.model.d_model) == (2, 64)
+    assert (sc.trainer.steps, sc.trainer.batch_size, sc.trainer.lr) == (400_000, 64, 1e-4)
+    ih = _compose_config(["experiment=mamba_induction_heads", "model=transformer", "task=induction_heads"])
+    assert ih.task.seq_len == 256 and max(ih.task.eval_seq_lens) == 2**14
+    assert (ih.model.positional, ih.model.d_model, ih.model.d_ff) == ("learned", 128, 0)
+    assert (ih.trainer.batch_size, ih.trainer.steps, ih.trainer.weight_decay) == (8, 204_800, 0.0)
+    assert _mz_sweep_params("mamba_induction_heads")["trainer.lr"] == ["2e-4", "1e-3"]
+    zq = _mz_sweep_params("zoology_mqar")
+    assert zq["task.seq_len"] == ["64", "128", "256"]
+    assert zq["model.d_model"] == ["64", "128", "256", "512"]
+    assert [float(x) for x in zq["trainer.lr"]] == _pytest.approx(_np.logspace(-4, -2, 4), rel=1e-4)
+    mq = _compose_config(["experiment=zoology_mqar", "model=transformer", "task=mqar"])
+    assert (mq.task.vocab_size, mq.model.d_ff, mq.model.mixer.n_heads) == (8192, 0, 1)
+    assert "64" in _mz_sweep_params("zoology_mqar_cpu")["model.d_model"]  # the claims' width
+
+
+def test_mamba_induction_heads_models_match_the_papers_parameter_counts():
+    counts = {}
+    for model in ("mamba", "transformer"):
+        built = _build(["experiment=mamba_induction_heads_cpu", f"model={model}",
+                        "task=induction_heads", "task.eval_seq_lens=[]"])
+        counts[model] = sum(p.numel() for name, p in built.model.named_parameters()
+                            if not name.startswith("pos_embed"))
+    # Table 11: Mamba 74K, MHA-Abs 137K parameters (positions aside); ours within 15%.
+    assert counts["mamba"] == _pytest.approx(74_000, rel=0.15)
+    assert counts["transformer"] == _pytest.approx(137_000, rel=0.15)
+
+
+def test_mamba_zoology_claims_load_and_are_scoped_to_both_variants():
+    for study in _MZ_STUDIES:
+        claims = _load_claims(_MZ_ROOT / "results/published" / f"claims_{study}.yaml")
+        assert claims
+        for claim in claims:
+            assert set(claim["where"]["config.sweep.name"]) == {study, f"{study}_cpu"}
