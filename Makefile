@@ -35,9 +35,11 @@ quickstart: $(STAMP)
 	@echo "[quickstart] 3/3 report"
 	$(BIN)/arena-report results/sweeps/quickstart results/sweeps/quickstart_speed --out results/quickstart
 
-# The checks that need a GPU: CUDA tests (fast paths against portable paths) and a short bench.
+# The checks that need a GPU: the whole suite (its CUDA tests compare every fast path with the
+# portable one and skip without a GPU) and a short speed sweep on the device.
 gpu-check: $(STAMP)
-	$(BIN)/python -m pytest -q -m cuda -rs
+	$(BIN)/python -m pytest -q -rs
+	$(BIN)/arena-bench -m model=transformer,local,linear_transformer,mamba seq_len=1024,4096 batch_size=8 sweep.name=gpu_check
 
 clean:
 	rm -rf $(VENV) results/runs results/sweeps results/cache
