@@ -212,3 +212,13 @@ def describe_lm_splits(header: list[str], splits: dict[str, dict[str, torch.Tens
             f"example; {balance}"
         )
     return "\n".join(lines)
+
+
+def generated_splits(name: str, params: dict, generate: Callable, cache_dir, **knobs) -> dict[str, dict[str, torch.Tensor]]:
+    """Train/val/test drawn by ``generate(n, **knobs, seed=...)``, each split with its own seed
+    (``seed * 3 + split index``), cached by :func:`cached_splits` keyed on ``params``."""
+    def build() -> dict[str, dict[str, torch.Tensor]]:
+        return {split: generate(params[f"n_{split}"], **knobs, seed=params["seed"] * 3 + i)
+                for i, split in enumerate(SPLITS)}
+
+    return cached_splits(name, params, build, cache_dir)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from tasks.base import (
-    IGNORE_INDEX, ArrayDataset, TaskSpec, cached_splits, describe_lm_splits, smallest_int_dtype,
+    IGNORE_INDEX, ArrayDataset, describe_lm_splits, generated_splits, smallest_int_dtype, TaskSpec,
 )
 
 
@@ -99,19 +99,10 @@ class MQAR:
         self.cache_dir = cache_dir
         self._splits: dict | None = None
 
-    def _build(self) -> dict[str, dict[str, torch.Tensor]]:
-        p = self.params
-        common = dict(vocab_size=p["vocab_size"], seq_len=p["seq_len"], n_pairs=p["n_pairs"],
-                      power_a=p["power_a"])
-        sizes = {"train": p["n_train"], "val": p["n_val"], "test": p["n_test"]}
-        return {
-            split: generate_mqar(n, **common, seed=p["seed"] * 3 + i)
-            for i, (split, n) in enumerate(sizes.items())
-        }
-
     def _load(self) -> dict[str, dict[str, torch.Tensor]]:
         if self._splits is None:
-            self._splits = cached_splits("mqar", self.params, self._build, self.cache_dir)
+            p = self.params
+            self._splits = generated_splits("mqar", p, generate_mqar, self.cache_dir, vocab_size=p["vocab_size"], seq_len=p["seq_len"], n_pairs=p["n_pairs"], power_a=p["power_a"])
         return self._splits
 
     def dataset(self, split: str) -> ArrayDataset:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from tasks.base import ArrayDataset, TaskSpec, cached_splits, smallest_int_dtype
+from tasks.base import ArrayDataset, generated_splits, smallest_int_dtype, TaskSpec
 
 PAD_ID, BOS_ID, SEP_ID, EOS_ID = 0, 1, 2, 3
 FIRST_SYMBOL = 4
@@ -111,17 +111,10 @@ class Reverse:
         self.cache_dir = cache_dir
         self._splits: dict | None = None
 
-    def _build(self) -> dict[str, dict[str, torch.Tensor]]:
-        p = self.params
-        common = dict(vocab_size=p["vocab_size"], min_len=p["min_len"], seq_len=p["seq_len"])
-        return {
-            split: generate_reverse(p[f"n_{split}"], **common, seed=p["seed"] * 3 + i)
-            for i, split in enumerate(SPLITS)
-        }
-
     def _load(self) -> dict[str, dict[str, torch.Tensor]]:
         if self._splits is None:
-            self._splits = cached_splits("reverse", self.params, self._build, self.cache_dir)
+            p = self.params
+            self._splits = generated_splits("reverse", p, generate_reverse, self.cache_dir, vocab_size=p["vocab_size"], min_len=p["min_len"], seq_len=p["seq_len"])
         return self._splits
 
     def dataset(self, split: str) -> ArrayDataset:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from tasks.base import (
-    IGNORE_INDEX, SPLITS, ArrayDataset, TaskSpec, cached_splits, describe_lm_splits, smallest_int_dtype,
+    IGNORE_INDEX, ArrayDataset, describe_lm_splits, generated_splits, smallest_int_dtype, TaskSpec,
 )
 
 ROWS_PER_BLOCK = 1024
@@ -107,17 +107,10 @@ class SelectiveCopying:
         self.cache_dir = cache_dir
         self._splits: dict | None = None
 
-    def _build(self) -> dict[str, dict[str, torch.Tensor]]:
-        p = self.params
-        common = dict(vocab_size=p["vocab_size"], n_tokens=p["n_tokens"], seq_len=p["seq_len"])
-        return {
-            split: generate_selective_copying(p[f"n_{split}"], **common, seed=p["seed"] * 3 + i)
-            for i, split in enumerate(SPLITS)
-        }
-
     def _load(self) -> dict[str, dict[str, torch.Tensor]]:
         if self._splits is None:
-            self._splits = cached_splits("selective_copying", self.params, self._build, self.cache_dir)
+            p = self.params
+            self._splits = generated_splits("selective_copying", p, generate_selective_copying, self.cache_dir, vocab_size=p["vocab_size"], n_tokens=p["n_tokens"], seq_len=p["seq_len"])
         return self._splits
 
     def dataset(self, split: str) -> ArrayDataset:
