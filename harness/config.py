@@ -10,10 +10,14 @@ from omegaconf import DictConfig, OmegaConf
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
-# The fields of a config that do not change results: excluded from config_hash.
-NON_RESULT_KEYS = ("logger", "force", "sweep", "hydra", "quickstart")
+# What a result depends on: the resolved model, task, trainer and bench nodes and the seed. Every
+# other top-level node (a study's size tables, `size`, data-folder tables, logger, sweep, hydra)
+# matters only through the values it interpolates into these, so it stays out of config_hash
+# and out of what makes two runs different settings.
+RESULT_KEYS = ("model", "task", "trainer", "bench", "seed")
 NON_RESULT_TRAINER_KEYS = ("device", "progress", "log_every", "checkpoint_every", "time_limit_s")
 NON_RESULT_TASK_KEYS = ("cache_dir", "data_dir")
+NON_RESULT_BENCH_KEYS = ("timeout_s",)
 
 
 def run_dirname(overrides: str) -> str:
@@ -26,13 +30,42 @@ def run_dirname(overrides: str) -> str:
     return name
 
 
+def model_names(search_path: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """Every option of the ``model`` config group, sorted: the yamls of ``conf/model/`` and of any
+    config directory on Hydra's search path (``--config-dir``, or ``hydra.searchpath`` given as
+    ``search_path``). Without an initialised Hydra, the yamls of ``conf/model/``."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    if not GlobalHydra.instance().is_initialized():
+        return sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+    overrides = [f"hydra.searchpath=[{','.join(search_path)}]"] if search_path else []
+    return sorted(GlobalHydra.instance().config_loader().get_group_options("model", overrides=overrides))
+
+
+def sweep_models(exclude=None, *, _root_) -> str:
+    """The sweep axis of a study over all models, comma-separated: every model name but those in
+    ``exclude`` (``sweep.exclude_models``: a mapping of name to the reason it is left out)."""
+    search_path = OmegaConf.select(_root_, "hydra.searchpath", default=None) or []
+    names = model_names(list(search_path))
+    excluded = dict(exclude or {})
+    unknown = sorted(set(excluded) - set(names))
+    if unknown:
+        raise ValueError(f"sweep.exclude_models names {', '.join(unknown)}, which are not models; "
+                         f"models are: {', '.join(names)}")
+    return ",".join(name for name in names if name not in excluded)
+
+
 def register_resolvers() -> None:
-    """Resolvers used in conf/: ``arena_dirname`` names a run folder from its overrides."""
+    """Resolvers used in conf/: ``arena_dirname`` names a run folder from its overrides;
+    ``arena_models`` is the all-models sweep axis; ``arena_mul`` and ``arena_csv`` are helpers."""
     if not OmegaConf.has_resolver("arena_dirname"):
         OmegaConf.register_new_resolver("arena_dirname", run_dirname)
     if not OmegaConf.has_resolver("arena_mul"):
         # widths that follow d_model: d_ff: ${arena_mul:${.d_model},4}
         OmegaConf.register_new_resolver("arena_mul", lambda a, b: int(a * b))
+    if not OmegaConf.has_resolver("arena_models"):
+        # hydra.sweeper.params.model: ${arena_models:${sweep.exclude_models}}
+        OmegaConf.register_new_resolver("arena_models", sweep_models)
     if not OmegaConf.has_resolver("arena_csv"):
         # a list as a sweep string: ${arena_csv:${quickstart.seeds}} -> "0,1,2"
         OmegaConf.register_new_resolver("arena_csv", lambda values: ",".join(str(v) for v in values))
@@ -53,13 +86,11 @@ def instantiate_without_name(node: DictConfig, **kwargs):
 
 
 def result_config(cfg: DictConfig) -> dict:
-    """The resolved config minus what does not change results (paths, logger, run dir)."""
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    resolved = copy.deepcopy(resolved)
-    for key in NON_RESULT_KEYS:
-        resolved.pop(key, None)
-    for key in NON_RESULT_TRAINER_KEYS:
-        resolved.get("trainer", {}).pop(key, None)
-    for key in NON_RESULT_TASK_KEYS:
-        resolved.get("task", {}).pop(key, None)
-    return resolved
+    """The resolved config minus what does not change results (see ``RESULT_KEYS``)."""
+    resolved = copy.deepcopy(OmegaConf.to_container(cfg, resolve=True))
+    kept = {key: resolved[key] for key in RESULT_KEYS if key in resolved}
+    for node, keys in (("trainer", NON_RESULT_TRAINER_KEYS), ("task", NON_RESULT_TASK_KEYS),
+                       ("bench", NON_RESULT_BENCH_KEYS)):
+        for key in keys:
+            kept.get(node, {}).pop(key, None)
+    return kept

@@ -1,147 +1,258 @@
+"""The packaged studies (conf/study/, selected by conf/experiment/): every swept combination
+composes and resolves, all-models sweeps pick up every model yaml with the study's sizes, and the
+full-size studies carry the papers' settings."""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from harness.api import build, compose_config
+from harness.claims import load_claims
+from harness.config import CONF_DIR, register_resolvers
+
+ROOT = Path(__file__).resolve().parents[1]
+PUBLISHED = ROOT / "results" / "published"
+EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+# arena-bench's experiments (conf/bench.yaml) are the speed sweeps; the rest are arena-train's.
+BENCH_EXPERIMENTS = [e for e in EXPERIMENTS if "speed" in e]
+REQUIRED = {"txl_memory": ["task.path=/data/enwik8"]}  # the one study that needs a data path
+# The attention models' head count, wherever their yaml keeps it.
+HEADS = ("mixer.n_heads", "n_heads")
 
 
-# ---- Bahdanau length curve, Transformer-XL memory, LRA Table 1 (issue 10, items 1, 5, 6) ----
-from pathlib import Path as _Path
-
-import yaml as _yaml
-from omegaconf import OmegaConf as _OmegaConf
-
-from hydra import compose as _compose, initialize_config_dir as _initialize_config_dir
-
-from harness.api import compose_config as _compose_config
-from harness.config import CONF_DIR as _CONF_DIR, register_resolvers as _register_resolvers
-from harness.claims import load_claims as _load_claims
-
-_ROOT = _Path(__file__).resolve().parents[1]
+def primary_config(experiment: str) -> str:
+    return "bench" if experiment in BENCH_EXPERIMENTS else "config"
 
 
-def _sweep_overrides(experiment: str) -> list[list[str]]:
-    """Overrides that give every value the experiment's multirun sweeps at least once (the
-    i-th combination takes value i modulo each axis' length; the full product is slow)."""
-    text = (_ROOT / "conf" / "experiment" / f"{experiment}.yaml").read_text()
-    params = _yaml.safe_load(text)["hydra"]["sweeper"]["params"]
-    axes = [[f"{k}={v}" for v in str(values).split(",")] for k, values in params.items()]
-    return [[axis[i % len(axis)] for axis in axes] for i in range(max(map(len, axes)))]
+def compose_with_hydra(experiment: str, overrides=(), search_path: Path | None = None):
+    """The config arena-train/arena-bench would compose, with its hydra node (the sweep axes)."""
+    register_resolvers()
+    extra = [f"hydra.searchpath=[file://{search_path}]"] if search_path else []
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name=primary_config(experiment), return_hydra_config=True,
+                      overrides=[f"experiment={experiment}", *REQUIRED.get(experiment, []),
+                                 *extra, *overrides])
+        # resolve the axes while Hydra is initialised: the all-models axis reads its search path
+        axes = {k: str(v).split(",") for k, v in (cfg.hydra.sweeper.get("params") or {}).items()}
+    return cfg, axes
 
 
-def _composed(experiment: str, extra=()) -> list:
-    """Compose (as arena-train would) every swept combination, with every value resolved."""
-    _register_resolvers()
+@functools.cache
+def swept(experiment: str) -> list:
+    """Every (model, task) job of the experiment's sweep, and every value of its other axes at
+    least once (they take their values in turn), composed as the sweep would and with every
+    interpolation resolved."""
+    _, axes = compose_with_hydra(experiment)
+    fixed = {k: v for k, v in axes.items() if k not in ("model", "task")}
+    combos = list(itertools.product(axes.get("model", [None]), axes.get("task", [None])))
     cfgs = []
-    with _initialize_config_dir(config_dir=str(_CONF_DIR), version_base="1.3"):
-        for overrides in _sweep_overrides(experiment):
-            cfg = _compose(config_name="config",
-                           overrides=[f"experiment={experiment}", *overrides, *extra])
-            _OmegaConf.resolve(cfg)  # every interpolation (per-task sizes, min_len) resolves
-            cfgs.append(cfg)
+    for i in range(max([len(combos), *map(len, fixed.values())])):
+        model, task = combos[i % len(combos)]
+        overrides = [f"{k}={v[i % len(v)]}" for k, v in fixed.items()]
+        overrides += [f"model={model}"] * (model is not None) + [f"task={task}"] * (task is not None)
+        cfg, _ = compose_with_hydra(experiment, overrides)
+        cfg = OmegaConf.to_container(cfg)
+        cfg.pop("hydra")
+        cfg = OmegaConf.create(cfg)
+        OmegaConf.resolve(cfg)  # raises on any value that does not resolve
+        cfgs.append(cfg)
     return cfgs
 
 
-def test_bahdanau_length_curve_experiments_compose():
+def heads(model_cfg) -> int | None:
+    for key in HEADS:
+        value = OmegaConf.select(model_cfg, key, default=None)
+        if value is not None:
+            return value
+    return None
+
+
+@pytest.mark.parametrize("experiment", [e for e in EXPERIMENTS if e != "lr_search"])
+def test_every_swept_job_composes_and_resolves(experiment):
+    cfgs = swept(experiment)
+    assert cfgs
+    for cfg in cfgs:
+        assert cfg.sweep.name == experiment
+        if experiment.startswith("zoology_mqar"):  # Zoology's (64, 4), (128, 8), (256, 16)
+            assert cfg.task.n_pairs == cfg.task.seq_len // 16 and isinstance(cfg.task.n_pairs, int)
+
+
+def all_models_experiments() -> list[str]:
+    out = []
+    for experiment in EXPERIMENTS:
+        if experiment == "lr_search":
+            continue
+        cfg, axes = compose_with_hydra(experiment)
+        raw = OmegaConf.to_container(cfg.hydra.sweeper.params, resolve=False).get("model", "")
+        if "arena_models" in str(raw):
+            out.append(experiment)
+    return out
+
+
+def test_the_all_models_studies_are_the_ones_expected():
+    assert set(all_models_experiments()) == {
+        "quickstart", "quickstart_speed", "lra_table1", "lra_table1_mini", "lra_speed", "lra_speed_cpu"}
+
+
+TOY_MODEL = """\
+# a throwaway attention model, as a contributor would add one: the shared backbone and a mixer
+defaults:
+  - /backbone@_here_: sequence_model
+  - _self_
+
+name: zz_toy
+mixer:
+  _target_: architectures.attention.MultiHeadAttention
+  _partial_: true
+  n_heads: ${size.n_heads}
+  dropout: 0.0
+"""
+
+
+def test_a_new_model_yaml_joins_every_all_models_study_with_the_studys_sizes(tmp_path):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "zz_toy.yaml").write_text(TOY_MODEL)
+    studies = all_models_experiments()
+    for experiment in studies:
+        _, axes = compose_with_hydra(experiment, search_path=tmp_path)
+        assert "zz_toy" in axes["model"], experiment
+        assert set(axes["model"]) >= {"transformer", "mamba", "lstm"}
+        for task in axes.get("task", [None]):
+            task_override = [f"task={task}"] if task else []
+            toy, _ = compose_with_hydra(experiment, ["model=zz_toy", *task_override], tmp_path)
+            ref, _ = compose_with_hydra(experiment, ["model=transformer", *task_override], tmp_path)
+            for key in ("d_model", "n_layers", "d_ff", "dropout", "mixer.n_heads"):
+                assert OmegaConf.select(toy.model, key) == OmegaConf.select(ref.model, key), (
+                    experiment, task, key)
+    assert len(studies) == 6
+
+
+@pytest.mark.parametrize("experiment", ["lra_table1", "lra_table1_mini", "quickstart"])
+def test_every_attention_model_of_an_all_models_study_gets_the_transformers_heads(experiment):
+    cfgs = swept(experiment)
+    by_task: dict[str, dict[str, int]] = {}
+    for cfg in cfgs:
+        if heads(cfg.model) is not None:
+            by_task.setdefault(cfg.task.name, {})[cfg.model.name] = heads(cfg.model)
+    for task, counts in by_task.items():
+        assert set(counts.values()) == {counts["transformer"]}, (task, counts)
+        assert len(counts) >= 8, counts  # transformer, sparse, linear families and Transformer-XL
+
+
+def test_an_excluded_model_leaves_the_axis_and_an_unknown_name_is_an_error():
+    _, axes = compose_with_hydra("quickstart", ["+sweep.exclude_models={linformer: causal tasks only}"])
+    assert "linformer" not in axes["model"] and "transformer" in axes["model"]
+    with pytest.raises(Exception, match="not models; models are: .*transformer"):
+        compose_with_hydra("quickstart", ["+sweep.exclude_models={nosuchmodel: typo}"])
+
+
+def test_full_and_cpu_variants_share_the_study():
+    for study in ("bahdanau_length_curve", "mamba_induction_heads", "mamba_selective_copying",
+                  "txl_memory", "zoology_mqar"):
+        full, _ = compose_with_hydra(study)
+        cpu, _ = compose_with_hydra(f"{study}_cpu")
+        assert full.hydra.runtime.choices.study == cpu.hydra.runtime.choices.study == study
+
+
+# --------------------------------------------------------------------------- the papers' settings
+
+
+def test_bahdanau_length_curve_sizes_and_lengths():
     for experiment, lengths in [("bahdanau_length_curve", list(range(10, 101, 10))),
                                 ("bahdanau_length_curve_cpu", [8, 16, 32, 48])]:
-        cfgs = _composed(experiment)
+        cfgs = swept(experiment)
         assert {c.model.name for c in cfgs} == {"lstm", "lstm_bahdanau", "lstm_luong", "transformer"}
-        assert sorted({c.task.seq_len for c in cfgs}) == lengths
         for c in cfgs:  # one length per run: every source exactly seq_len long
             assert c.task.name == "reverse" and c.task.min_len == c.task.seq_len
-            assert c.sweep.name == experiment
-    _load_claims(_ROOT / "results/published/claims_bahdanau_length_curve.yaml")
+        _, axes = compose_with_hydra(experiment)
+        assert [int(x) for x in axes["task.seq_len"]] == lengths
+    full = {c.model.name: c.model for c in swept("bahdanau_length_curve")}
+    assert (full["lstm_bahdanau"].d_model, full["lstm_bahdanau"].d_hidden) == (620, 1000)
+    assert (full["transformer"].d_model, full["transformer"].n_layers, heads(full["transformer"])) == (512, 6, 8)
+    cpu = {c.model.name: c.model for c in swept("bahdanau_length_curve_cpu")}
+    assert (cpu["lstm"].d_model, cpu["lstm"].d_hidden, cpu["transformer"].d_model) == (64, 64, 64)
+    load_claims(PUBLISHED / "claims_bahdanau_length_curve.yaml")
 
 
-def test_txl_memory_experiments_compose():
-    for experiment, extra in [("txl_memory", ["task.path=/data/enwik8"]), ("txl_memory_cpu", [])]:
-        cfgs = _composed(experiment, extra)
+def test_txl_memory_sizes():
+    for experiment in ("txl_memory", "txl_memory_cpu"):
+        cfgs = swept(experiment)
         assert sorted(c.model.mem_len for c in cfgs)[0] == 0 and max(c.model.mem_len for c in cfgs) > 0
         for c in cfgs:  # memory only helps within a sequence: at least 4 segments per sequence
             assert c.model.name == "transformer_xl" and c.task.name == "char_lm"
             assert c.task.seq_len % c.model.seg_len == 0 and c.task.seq_len // c.model.seg_len >= 4
-    full = _compose_config(["experiment=txl_memory", "task.path=/data/enwik8"])
-    assert (full.model.n_layers, full.model.d_model, full.model.seg_len) == (12, 512, 512)
-    claims = _load_claims(_ROOT / "results/published/claims_txl_memory.yaml")
+    full = compose_config(["experiment=txl_memory", "task.path=/data/enwik8"])
+    assert (full.model.n_layers, full.model.d_model, full.model.n_heads, full.model.d_ff) == (12, 512, 8, 2048)
+    assert full.model.seg_len == full.model.mem_len == 512
+    cpu = compose_config(["experiment=txl_memory_cpu"])
+    assert (cpu.task.source, cpu.task.path, cpu.model.d_model) == ("generate", None, 64)
+    claims = load_claims(PUBLISHED / "claims_txl_memory.yaml")
     assert claims[0]["where"]["config.sweep.name"] == ["txl_memory", "txl_memory_cpu"]
 
 
-def test_lra_table1_experiments_compose():
-    full = _composed("lra_table1", ["lra_data.lra_release=/d/lra_release"])
-    assert len(full) == 13 and {c.task.name for c in full} == {
-        "listops", "text", "retrieval", "image", "pathfinder"}
-    for c in full:
-        if c.task.name == "listops":  # released ListOps config: 6 layers, width 512
-            assert (c.model.d_model, c.model.n_layers, c.trainer.steps) == (512, 6, 5000)
-            assert c.task.data_dir == "/d/lra_release/listops-1000"
-        if c.model.name == "transformer":
-            assert c.model.d_ff == c.get("lra_table1_sizes")[c.task.name]["d_ff"]
-    mini = _composed("lra_table1_mini")
-    assert len(mini) == 13 and {c.task.name for c in mini} == {"listops", "pathfinder"}
+def test_lra_table1_uses_the_released_per_task_sizes():
+    released = {"listops": (512, 6, 8, 2048, 5000), "text": (256, 4, 4, 1024, 20000),
+                "retrieval": (128, 4, 4, 512, 5000), "image": (32, 1, 1, 64, 35000),
+                "pathfinder": (128, 1, 4, 128, 62400)}
+    for task, expected in released.items():
+        for model in ("transformer", "performer", "transformer_xl"):
+            c = compose_config(["experiment=lra_table1", f"task={task}", f"model={model}",
+                                "lra_data.lra_release=/d/lra_release"])
+            got = (c.model.d_model, c.model.n_layers, heads(c.model), c.model.d_ff, c.trainer.steps)
+            assert got == expected, (task, model, got)
+    listops = compose_config(["experiment=lra_table1", "task=listops", "lra_data.lra_release=/d/lra_release"])
+    assert listops.task.data_dir == "/d/lra_release/listops-1000"
+    mini = swept("lra_table1_mini")
+    assert len(mini) == 2 * len(compose_with_hydra("lra_table1_mini")[1]["model"])
     assert {c.task.source for c in mini} == {"generate"}
     assert {c.task.seq_len for c in mini} == {256, 1024}
-    _load_claims(_ROOT / "results/published/claims_lra_table1.yaml")
+    assert {c.model.d_model for c in mini} == {32}
+    load_claims(PUBLISHED / "claims_lra_table1.yaml")
 
 
-# ---- Mamba selective copying / induction heads, Zoology MQAR (issue 10, items 2, 3, 4) ----
-import numpy as _np
-import pytest as _pytest
-
-from harness.api import build as _build
-
-_MZ_ROOT = _Path(__file__).resolve().parents[1]
-_MZ_STUDIES = ["mamba_selective_copying", "mamba_induction_heads", "zoology_mqar"]
-
-
-def _mz_sweep_params(experiment: str) -> dict[str, list[str]]:
-    text = (_MZ_ROOT / "conf" / "experiment" / f"{experiment}.yaml").read_text()
-    params = _yaml.safe_load(text)["hydra"]["sweeper"]["params"]
-    return {k: [v.strip() for v in str(values).split(",")] for k, values in params.items()}
-
-
-@_pytest.mark.parametrize("experiment", [s + v for s in _MZ_STUDIES for v in ("", "_cpu")])
-def test_mamba_zoology_experiments_compose_every_swept_model_and_length(experiment):
-    params = _mz_sweep_params(experiment)
-    for model in params["model"]:
-        for seq_len in params.get("task.seq_len", [None]):
-            overrides = [f"experiment={experiment}", f"model={model}", f"task={params['task'][0]}"]
-            cfg = _compose_config(overrides + ([f"task.seq_len={seq_len}"] if seq_len else []))
-            assert (cfg.sweep.name, cfg.model.name) == (experiment, model)
-            task = _OmegaConf.to_container(cfg.task, resolve=True)
-            if experiment.startswith("zoology_mqar"):  # Zoology's (64, 4), (128, 8), (256, 16)
-                assert task["n_pairs"] == int(seq_len) // 16 and isinstance(task["n_pairs"], int)
-
-
-def test_mamba_zoology_full_experiments_use_the_papers_settings():
-    sc = _compose_config(["experiment=mamba_selective_copying", "model=mamba", "task=selective_copying"])
+def test_mamba_and_zoology_full_studies_use_the_papers_settings():
+    sc = compose_config(["experiment=mamba_selective_copying", "model=mamba"])
     assert (sc.task.seq_len, sc.task.vocab_size, sc.task.n_tokens) == (4096, 16, 16)
     assert (sc.model.n_layers, sc.model.d_model) == (2, 64)
     assert (sc.trainer.steps, sc.trainer.batch_size, sc.trainer.lr) == (400_000, 64, 1e-4)
-    ih = _compose_config(["experiment=mamba_induction_heads", "model=transformer", "task=induction_heads"])
+    ih = compose_config(["experiment=mamba_induction_heads", "model=transformer"])
     assert ih.task.seq_len == 256 and max(ih.task.eval_seq_lens) == 2**14
     assert (ih.model.positional, ih.model.d_model, ih.model.d_ff) == ("learned", 128, 0)
     assert (ih.trainer.batch_size, ih.trainer.steps, ih.trainer.weight_decay) == (8, 204_800, 0.0)
-    assert _mz_sweep_params("mamba_induction_heads")["trainer.lr"] == ["2e-4", "1e-3"]
-    zq = _mz_sweep_params("zoology_mqar")
+    _, ih_axes = compose_with_hydra("mamba_induction_heads")
+    assert ih_axes["trainer.lr"] == ["2e-4", "1e-3"]
+    _, zq = compose_with_hydra("zoology_mqar")
     assert zq["task.seq_len"] == ["64", "128", "256"]
     assert zq["model.d_model"] == ["64", "128", "256", "512"]
-    assert [float(x) for x in zq["trainer.lr"]] == _pytest.approx(_np.logspace(-4, -2, 4), rel=1e-4)
-    mq = _compose_config(["experiment=zoology_mqar", "model=transformer", "task=mqar"])
-    assert (mq.task.vocab_size, mq.model.d_ff, mq.model.mixer.n_heads) == (8192, 0, 1)
-    assert "64" in _mz_sweep_params("zoology_mqar_cpu")["model.d_model"]  # the claims' width
+    assert [float(x) for x in zq["trainer.lr"]] == pytest.approx(np.logspace(-4, -2, 4), rel=1e-4)
+    mq = compose_config(["experiment=zoology_mqar", "model=transformer"])
+    assert (mq.task.vocab_size, mq.model.d_ff, heads(mq.model), mq.model.mixer.dropout) == (8192, 0, 1, 0.1)
+    lin = compose_config(["experiment=zoology_mqar", "model=linear_transformer"])
+    assert (lin.model.d_ff, heads(lin.model)) == (0, 1)
+    assert "64" in compose_with_hydra("zoology_mqar_cpu")[1]["model.d_model"]  # the claims' width
 
 
 def test_mamba_induction_heads_models_match_the_papers_parameter_counts():
     counts = {}
     for model in ("mamba", "transformer"):
-        built = _build(["experiment=mamba_induction_heads_cpu", f"model={model}",
-                        "task=induction_heads", "task.eval_seq_lens=[]"])
+        built = build(["experiment=mamba_induction_heads_cpu", f"model={model}", "task.eval_seq_lens=[]"])
         counts[model] = sum(p.numel() for name, p in built.model.named_parameters()
                             if not name.startswith("pos_embed"))
     # Table 11: Mamba 74K, MHA-Abs 137K parameters (positions aside); ours within 15%.
-    assert counts["mamba"] == _pytest.approx(74_000, rel=0.15)
-    assert counts["transformer"] == _pytest.approx(137_000, rel=0.15)
+    assert counts["mamba"] == pytest.approx(74_000, rel=0.15)
+    assert counts["transformer"] == pytest.approx(137_000, rel=0.15)
 
 
-def test_mamba_zoology_claims_load_and_are_scoped_to_both_variants():
-    for study in _MZ_STUDIES:
-        claims = _load_claims(_MZ_ROOT / "results/published" / f"claims_{study}.yaml")
+def test_mamba_and_zoology_claims_load_and_are_scoped_to_both_variants():
+    for study in ("mamba_selective_copying", "mamba_induction_heads", "zoology_mqar"):
+        claims = load_claims(PUBLISHED / f"claims_{study}.yaml")
         assert claims
         for claim in claims:
             assert set(claim["where"]["config.sweep.name"]) == {study, f"{study}_cpu"}
