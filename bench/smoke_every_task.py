@@ -233,7 +233,7 @@ def variants(swept: list[str]) -> list[list[str]]:
 
 def fallback_summary(task) -> str:
     """The shared summaries of tasks/ for a task without ``describe()``."""
-    from tasks.copying import describe_lm_splits
+    from tasks.base import describe_lm_splits
     from tasks.lra_io import describe_splits
 
     splits = {s: task.dataset(s).arrays for s in ("train", "val", "test")}

@@ -1,9 +1,20 @@
 """The task contract: what every task exposes to models and to the harness.
 
-A task is a plain object with
+A task is any object that satisfies the :class:`Task` protocol:
 
-* ``spec``: a :class:`TaskSpec` (kind, vocabulary, classes, length, pad id, metric), and
-* ``dataset(split)``: an :class:`ArrayDataset` for ``split`` in ``train``, ``val``, ``test``.
+* ``spec``: a :class:`TaskSpec` (kind, vocabulary, classes, length, pad id, metric);
+* ``dataset(split, *, seq_len=None)``: an :class:`ArrayDataset` for ``split`` in ``train``,
+  ``val``, ``test``. ``seq_len=None`` (or ``spec.seq_len``) gives the data at the task's own
+  length; another length is drawn afresh by generated tasks (length extrapolation, the lengths
+  of ``spec.eval_seq_lens``) and refused with a ``ValueError`` by tasks read from files. A split
+  outside ``SPLITS`` raises ``KeyError``. Loading happens on the first call, never in the
+  constructor, so that building a task for a config check costs nothing;
+* ``describe()``: a few lines for a human: where the data come from, examples and lengths per
+  split, label or answer balance, chance level where it is known.
+
+Tasks are plain classes built by Hydra from ``conf/task/<name>.yaml``; they need not inherit from
+anything. Generated tasks share :class:`GeneratedTask` (seeds per split, the disk cache, other
+lengths); tasks read from files in a published format share :class:`tasks.lra_io.FileTask`.
 
 Batches are dicts of tensors whose keys depend on the task kind:
 
@@ -16,8 +27,11 @@ lm         ``tokens`` (B, L), ``targets`` (B, L) with ``IGNORE_INDEX`` where not
 seq2seq    ``source`` (B, Ls), ``target`` (B, Lt); both padded with ``pad_id``
 ========== ================================================================================
 
-Tokens are stored in the smallest integer dtype that holds the vocabulary; the harness casts
-them to ``long`` on the device. Padding is always ``spec.pad_id`` and always on the right.
+A task may add keys that models ignore (``reverse`` stores each source ``length`` for reports).
+Token ids lie in ``[0, spec.vocab_size)``; labels and targets in ``[0, spec.n_outputs)``, or
+``IGNORE_INDEX`` for ``lm`` targets. Arrays are stored in the smallest integer dtype that holds
+them; indexing a dataset returns int64 tensors, ready for an embedding. Padding is always
+``spec.pad_id`` and always on the right (``lm`` batches are never padded).
 
 For ``seq2seq`` the target vocabulary is ``spec.n_outputs``. Target position 0 is the first
 real output token (no BOS stored); native encoder-decoders prepend ``spec.bos_id`` themselves,
@@ -29,10 +43,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Callable, Literal, Protocol, runtime_checkable
 
 import torch
 
@@ -40,6 +55,7 @@ IGNORE_INDEX = -100
 SPLITS = ("train", "val", "test")
 KINDS = ("classify", "pair", "lm", "seq2seq")
 Kind = Literal["classify", "pair", "lm", "seq2seq"]
+Arrays = dict[str, torch.Tensor]  # one split: equally long tensors by batch key
 
 
 @dataclass(frozen=True)
@@ -91,9 +107,12 @@ class ArrayDataset(torch.utils.data.Dataset):
 
     Indexing with a list or tensor of indices returns a whole batch at once, so a
     ``DataLoader(ds, sampler=BatchSampler(...), batch_size=None)`` never collates one by one.
+    ``arrays`` keep their compact stored dtypes; what indexing returns is int64 for every
+    integer array, because embeddings and losses take nothing narrower, so a batch goes straight
+    into a model: ``model(task.dataset("train")[[0, 1]])``.
     """
 
-    def __init__(self, arrays: dict[str, torch.Tensor]):
+    def __init__(self, arrays: Arrays):
         lengths = {k: len(v) for k, v in arrays.items()}
         if len(set(lengths.values())) != 1:
             raise ValueError(f"all arrays of a dataset must have the same length, got {lengths}")
@@ -102,10 +121,43 @@ class ArrayDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(next(iter(self.arrays.values())))
 
-    def __getitem__(self, index) -> dict[str, torch.Tensor]:
+    def __getitem__(self, index) -> Arrays:
         if isinstance(index, list):
             index = torch.as_tensor(index, dtype=torch.long)
-        return {k: v[index] for k, v in self.arrays.items()}
+        return {k: as_int64(v[index]) for k, v in self.arrays.items()}
+
+
+def as_int64(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as int64 when it holds integers (any width, signed or not), else unchanged."""
+    dtype = x.dtype
+    if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
+        return x
+    return x.long()
+
+
+@runtime_checkable
+class Task(Protocol):
+    """What every task provides (see the module docstring for the rules on its data).
+
+    Attributes:
+        spec: what a model needs to build its embedding and head.
+    """
+
+    spec: TaskSpec
+
+    def dataset(self, split: str, *, seq_len: int | None = None) -> ArrayDataset:
+        """The examples of ``split`` (train, val or test), at ``spec.seq_len`` or at ``seq_len``."""
+        ...
+
+    def describe(self) -> str:
+        """A short multi-line summary of the data for a human."""
+        ...
+
+
+def check_split(task: str, split: str) -> None:
+    """Raise a KeyError naming the task when ``split`` is not one of :data:`SPLITS`."""
+    if split not in SPLITS:
+        raise KeyError(f"{task}: split must be one of {SPLITS}, got {split!r}")
 
 
 def smallest_int_dtype(max_value: int) -> torch.dtype:
@@ -114,6 +166,48 @@ def smallest_int_dtype(max_value: int) -> torch.dtype:
         if max_value <= torch.iinfo(dtype).max:
             return dtype
     return torch.int64
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Create ``path`` through ``write(tmp)`` on a temporary file beside it, then a rename.
+
+    A reader, or a ``kill -9`` at any moment, sees the old file or the complete new one, never
+    half of one; the temporary file is removed when ``write`` fails. The one implementation of
+    atomic writes: task caches use it, and so do run records and checkpoints (harness.records).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def atomic_write_dir(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Create the folder ``path`` through ``write(tmp)`` on a temporary folder beside it, then a
+    rename: :func:`atomic_write` for data sets of many files (generated TSVs, images).
+
+    When another process has created ``path`` meanwhile, its folder is kept and this one dropped:
+    it is complete, having been renamed into place in the same way.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        write(tmp)
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            if not path.exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
 
 
 def default_cache_dir() -> Path:
@@ -149,15 +243,7 @@ def cached_splits(
     if path.exists():
         return torch.load(path, weights_only=True)
     splits = build()
-    directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(splits, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(path, lambda tmp: torch.save(splits, tmp))
     return splits
 
 
@@ -214,11 +300,83 @@ def describe_lm_splits(header: list[str], splits: dict[str, dict[str, torch.Tens
     return "\n".join(lines)
 
 
-def generated_splits(name: str, params: dict, generate: Callable, cache_dir, **knobs) -> dict[str, dict[str, torch.Tensor]]:
-    """Train/val/test drawn by ``generate(n, **knobs, seed=...)``, each split with its own seed
-    (``seed * 3 + split index``), cached by :func:`cached_splits` keyed on ``params``."""
-    def build() -> dict[str, dict[str, torch.Tensor]]:
-        return {split: generate(params[f"n_{split}"], **knobs, seed=params["seed"] * 3 + i)
-                for i, split in enumerate(SPLITS)}
+class GeneratedTask:
+    """The shared part of tasks drawn by a generator: each such task is its generator plus its spec.
 
-    return cached_splits(name, params, build, cache_dir)
+    A subclass sets ``name`` (as in ``conf/task/<name>.yaml``), checks its knobs, builds its
+    :class:`TaskSpec` and passes both with its generator to ``__init__``; it supplies
+    :meth:`headline` and may replace :meth:`describe` (the default suits ``lm`` tasks).
+
+    The data are a pure function of the knobs, the split sizes and ``seed``: split ``i`` of
+    :data:`SPLITS` is drawn by ``generate(n_<split>, **knobs, seed=seed * 3 + i)``, so the
+    test set does not change when ``n_train`` does, and all three are cached on disk in one file
+    keyed by every parameter. ``dataset(split, seq_len=L)`` draws the split at another length
+    with the split's own seed and size (its own cache file), so a test set at length 1024 is as
+    reproducible as the one at the training length.
+
+    Args:
+        spec: the task's spec.
+        generate: ``generate(n_examples, **knobs, seed=...) -> arrays`` with the batch keys of
+            ``spec.kind``.
+        knobs: the generator's parameters; must hold ``seq_len``, which other lengths replace.
+        n_train, n_val, n_test: examples per split.
+        seed: data seed; the data are a pure function of the knobs, the sizes and this seed.
+        cache_dir: where generated data are cached (``None``: ``$SEQ_ARENA_CACHE`` or
+            ``results/cache``).
+    """
+
+    name: str
+
+    def __init__(self, spec: TaskSpec, generate: Callable[..., Arrays], knobs: dict, *, n_train: int,
+                 n_val: int, n_test: int, seed: int, cache_dir: str | Path | None):
+        self.spec = spec
+        self.generate = generate
+        self.knobs = knobs
+        self.sizes = dict(train=n_train, val=n_val, test=n_test)
+        self.seed = seed
+        self.cache_dir = cache_dir
+        self._splits: dict[str, Arrays] | None = None
+        self._other_lengths: dict[tuple[str, int], Arrays] = {}
+
+    @property
+    def params(self) -> dict:
+        """Everything the data depend on: the cache key."""
+        sizes = {f"n_{split}": n for split, n in self.sizes.items()}
+        return {**self.knobs, **sizes, "seed": self.seed}
+
+    def split_seed(self, split: str) -> int:
+        return self.seed * 3 + SPLITS.index(split)
+
+    def draw(self, split: str, seq_len: int) -> Arrays:
+        """Split ``split`` drawn afresh at ``seq_len`` tokens (no cache)."""
+        knobs = {**self.knobs, "seq_len": seq_len}
+        return self.generate(self.sizes[split], **knobs, seed=self.split_seed(split))
+
+    def splits(self) -> dict[str, Arrays]:
+        """The three splits at the task's length, from the cache or generated once."""
+        if self._splits is None:
+            self._splits = cached_splits(
+                self.name, self.params, lambda: {s: self.draw(s, self.spec.seq_len) for s in SPLITS},
+                self.cache_dir,
+            )
+        return self._splits
+
+    def dataset(self, split: str, *, seq_len: int | None = None) -> ArrayDataset:
+        """The examples of ``split``, at the task's length or drawn at ``seq_len`` tokens."""
+        check_split(self.name, split)
+        if seq_len is None or seq_len == self.spec.seq_len:
+            return ArrayDataset(self.splits()[split])
+        length = int(seq_len)
+        if (split, length) not in self._other_lengths:
+            params = {**self.params, "seq_len": length, "split": split}
+            drawn = cached_splits(self.name, params, lambda: {split: self.draw(split, length)}, self.cache_dir)
+            self._other_lengths[split, length] = drawn[split]
+        return ArrayDataset(self._other_lengths[split, length])
+
+    def headline(self) -> list[str]:
+        """The first lines of :meth:`describe`: what the task asks and its chance level."""
+        raise NotImplementedError(f"{type(self).__name__} must say what it is in headline()")
+
+    def describe(self) -> str:
+        """:meth:`headline`, then examples, scored positions and answer balance per split."""
+        return describe_lm_splits(self.headline(), self.splits())

@@ -28,9 +28,8 @@ from pathlib import Path
 
 import torch
 
-from tasks.base import ArrayDataset, TaskSpec, cached_splits, smallest_int_dtype
+from tasks.base import ArrayDataset, TaskSpec, cached_splits, check_split, smallest_int_dtype
 
-SPLITS = ("train", "val", "test")
 CORPUS_VERSION = 1  # part of the cache key: bump when generate_corpus changes its output
 ENWIK8_HELP = (
     "To use enwik8: download http://mattmahoney.net/dc/enwik8.zip, unzip it and set "
@@ -197,18 +196,28 @@ class CharLM:
             data = self._read_file() if self.source == "file" else self._generate()
             streams = split_stream(data)
             for split, stream in streams.items():
-                if len(stream) < self.seq_len + 1:
-                    where = f"task.path={self.path!r}" if self.source == "file" else f"task.n_bytes={self.n_bytes}"
-                    raise ValueError(
-                        f"char_lm: the {split} split of {where} has {len(stream)} bytes, fewer than "
-                        f"one window of task.seq_len + 1 = {self.seq_len + 1}; use a bigger corpus "
-                        f"or a smaller task.seq_len"
-                    )
+                self._check_length(split, stream, self.seq_len)
             self._streams = streams
         return self._streams
 
-    def dataset(self, split: str) -> ArrayDataset:
-        return ArrayDataset(windows(self._load()[split], self.seq_len))
+    def _check_length(self, split: str, stream: torch.Tensor, seq_len: int) -> None:
+        """Refuse a split too short for one window: an empty dataset would fail far from here."""
+        n_bytes = len(stream)
+        if n_bytes < seq_len + 1:
+            where = f"task.path={self.path!r}" if self.source == "file" else f"task.n_bytes={self.n_bytes}"
+            raise ValueError(
+                f"char_lm: the {split} split of {where} has {n_bytes} bytes, fewer than one window "
+                f"of seq_len + 1 = {seq_len + 1}; use a bigger corpus or a smaller task.seq_len"
+            )
+
+    def dataset(self, split: str, *, seq_len: int | None = None) -> ArrayDataset:
+        """Windows of ``split``, of ``task.seq_len`` bytes or of ``seq_len`` (the same bytes, cut
+        into other windows: longer contexts need no new data)."""
+        check_split("char_lm", split)
+        seq_len = self.seq_len if seq_len is None else seq_len
+        stream = self._load()[split]
+        self._check_length(split, stream, seq_len)
+        return ArrayDataset(windows(stream, seq_len))
 
     def describe(self) -> str:
         streams = self._load()

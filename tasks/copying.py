@@ -23,10 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from tasks.base import (
-    IGNORE_INDEX, ArrayDataset, describe_lm_splits, generated_splits, smallest_int_dtype, TaskSpec,
-)
-
+from tasks.base import IGNORE_INDEX, GeneratedTask, TaskSpec, smallest_int_dtype
 
 
 def check_copying(*, vocab_size: int, n_tokens: int, seq_len: int) -> None:
@@ -57,55 +54,29 @@ def generate_copying(
     return {"tokens": tokens.to(dtype), "targets": targets.to(dtype)}
 
 
-class Copying:
+class Copying(GeneratedTask):
     """The copy memory task as an ``lm`` task scored by accuracy at the answer positions.
 
     Args:
         vocab_size: V; 0 is the blank, V - 1 the delimiter, data tokens come from [1, V - 2].
         n_tokens: data tokens to remember and copy (M).
         seq_len: total tokens per sequence; the delay between data and answer is seq_len - 2M.
-        n_train, n_val, n_test: examples per split (each split drawn with its own seed).
-        seed: data seed; the data are a pure function of the parameters and this seed.
-        cache_dir: where generated data are cached (``None``: ``results/cache``).
+        n_train, n_val, n_test, seed, cache_dir: see :class:`tasks.base.GeneratedTask`.
     """
 
-    def __init__(
-        self,
-        *,
-        vocab_size: int,
-        n_tokens: int,
-        seq_len: int,
-        n_train: int,
-        n_val: int,
-        n_test: int,
-        seed: int,
-        cache_dir: str | None = None,
-    ):
-        self.params = dict(
-            vocab_size=vocab_size, n_tokens=n_tokens, seq_len=seq_len,
-            n_train=n_train, n_val=n_val, n_test=n_test, seed=seed,
-        )
-        # fail on a bad configuration now, not when the harness first asks for data
-        check_copying(vocab_size=vocab_size, n_tokens=n_tokens, seq_len=seq_len)
-        self.seq_len = seq_len
-        self.spec = TaskSpec(kind="lm", vocab_size=vocab_size, n_outputs=vocab_size, seq_len=seq_len)
-        self.cache_dir = cache_dir
-        self._splits: dict | None = None
+    name = "copying"
 
-    def _load(self) -> dict[str, dict[str, torch.Tensor]]:
-        if self._splits is None:
-            p = self.params
-            self._splits = generated_splits("copying", p, generate_copying, self.cache_dir, vocab_size=p["vocab_size"], n_tokens=p["n_tokens"], seq_len=p["seq_len"])
-        return self._splits
+    def __init__(self, *, vocab_size: int, n_tokens: int, seq_len: int, n_train: int, n_val: int,
+                 n_test: int, seed: int, cache_dir: str | None = None):
+        knobs = dict(vocab_size=vocab_size, n_tokens=n_tokens, seq_len=seq_len)
+        check_copying(**knobs)  # a bad configuration fails now, not at the first dataset() call
+        spec = TaskSpec(kind="lm", vocab_size=vocab_size, n_outputs=vocab_size, seq_len=seq_len)
+        super().__init__(spec, generate_copying, knobs, n_train=n_train, n_val=n_val, n_test=n_test,
+                         seed=seed, cache_dir=cache_dir)
 
-    def dataset(self, split: str) -> ArrayDataset:
-        return ArrayDataset(self._load()[split])
-
-    def describe(self) -> str:
-        p = self.params
-        header = [
-            f"copying: {p['n_tokens']} data tokens from {p['vocab_size'] - 2} symbols, copied after "
-            f"a delay of {p['seq_len'] - 2 * p['n_tokens']} tokens (seq_len {p['seq_len']}); "
-            f"chance accuracy {1 / (p['vocab_size'] - 2):.1%}",
+    def headline(self) -> list[str]:
+        V, M, L = self.spec.vocab_size, self.knobs["n_tokens"], self.spec.seq_len
+        return [
+            f"copying: {M} data tokens from {V - 2} symbols, copied after a delay of {L - 2 * M} "
+            f"tokens (seq_len {L}); chance accuracy {1 / (V - 2):.1%}",
         ]
-        return describe_lm_splits(header, self._load())

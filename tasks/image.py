@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tasks.base import ArrayDataset, TaskSpec, cached_splits, default_cache_dir
-from tasks.lra_io import describe_splits, fingerprint, format_error, missing_data
+from tasks.base import TaskSpec, cached_splits, default_cache_dir
+from tasks.lra_io import FileTask, fingerprint, format_error, missing_data
 
 PAD_ID = 256
 VOCAB_SIZE = 257
@@ -98,7 +98,7 @@ def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return to_grey(data), labels.astype(np.int64)
 
 
-class Image:
+class Image(FileTask):
     """LRA Image (grayscale CIFAR-10 as 1024 tokens) as a 10-way ``classify`` task.
 
     Args:
@@ -107,6 +107,8 @@ class Image:
         val_fraction: the share of the training files (from the end) used for validation (LRA 0.1).
         cache_dir: where tokenised tensors are cached (``None``: default).
     """
+
+    name = "image"
 
     def __init__(self, *, data_dir: str | None, seq_len: int, val_fraction: float, cache_dir: str | None = None):
         if seq_len != N_PIXELS:
@@ -118,7 +120,6 @@ class Image:
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.spec = TaskSpec(kind="classify", vocab_size=VOCAB_SIZE, n_outputs=10, seq_len=N_PIXELS,
                              pad_id=PAD_ID)
-        self._splits: dict | None = None
 
     def find_root(self) -> Path:
         if self.data_dir is None:
@@ -147,18 +148,12 @@ class Image:
             "test": arrays(test_grey, test_labels),
         }
 
-    def splits(self) -> dict[str, dict[str, torch.Tensor]]:
-        if self._splits is None:
-            root = self.find_root()
-            files = [root / n for n in (*TRAIN_FILES, TEST_FILE)]
-            params = dict(files=fingerprint(files), val_fraction=self.val_fraction, version=1)
-            self._splits = cached_splits("image", params, lambda: self._build(root), self.cache_dir)
-        return self._splits
+    def load(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The CIFAR-10 batches as grey levels, train/val split by ``val_fraction``, cached."""
+        root = self.find_root()
+        files = [root / n for n in (*TRAIN_FILES, TEST_FILE)]
+        params = dict(files=fingerprint(files), val_fraction=self.val_fraction, version=1)
+        return cached_splits("image", params, lambda: self._build(root), self.cache_dir)
 
-    def dataset(self, split: str) -> ArrayDataset:
-        return ArrayDataset(self.splits()[split])
-
-    def describe(self) -> str:
-        """Examples and label balance per split (every image has 1024 tokens)."""
-        title = "image (grayscale CIFAR-10, 1024 tokens, pad id 256 never used)"
-        return describe_splits(title, self.splits(), pad_id=PAD_ID, seq_len=N_PIXELS)
+    def title(self) -> str:
+        return "image (grayscale CIFAR-10, 1024 tokens, pad id 256 never used)"

@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from tasks.base import (
-    IGNORE_INDEX, SPLITS, ArrayDataset, TaskSpec, cached_splits, describe_lm_splits, smallest_int_dtype,
-)
+from tasks.base import IGNORE_INDEX, GeneratedTask, TaskSpec, smallest_int_dtype
 
 
 def check_induction_heads(*, vocab_size: int, seq_len: int) -> None:
@@ -62,7 +60,7 @@ def generate_induction_heads(
     return {"tokens": tokens.to(dtype), "targets": targets.to(dtype)}
 
 
-class InductionHeads:
+class InductionHeads(GeneratedTask):
     """Mamba's induction-heads task as an ``lm`` task scored by accuracy at the last position.
 
     Args:
@@ -71,93 +69,31 @@ class InductionHeads:
         seq_len: training length (Mamba: 256).
         eval_seq_lens: extra test lengths for length extrapolation (Mamba: 2^6 to 2^20); the
             harness evaluates ``dataset("test", seq_len=L)`` for each.
-        n_train, n_val, n_test: examples per split (each split drawn with its own seed); every
-            extra test length gets ``n_test`` examples.
-        seed: data seed; the data are a pure function of the parameters and this seed.
-        cache_dir: where generated data are cached (``None``: ``results/cache``).
+        n_train, n_val, n_test, seed, cache_dir: see :class:`tasks.base.GeneratedTask`.
+            Every extra test length gets ``n_test`` examples.
     """
 
-    def __init__(
-        self,
-        *,
-        vocab_size: int,
-        seq_len: int,
-        eval_seq_lens: list[int] | tuple[int, ...] = (),
-        n_train: int,
-        n_val: int,
-        n_test: int,
-        seed: int,
-        cache_dir: str | None = None,
-    ):
-        # eval_seq_lens is not a cache key: it chooses which test sets exist, not their content
-        self.params = dict(
-            vocab_size=vocab_size, seq_len=seq_len, n_train=n_train, n_val=n_val, n_test=n_test,
-            seed=seed,
-        )
+    name = "induction_heads"
+
+    def __init__(self, *, vocab_size: int, seq_len: int, eval_seq_lens: list[int] | tuple[int, ...] = (),
+                 n_train: int, n_val: int, n_test: int, seed: int, cache_dir: str | None = None):
         for length in (seq_len, *eval_seq_lens):
             check_induction_heads(vocab_size=vocab_size, seq_len=length)
-        self.seq_len = seq_len
-        self.spec = TaskSpec(
-            kind="lm", vocab_size=vocab_size, n_outputs=vocab_size, seq_len=seq_len,
-            eval_seq_lens=tuple(int(length) for length in eval_seq_lens),
-        )
-        self.cache_dir = cache_dir
-        self._splits: dict | None = None
-        self._other_lengths: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
+        spec = TaskSpec(kind="lm", vocab_size=vocab_size, n_outputs=vocab_size, seq_len=seq_len,
+                        eval_seq_lens=tuple(int(length) for length in eval_seq_lens))
+        # eval_seq_lens is not a knob: it chooses which test sets exist, not their content
+        knobs = dict(vocab_size=vocab_size, seq_len=seq_len)
+        super().__init__(spec, generate_induction_heads, knobs, n_train=n_train, n_val=n_val,
+                         n_test=n_test, seed=seed, cache_dir=cache_dir)
 
-    def _seed(self, split: str) -> int:
-        return self.params["seed"] * 3 + SPLITS.index(split)
-
-    def _build(self) -> dict[str, dict[str, torch.Tensor]]:
-        p = self.params
-        return {
-            split: generate_induction_heads(
-                p[f"n_{split}"], vocab_size=p["vocab_size"], seq_len=p["seq_len"], seed=self._seed(split)
-            )
-            for split in SPLITS
-        }
-
-    def _load(self) -> dict[str, dict[str, torch.Tensor]]:
-        if self._splits is None:
-            self._splits = cached_splits("induction_heads", self.params, self._build, self.cache_dir)
-        return self._splits
-
-    def dataset(self, split: str, seq_len: int | None = None) -> ArrayDataset:
-        """The examples of ``split``, at the training length or at ``seq_len`` tokens.
-
-        A split drawn at another length uses the split's own seed and size, so the test set at
-        length 1024 is as reproducible as the one at the training length.
-        """
-        if split not in SPLITS:
-            raise KeyError(f"induction_heads: split must be one of {SPLITS}, got {split!r}")
-        if seq_len is None or seq_len == self.seq_len:
-            return ArrayDataset(self._load()[split])
-        key = (split, int(seq_len))
-        if key not in self._other_lengths:
-            p = self.params
-            params = {**p, "seq_len": int(seq_len), "split": split}
-
-            def build() -> dict[str, dict[str, torch.Tensor]]:
-                return {split: generate_induction_heads(
-                    p[f"n_{split}"], vocab_size=p["vocab_size"], seq_len=int(seq_len),
-                    seed=self._seed(split),
-                )}
-
-            self._other_lengths[key] = cached_splits("induction_heads", params, build, self.cache_dir)[split]
-        return ArrayDataset(self._other_lengths[key])
-
-    def describe(self) -> str:
-        p = self.params
-        splits = self._load()
-        trigger = p["vocab_size"] - 1
-        tokens = splits["test"]["tokens"][:, :-1]
-        first = (tokens == trigger).long().argmax(1)
-        gap = p["seq_len"] - 1 - first  # tokens between the first trigger and the query
-        header = [
-            f"induction_heads: {p['vocab_size'] - 2} random symbols, trigger id {trigger}, "
-            f"train length {p['seq_len']}, extra test lengths {list(self.spec.eval_seq_lens)}; "
-            f"chance accuracy {1 / (p['vocab_size'] - 2):.1%}",
+    def headline(self) -> list[str]:
+        V, L = self.spec.vocab_size, self.spec.seq_len
+        trigger = V - 1
+        first = (self.splits()["test"]["tokens"][:, :-1] == trigger).long().argmax(1)
+        gap = L - 1 - first  # tokens between the first trigger and the query
+        return [
+            f"induction_heads: {V - 2} random symbols, trigger id {trigger}, train length {L}, "
+            f"extra test lengths {list(self.spec.eval_seq_lens)}; chance accuracy {1 / (V - 2):.1%}",
             f"  test distance from first trigger to the query: min {gap.min()}, median "
             f"{gap.median()}, max {gap.max()}",
         ]
-        return describe_lm_splits(header, splits)

@@ -34,16 +34,13 @@ to ``seq_len`` (LRA: 2000) and right-padded.
 from __future__ import annotations
 
 import csv
-import os
 import random
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
-from tasks.base import ArrayDataset, TaskSpec, cache_key, cached_splits, default_cache_dir
-from tasks.lra_io import describe_splits, fingerprint, format_error, missing_data, pad_rows, shorten
+from tasks.base import TaskSpec, atomic_write_dir, cache_key, cached_splits, default_cache_dir
+from tasks.lra_io import FileTask, fingerprint, format_error, missing_data, pad_rows, shorten
 
 MIN, MAX, MED, SUM_MOD, END = "[MIN", "[MAX", "[MED", "[SM", "]"
 OPERATORS = (MIN, MAX, MED, SUM_MOD)
@@ -178,21 +175,15 @@ def generate_listops(
 
 def write_generated(directory: Path, splits: dict[str, list[tuple[str, int]]]) -> None:
     """Write ``basic_<split>.tsv`` files into ``directory`` atomically (a temp dir, renamed)."""
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
-    try:
+
+    def write(tmp: Path) -> None:
         for split, rows in splits.items():
             with open(tmp / f"basic_{split}.tsv", "w", newline="") as f:
                 writer = csv.writer(f, delimiter="\t", lineterminator="\n")
                 writer.writerow(HEADER)
                 writer.writerows(rows)
-        try:
-            os.replace(tmp, directory)
-        except OSError:
-            if not directory.exists():  # a concurrent writer would have left a complete folder
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    atomic_write_dir(directory, write)
 
 
 def read_listops_tsv(path: Path, seq_len: int) -> dict[str, torch.Tensor]:
@@ -224,7 +215,7 @@ def read_listops_tsv(path: Path, seq_len: int) -> dict[str, torch.Tensor]:
     return {"tokens": pad_rows(rows, seq_len, pad_id=PAD_ID), "label": torch.tensor(labels, dtype=torch.int16)}
 
 
-class ListOps:
+class ListOps(FileTask):
     """LRA ListOps as a 10-way ``classify`` task.
 
     Args:
@@ -238,6 +229,8 @@ class ListOps:
         seed: generator seed (``source=generate``).
         cache_dir: where generated TSVs and tokenised tensors are cached (``None``: default).
     """
+
+    name = "listops"
 
     def __init__(
         self, *, source: str, data_dir: str | None, seq_len: int, n_train: int, n_val: int,
@@ -256,7 +249,6 @@ class ListOps:
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.spec = TaskSpec(kind="classify", vocab_size=len(VOCAB), n_outputs=10, seq_len=seq_len,
                              pad_id=PAD_ID)
-        self._splits: dict | None = None
 
     def tsv_dir(self) -> Path:
         """The folder holding the TSVs: ``data_dir``, or the generated copy in the cache."""
@@ -273,19 +265,13 @@ class ListOps:
             raise missing_data("listops", directory, missing, HOW_TO_GET)
         return directory
 
-    def splits(self) -> dict[str, dict[str, torch.Tensor]]:
-        if self._splits is None:
-            directory = self.tsv_dir()
-            paths = {s: directory / f"basic_{s}.tsv" for s in SPLITS}
-            params = dict(files=fingerprint(list(paths.values())), seq_len=self.seq_len, version=1)
-            build = lambda: {s: read_listops_tsv(p, self.seq_len) for s, p in paths.items()}  # noqa: E731
-            self._splits = cached_splits("listops", params, build, self.cache_dir)
-        return self._splits
+    def load(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The TSVs (released, or generated into the cache) tokenised at ``seq_len``, cached."""
+        directory = self.tsv_dir()
+        paths = {s: directory / f"basic_{s}.tsv" for s in SPLITS}
+        params = dict(files=fingerprint(list(paths.values())), seq_len=self.seq_len, version=1)
+        build = lambda: {s: read_listops_tsv(p, self.seq_len) for s, p in paths.items()}  # noqa: E731
+        return cached_splits("listops", params, build, self.cache_dir)
 
-    def dataset(self, split: str) -> ArrayDataset:
-        return ArrayDataset(self.splits()[split])
-
-    def describe(self) -> str:
-        """Examples, lengths and label balance per split."""
-        title = f"listops (source={self.source}, seq_len={self.seq_len}, vocab={len(VOCAB)})"
-        return describe_splits(title, self.splits(), pad_id=PAD_ID, seq_len=self.seq_len)
+    def title(self) -> str:
+        return f"listops (source={self.source}, seq_len={self.seq_len}, vocab={len(VOCAB)})"

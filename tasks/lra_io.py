@@ -1,5 +1,5 @@
-"""Shared helpers of the Long Range Arena loaders: finding data, errors that name file and line,
-cache keys from the data files, padding, byte encoding and a one-screen summary of the splits.
+"""Shared parts of the Long Range Arena loaders: the :class:`FileTask` base, errors that name file
+and line, cache keys from the data files, padding, byte encoding and a one-screen summary.
 
 Every loader in ``tasks/`` that reads a published LRA format goes through these, so that a
 missing folder or a bad row reads the same way in every task::
@@ -15,6 +15,8 @@ from typing import Sequence
 
 import numpy as np
 import torch
+
+from tasks.base import ArrayDataset, TaskSpec, check_split
 
 # Raw documents are cut to this many bytes before tokenisation in the LRA byte pipelines
 # (matching/input_pipeline.py: ``encoder.encode(s.numpy()[:10000])``).
@@ -113,3 +115,44 @@ def describe_splits(title: str, splits: dict[str, dict[str, torch.Tensor]], *, p
                 f"mean {lengths.mean():.1f}; {full:.1%} fill seq_len={seq_len}"
             )
     return "\n".join(lines)
+
+
+class FileTask:
+    """The shared part of the tasks read from files in a published format (the LRA loaders).
+
+    A subclass sets ``name`` and ``spec`` and supplies :meth:`load` (read and tokenise the three
+    splits at ``spec.seq_len``, through the disk cache) and :meth:`title`. Nothing is read until
+    the first :meth:`splits`, so building a task for a config check touches no file.
+    """
+
+    name: str
+    spec: TaskSpec
+    _splits: dict[str, dict[str, torch.Tensor]] | None = None  # set by the first splits()
+
+    def load(self) -> dict[str, dict[str, torch.Tensor]]:
+        raise NotImplementedError(f"{type(self).__name__} must read its files in load()")
+
+    def title(self) -> str:
+        """The first line of :meth:`describe`: the task, its source and its length."""
+        raise NotImplementedError(f"{type(self).__name__} must name itself in title()")
+
+    def splits(self) -> dict[str, dict[str, torch.Tensor]]:
+        """``{split: arrays}``, loaded on the first call."""
+        if self._splits is None:
+            self._splits = self.load()
+        return self._splits
+
+    def dataset(self, split: str, *, seq_len: int | None = None) -> ArrayDataset:
+        """The examples of ``split``. The files are tokenised at ``spec.seq_len`` only, so another
+        ``seq_len`` is refused rather than answered with data of the wrong shape."""
+        check_split(self.name, split)
+        if seq_len is not None and seq_len != self.spec.seq_len:
+            raise ValueError(
+                f"{self.name}: the data are tokenised at task.seq_len={self.spec.seq_len} only, so "
+                f"there is no dataset({split!r}, seq_len={seq_len}); set task.seq_len instead"
+            )
+        return ArrayDataset(self.splits()[split])
+
+    def describe(self) -> str:
+        """:meth:`title`, then examples, token lengths and label balance per split."""
+        return describe_splits(self.title(), self.splits(), pad_id=self.spec.pad_id, seq_len=self.spec.seq_len)

@@ -21,26 +21,33 @@ from __future__ import annotations
 
 import torch
 
-from tasks.base import (
-    IGNORE_INDEX, ArrayDataset, describe_lm_splits, generated_splits, smallest_int_dtype, TaskSpec,
-)
+from tasks.base import IGNORE_INDEX, GeneratedTask, TaskSpec, smallest_int_dtype
+
+
+def check_mqar(*, vocab_size: int, seq_len: int, n_pairs: int) -> None:
+    """Raise a ValueError naming the config key when the knobs cannot make a sequence."""
+    n_keys = vocab_size // 2 - 1
+    if n_pairs > n_keys:
+        raise ValueError(
+            f"mqar: task.n_pairs={n_pairs} needs {n_pairs} distinct keys, but task.vocab_size="
+            f"{vocab_size} has {n_keys} ([1, vocab_size/2)); raise task.vocab_size or lower task.n_pairs"
+        )
+    if n_pairs > (seq_len - 2 * n_pairs) // 2:
+        raise ValueError(
+            f"mqar: task.seq_len={seq_len} is too short for task.n_pairs={n_pairs}: the context "
+            f"takes {2 * n_pairs} tokens and every key is queried again after it (at least "
+            f"{4 * n_pairs} tokens in all); raise task.seq_len or lower task.n_pairs"
+        )
 
 
 def generate_mqar(
     n_examples: int, *, vocab_size: int, seq_len: int, n_pairs: int, power_a: float, seed: int
 ) -> dict[str, torch.Tensor]:
     """Draw ``n_examples`` MQAR sequences; returns ``tokens`` and ``targets`` of (N, seq_len)."""
+    check_mqar(vocab_size=vocab_size, seq_len=seq_len, n_pairs=n_pairs)
     context = 2 * n_pairs
     space = (seq_len - context) // 2  # query slots sit at even offsets after the context
     n_keys = vocab_size // 2 - 1
-    if n_pairs > n_keys:
-        raise ValueError(f"mqar: n_pairs={n_pairs} needs more than vocab_size//2-1={n_keys} keys")
-    if n_pairs > space:
-        raise ValueError(
-            f"mqar: task.seq_len={seq_len} is too short for task.n_pairs={n_pairs}: the context "
-            f"takes {context} tokens and every key is queried again after it (at least "
-            f"{4 * n_pairs} tokens in all); raise task.seq_len or lower task.n_pairs"
-        )
     g = torch.Generator().manual_seed(seed)
     N = n_examples
 
@@ -65,7 +72,7 @@ def generate_mqar(
     return {"tokens": tokens.to(dtype), "targets": targets.to(dtype)}
 
 
-class MQAR:
+class MQAR(GeneratedTask):
     """Zoology's MQAR as an ``lm`` task scored by accuracy at the query positions.
 
     Args:
@@ -73,43 +80,20 @@ class MQAR:
         seq_len: tokens per sequence.
         n_pairs: key-value pairs in the context (and queries per sequence).
         power_a: exponent of the power law over query gaps (Zoology: 0.01).
-        n_train, n_val, n_test: examples per split (each split drawn with its own seed).
-        seed: data seed; the data are a pure function of the parameters and this seed.
-        cache_dir: where generated data are cached (``None``: ``results/cache``).
+        n_train, n_val, n_test, seed, cache_dir: see :class:`tasks.base.GeneratedTask`.
     """
 
-    def __init__(
-        self,
-        *,
-        vocab_size: int,
-        seq_len: int,
-        n_pairs: int,
-        power_a: float,
-        n_train: int,
-        n_val: int,
-        n_test: int,
-        seed: int,
-        cache_dir: str | None = None,
-    ):
-        self.params = dict(
-            vocab_size=vocab_size, seq_len=seq_len, n_pairs=n_pairs, power_a=power_a,
-            n_train=n_train, n_val=n_val, n_test=n_test, seed=seed,
-        )
-        self.spec = TaskSpec(kind="lm", vocab_size=vocab_size, n_outputs=vocab_size, seq_len=seq_len)
-        self.cache_dir = cache_dir
-        self._splits: dict | None = None
+    name = "mqar"
 
-    def _load(self) -> dict[str, dict[str, torch.Tensor]]:
-        if self._splits is None:
-            p = self.params
-            self._splits = generated_splits("mqar", p, generate_mqar, self.cache_dir, vocab_size=p["vocab_size"], seq_len=p["seq_len"], n_pairs=p["n_pairs"], power_a=p["power_a"])
-        return self._splits
+    def __init__(self, *, vocab_size: int, seq_len: int, n_pairs: int, power_a: float, n_train: int,
+                 n_val: int, n_test: int, seed: int, cache_dir: str | None = None):
+        check_mqar(vocab_size=vocab_size, seq_len=seq_len, n_pairs=n_pairs)  # a bad configuration fails now
+        spec = TaskSpec(kind="lm", vocab_size=vocab_size, n_outputs=vocab_size, seq_len=seq_len)
+        knobs = dict(vocab_size=vocab_size, seq_len=seq_len, n_pairs=n_pairs, power_a=power_a)
+        super().__init__(spec, generate_mqar, knobs, n_train=n_train, n_val=n_val, n_test=n_test,
+                         seed=seed, cache_dir=cache_dir)
 
-    def dataset(self, split: str) -> ArrayDataset:
-        return ArrayDataset(self._load()[split])
-
-    def describe(self) -> str:
-        p = self.params
-        header = [f"mqar: vocab {p['vocab_size']}, seq_len {p['seq_len']}, {p['n_pairs']} key-value "
-                  f"pairs, power_a {p['power_a']}, seed {p['seed']}"]
-        return describe_lm_splits(header, self._load())
+    def headline(self) -> list[str]:
+        k = self.knobs
+        return [f"mqar: vocab {k['vocab_size']}, seq_len {k['seq_len']}, {k['n_pairs']} key-value "
+                f"pairs, power_a {k['power_a']}, seed {self.seed}"]

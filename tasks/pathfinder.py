@@ -33,17 +33,14 @@ and the seed; the same loader then reads them, train then val then test, ``n_tra
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image as PILImage
 
-from tasks.base import ArrayDataset, TaskSpec, cache_key, cached_splits, default_cache_dir
-from tasks.lra_io import fingerprint, format_error, missing_data, shorten
+from tasks.base import TaskSpec, atomic_write_dir, cache_key, cached_splits, default_cache_dir
+from tasks.lra_io import FileTask, fingerprint, format_error, missing_data, shorten
 from tasks.pathfinder_draw import PathStyle, balanced_labels, draw_pathfinder
 
 PAD_ID = 256
@@ -144,9 +141,8 @@ def lra_split_sizes(n: int) -> tuple[int, int, int]:
 
 def write_generated(root: Path, style: PathStyle, level: str, sizes: dict[str, int], seed: int) -> None:
     """Draw ``sizes`` images per split and write the official layout under ``root`` atomically."""
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.", suffix=".tmp"))
-    try:
+
+    def write(tmp: Path) -> None:
         level_dir = tmp / f"pathfinder{style.resolution}" / level
         (level_dir / "metadata").mkdir(parents=True)
         lines: dict[int, list[str]] = {}
@@ -169,16 +165,11 @@ def write_generated(root: Path, style: PathStyle, level: str, sizes: dict[str, i
                 index += 1
         for batch, batch_lines in lines.items():
             (level_dir / "metadata" / f"{batch}.npy").write_text("\n".join(batch_lines) + "\n")
-        try:
-            os.replace(tmp, root)
-        except OSError:
-            if not root.exists():  # a concurrent writer would have left a complete folder
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    atomic_write_dir(root, write)
 
 
-class Pathfinder:
+class Pathfinder(FileTask):
     """LRA Pathfinder / Path-X as a 2-way ``classify`` task over grey-level tokens.
 
     Args:
@@ -225,7 +216,6 @@ class Pathfinder:
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.spec = TaskSpec(kind="classify", vocab_size=VOCAB_SIZE, n_outputs=2, seq_len=seq_len, pad_id=PAD_ID)
         self.skipped: dict[str, int] = {}
-        self._splits: dict | None = None
 
     def level_dir(self) -> Path:
         """``pathfinder<R>/<level>`` of the release, or of the generated copy in the cache."""
@@ -261,19 +251,15 @@ class Pathfinder:
         out["skipped"] = {k: torch.tensor([v]) for k, v in skipped.items()}
         return out
 
-    def splits(self) -> dict[str, dict[str, torch.Tensor]]:
-        if self._splits is None:
-            level_dir = self.level_dir()
-            files = metadata_files(level_dir) + sorted(p for p in (level_dir / "imgs").glob("*") if p.is_dir())
-            params = dict(files=fingerprint(files), resolution=self.resolution, level=self.level,
-                          sizes=self.sizes if self.source == "generate" else "80/10/10", version=1)
-            loaded = dict(cached_splits(self.name, params, lambda: self._build(level_dir), self.cache_dir))
-            self.skipped = {k: int(v) for k, v in loaded.pop("skipped").items()}
-            self._splits = loaded
-        return self._splits
-
-    def dataset(self, split: str) -> ArrayDataset:
-        return ArrayDataset(self.splits()[split])
+    def load(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The level's images (released, or drawn into the cache) as tokens, split, cached."""
+        level_dir = self.level_dir()
+        files = metadata_files(level_dir) + sorted(p for p in (level_dir / "imgs").glob("*") if p.is_dir())
+        params = dict(files=fingerprint(files), resolution=self.resolution, level=self.level,
+                      sizes=self.sizes if self.source == "generate" else "80/10/10", version=1)
+        loaded = dict(cached_splits(self.name, params, lambda: self._build(level_dir), self.cache_dir))
+        self.skipped = {k: int(v) for k, v in loaded.pop("skipped").items()}
+        return loaded
 
     def describe(self) -> str:
         """Images per split, label balance, and pixel statistics (overall and per label)."""

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from tasks.base import ArrayDataset, TaskSpec, cached_splits, default_cache_dir
-from tasks.lra_io import describe_splits, encode_bytes, fingerprint, format_error, missing_data, pad_rows, shorten
+from tasks.base import TaskSpec, cached_splits, default_cache_dir
+from tasks.lra_io import FileTask, encode_bytes, fingerprint, format_error, missing_data, pad_rows, shorten
 
 PAD_ID = 0
 VOCAB_SIZE = 257
@@ -68,7 +68,7 @@ def read_aan_tsv(path: Path, seq_len: int) -> dict[str, torch.Tensor]:
     }
 
 
-class Retrieval:
+class Retrieval(FileTask):
     """LRA Retrieval (AAN citation matching) as a 2-way ``pair`` task.
 
     Args:
@@ -77,31 +77,26 @@ class Retrieval:
         cache_dir: where tokenised tensors are cached (``None``: default).
     """
 
+    name = "retrieval"
+
     def __init__(self, *, data_dir: str | None, seq_len: int, cache_dir: str | None = None):
         self.data_dir = data_dir
         self.seq_len = seq_len
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.spec = TaskSpec(kind="pair", vocab_size=VOCAB_SIZE, n_outputs=2, seq_len=seq_len, pad_id=PAD_ID)
-        self._splits: dict | None = None
 
-    def splits(self) -> dict[str, dict[str, torch.Tensor]]:
-        if self._splits is None:
-            if self.data_dir is None:
-                raise ValueError(f"retrieval: set task.data_dir. {HOW_TO_GET}")
-            directory = Path(self.data_dir)
-            paths = {split: directory / name for split, name in FILES.items()}
-            missing = [p for p in paths.values() if not p.is_file()]
-            if missing:
-                raise missing_data("retrieval", directory, missing, HOW_TO_GET)
-            params = dict(files=fingerprint(list(paths.values())), seq_len=self.seq_len, version=1)
-            build = lambda: {s: read_aan_tsv(p, self.seq_len) for s, p in paths.items()}  # noqa: E731
-            self._splits = cached_splits("retrieval", params, build, self.cache_dir)
-        return self._splits
+    def load(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The three AAN pair files as bytes at ``seq_len``, cached."""
+        if self.data_dir is None:
+            raise ValueError(f"retrieval: set task.data_dir. {HOW_TO_GET}")
+        directory = Path(self.data_dir)
+        paths = {split: directory / name for split, name in FILES.items()}
+        missing = [p for p in paths.values() if not p.is_file()]
+        if missing:
+            raise missing_data("retrieval", directory, missing, HOW_TO_GET)
+        params = dict(files=fingerprint(list(paths.values())), seq_len=self.seq_len, version=1)
+        build = lambda: {s: read_aan_tsv(p, self.seq_len) for s, p in paths.items()}  # noqa: E731
+        return cached_splits("retrieval", params, build, self.cache_dir)
 
-    def dataset(self, split: str) -> ArrayDataset:
-        return ArrayDataset(self.splits()[split])
-
-    def describe(self) -> str:
-        """Examples, lengths of both documents and label balance per split."""
-        title = f"retrieval (byte-level AAN pairs, seq_len={self.seq_len} per document)"
-        return describe_splits(title, self.splits(), pad_id=PAD_ID, seq_len=self.seq_len)
+    def title(self) -> str:
+        return f"retrieval (byte-level AAN pairs, seq_len={self.seq_len} per document)"

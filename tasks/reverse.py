@@ -26,11 +26,10 @@ from __future__ import annotations
 
 import torch
 
-from tasks.base import ArrayDataset, generated_splits, smallest_int_dtype, TaskSpec
+from tasks.base import GeneratedTask, TaskSpec, smallest_int_dtype
 
 PAD_ID, BOS_ID, SEP_ID, EOS_ID = 0, 1, 2, 3
 FIRST_SYMBOL = 4
-SPLITS = ("train", "val", "test")
 
 
 def check_reverse(*, vocab_size: int, min_len: int, seq_len: int) -> None:
@@ -72,7 +71,7 @@ def generate_reverse(
     }
 
 
-class Reverse:
+class Reverse(GeneratedTask):
     """Reverse a random string: ``seq2seq``, scored by token accuracy over the real target tokens.
 
     Args:
@@ -80,57 +79,36 @@ class Reverse:
             are [4, V - 1].
         min_len: shortest source.
         seq_len: longest source (targets are one longer, for eos).
-        n_train, n_val, n_test: examples per split (each split drawn with its own seed).
-        seed: data seed; the data are a pure function of the parameters and this seed.
-        cache_dir: where generated data are cached (``None``: ``results/cache``).
+        n_train, n_val, n_test, seed, cache_dir: see :class:`tasks.base.GeneratedTask`.
     """
 
-    def __init__(
-        self,
-        *,
-        vocab_size: int,
-        min_len: int,
-        seq_len: int,
-        n_train: int,
-        n_val: int,
-        n_test: int,
-        seed: int,
-        cache_dir: str | None = None,
-    ):
-        self.params = dict(
-            vocab_size=vocab_size, min_len=min_len, seq_len=seq_len,
-            n_train=n_train, n_val=n_val, n_test=n_test, seed=seed,
-        )
-        # fail on a bad configuration now, not when the harness first asks for data
-        check_reverse(vocab_size=vocab_size, min_len=min_len, seq_len=seq_len)
-        self.seq_len = seq_len
-        self.spec = TaskSpec(
-            kind="seq2seq", vocab_size=vocab_size, n_outputs=vocab_size, seq_len=seq_len,
-            pad_id=PAD_ID, target_len=seq_len + 1, bos_id=BOS_ID, sep_id=SEP_ID,
-        )
-        self.cache_dir = cache_dir
-        self._splits: dict | None = None
+    name = "reverse"
 
-    def _load(self) -> dict[str, dict[str, torch.Tensor]]:
-        if self._splits is None:
-            p = self.params
-            self._splits = generated_splits("reverse", p, generate_reverse, self.cache_dir, vocab_size=p["vocab_size"], min_len=p["min_len"], seq_len=p["seq_len"])
-        return self._splits
+    def __init__(self, *, vocab_size: int, min_len: int, seq_len: int, n_train: int, n_val: int,
+                 n_test: int, seed: int, cache_dir: str | None = None):
+        knobs = dict(vocab_size=vocab_size, min_len=min_len, seq_len=seq_len)
+        check_reverse(**knobs)  # a bad configuration fails now, not at the first dataset() call
+        spec = TaskSpec(kind="seq2seq", vocab_size=vocab_size, n_outputs=vocab_size, seq_len=seq_len,
+                        pad_id=PAD_ID, target_len=seq_len + 1, bos_id=BOS_ID, sep_id=SEP_ID)
+        super().__init__(spec, generate_reverse, knobs, n_train=n_train, n_val=n_val, n_test=n_test,
+                         seed=seed, cache_dir=cache_dir)
 
-    def dataset(self, split: str) -> ArrayDataset:
-        return ArrayDataset(self._load()[split])
+    def headline(self) -> list[str]:
+        n_symbols = self.spec.vocab_size - FIRST_SYMBOL
+        return [
+            f"reverse: strings of {n_symbols} symbols, length uniform in [{self.knobs['min_len']}, "
+            f"{self.spec.seq_len}], target = reversed source + eos; chance accuracy "
+            f"{1 / n_symbols:.1%} on symbols",
+        ]
 
     def describe(self) -> str:
-        p = self.params
-        lines = [
-            f"reverse: strings of {p['vocab_size'] - FIRST_SYMBOL} symbols, length uniform in "
-            f"[{p['min_len']}, {p['seq_len']}], target = reversed source + eos; "
-            f"chance accuracy {1 / (p['vocab_size'] - FIRST_SYMBOL):.1%} on symbols",
-        ]
-        for split, arrays in self._load().items():
+        """:meth:`headline`, then source lengths, scored target tokens and symbol balance per split."""
+        lines = self.headline()
+        for split, arrays in self.splits().items():
             length = arrays["length"].long()
             symbols = arrays["source"][arrays["source"] != PAD_ID].long()
-            share = torch.bincount(symbols, minlength=p["vocab_size"])[FIRST_SYMBOL:].double() / max(symbols.numel(), 1)
+            counts = torch.bincount(symbols, minlength=self.spec.vocab_size)[FIRST_SYMBOL:]
+            share = counts.double() / max(symbols.numel(), 1)
             lines.append(
                 f"  {split}: {len(length)} examples, source length min {length.min()} mean "
                 f"{length.double().mean():.1f} max {length.max()}, {length.sum() + len(length)} "

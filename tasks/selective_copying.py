@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from tasks.base import (
-    IGNORE_INDEX, ArrayDataset, describe_lm_splits, generated_splits, smallest_int_dtype, TaskSpec,
-)
+from tasks.base import IGNORE_INDEX, GeneratedTask, TaskSpec, smallest_int_dtype
 
 ROWS_PER_BLOCK = 1024
 
@@ -72,61 +70,34 @@ def generate_selective_copying(
     return {"tokens": tokens, "targets": targets}
 
 
-class SelectiveCopying:
+class SelectiveCopying(GeneratedTask):
     """Mamba's selective copying as an ``lm`` task scored by accuracy at the marker positions.
 
     Args:
         vocab_size: V; 0 is noise, V - 1 the marker, data tokens come from [1, V - 2].
         n_tokens: data tokens to find and copy (M; Mamba: 16).
         seq_len: total tokens per sequence, the M markers included (Mamba: 4096).
-        n_train, n_val, n_test: examples per split (each split drawn with its own seed).
-        seed: data seed; the data are a pure function of the parameters and this seed.
-        cache_dir: where generated data are cached (``None``: ``results/cache``).
+        n_train, n_val, n_test, seed, cache_dir: see :class:`tasks.base.GeneratedTask`.
     """
 
-    def __init__(
-        self,
-        *,
-        vocab_size: int,
-        n_tokens: int,
-        seq_len: int,
-        n_train: int,
-        n_val: int,
-        n_test: int,
-        seed: int,
-        cache_dir: str | None = None,
-    ):
-        self.params = dict(
-            vocab_size=vocab_size, n_tokens=n_tokens, seq_len=seq_len,
-            n_train=n_train, n_val=n_val, n_test=n_test, seed=seed,
-        )
-        # fail on a bad configuration now, not when the harness first asks for data
-        check_selective_copying(vocab_size=vocab_size, n_tokens=n_tokens, seq_len=seq_len)
-        self.seq_len = seq_len
-        self.spec = TaskSpec(kind="lm", vocab_size=vocab_size, n_outputs=vocab_size, seq_len=seq_len)
-        self.cache_dir = cache_dir
-        self._splits: dict | None = None
+    name = "selective_copying"
 
-    def _load(self) -> dict[str, dict[str, torch.Tensor]]:
-        if self._splits is None:
-            p = self.params
-            self._splits = generated_splits("selective_copying", p, generate_selective_copying, self.cache_dir, vocab_size=p["vocab_size"], n_tokens=p["n_tokens"], seq_len=p["seq_len"])
-        return self._splits
+    def __init__(self, *, vocab_size: int, n_tokens: int, seq_len: int, n_train: int, n_val: int,
+                 n_test: int, seed: int, cache_dir: str | None = None):
+        knobs = dict(vocab_size=vocab_size, n_tokens=n_tokens, seq_len=seq_len)
+        check_selective_copying(**knobs)  # a bad configuration fails now, not at the first dataset() call
+        spec = TaskSpec(kind="lm", vocab_size=vocab_size, n_outputs=vocab_size, seq_len=seq_len)
+        super().__init__(spec, generate_selective_copying, knobs, n_train=n_train, n_val=n_val,
+                         n_test=n_test, seed=seed, cache_dir=cache_dir)
 
-    def dataset(self, split: str) -> ArrayDataset:
-        return ArrayDataset(self._load()[split])
-
-    def describe(self) -> str:
-        p = self.params
-        splits = self._load()
+    def headline(self) -> list[str]:
+        V, M, L = self.spec.vocab_size, self.knobs["n_tokens"], self.spec.seq_len
         # how far back the model must reach: from the first data token to its marker
-        first = (splits["test"]["tokens"][:, : p["seq_len"] - p["n_tokens"]] != 0).long().argmax(1)
-        reach = p["seq_len"] - p["n_tokens"] - first
-        header = [
-            f"selective_copying: {p['n_tokens']} data tokens from {p['vocab_size'] - 2} symbols "
-            f"scattered in {p['seq_len'] - p['n_tokens']} noise positions, then {p['n_tokens']} "
-            f"markers (seq_len {p['seq_len']}); chance accuracy {1 / (p['vocab_size'] - 2):.1%}",
+        first = (self.splits()["test"]["tokens"][:, : L - M] != 0).long().argmax(1)
+        reach = L - M - first
+        return [
+            f"selective_copying: {M} data tokens from {V - 2} symbols scattered in {L - M} noise "
+            f"positions, then {M} markers (seq_len {L}); chance accuracy {1 / (V - 2):.1%}",
             f"  test distance from first data token to the first marker: min {reach.min()}, "
             f"median {reach.median()}, max {reach.max()}",
         ]
-        return describe_lm_splits(header, splits)

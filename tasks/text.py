@@ -27,8 +27,8 @@ from pathlib import Path
 
 import torch
 
-from tasks.base import ArrayDataset, TaskSpec, cached_splits, default_cache_dir
-from tasks.lra_io import describe_splits, encode_bytes, fingerprint, format_error, missing_data, pad_rows
+from tasks.base import TaskSpec, cached_splits, default_cache_dir
+from tasks.lra_io import FileTask, encode_bytes, fingerprint, format_error, missing_data, pad_rows
 
 PAD_ID = 0
 VOCAB_SIZE = 257  # pad + 256 byte values
@@ -76,7 +76,7 @@ def read_reviews(files: list[tuple[Path, int]], seq_len: int) -> dict[str, torch
     return {"tokens": pad_rows(rows, seq_len, pad_id=PAD_ID), "label": labels}
 
 
-class Text:
+class Text(FileTask):
     """LRA Text (byte-level IMDb) as a 2-way ``classify`` task.
 
     Args:
@@ -86,6 +86,8 @@ class Text:
         seed: the permutation that picks the holdout (``val_split=holdout``).
         cache_dir: where tokenised tensors are cached (``None``: default).
     """
+
+    name = "text"
 
     def __init__(self, *, data_dir: str | None, seq_len: int, val_split: str, seed: int,
                  cache_dir: str | None = None):
@@ -98,7 +100,6 @@ class Text:
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.spec = TaskSpec(kind="classify", vocab_size=VOCAB_SIZE, n_outputs=2, seq_len=seq_len,
                              pad_id=PAD_ID)
-        self._splits: dict | None = None
 
     def _build(self, files: dict[str, list[tuple[Path, int]]]) -> dict[str, dict[str, torch.Tensor]]:
         train = read_reviews(files["train"], self.seq_len)
@@ -115,24 +116,18 @@ class Text:
             "test": test,
         }
 
-    def splits(self) -> dict[str, dict[str, torch.Tensor]]:
-        if self._splits is None:
-            if self.data_dir is None:
-                raise ValueError(f"text: set task.data_dir. {HOW_TO_GET}")
-            root = find_root(self.data_dir)
-            files = {part: list_reviews(root, part) for part in ("train", "test")}
-            params = dict(
-                files=fingerprint([f for part in files.values() for f, _ in part]),
-                seq_len=self.seq_len, val_split=self.val_split, version=1,
-                seed=self.seed if self.val_split == "holdout" else None,
-            )
-            self._splits = cached_splits("text", params, lambda: self._build(files), self.cache_dir)
-        return self._splits
+    def load(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The reviews of ``data_dir`` as bytes at ``seq_len``, split by ``val_split``, cached."""
+        if self.data_dir is None:
+            raise ValueError(f"text: set task.data_dir. {HOW_TO_GET}")
+        root = find_root(self.data_dir)
+        files = {part: list_reviews(root, part) for part in ("train", "test")}
+        params = dict(
+            files=fingerprint([f for part in files.values() for f, _ in part]),
+            seq_len=self.seq_len, val_split=self.val_split, version=1,
+            seed=self.seed if self.val_split == "holdout" else None,
+        )
+        return cached_splits("text", params, lambda: self._build(files), self.cache_dir)
 
-    def dataset(self, split: str) -> ArrayDataset:
-        return ArrayDataset(self.splits()[split])
-
-    def describe(self) -> str:
-        """Examples, lengths and label balance per split."""
-        title = f"text (byte-level IMDb, seq_len={self.seq_len}, val_split={self.val_split})"
-        return describe_splits(title, self.splits(), pad_id=PAD_ID, seq_len=self.seq_len)
+    def title(self) -> str:
+        return f"text (byte-level IMDb, seq_len={self.seq_len}, val_split={self.val_split})"

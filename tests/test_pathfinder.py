@@ -234,7 +234,7 @@ def test_model_builds_and_runs_on_generated_pathfinder(tmp_path):
     built = build(["model=transformer", "task=pathfinder", "task.source=generate", "task.n_train=4",
                    "task.n_val=2", "task.n_test=2", f"task.cache_dir={tmp_path / 'cache'}",
                    "model.d_model=32", "model.n_layers=1", "model.d_ff=64", "model.mixer.n_heads=2"])
-    batch = {k: v.long() for k, v in built.task.dataset("train")[[0, 1, 2]].items()}
+    batch = built.task.dataset("train")[[0, 1, 2]]
     with torch.no_grad():
         logits = built.model.eval()(batch)
     assert logits.shape == (3, 2) and torch.isfinite(logits).all()

@@ -6,10 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tasks.base import IGNORE_INDEX
+from tasks.base import IGNORE_INDEX, ArrayDataset
 from tasks.char_lm import CharLM, generate_corpus, split_stream, windows
 from tasks.copying import Copying, generate_copying
 from tasks.induction_heads import InductionHeads, generate_induction_heads
+from tasks.mqar import MQAR
 from tasks.reverse import BOS_ID, EOS_ID, PAD_ID, SEP_ID, Reverse, generate_reverse
 from tasks.selective_copying import SelectiveCopying, generate_selective_copying
 
@@ -91,6 +92,43 @@ def test_induction_heads_other_lengths(tmp_path):
         task.dataset("dev")
 
 
+def test_every_generated_task_draws_other_lengths(tmp_path):
+    """Not only induction heads: any generated task draws a split at another length, with the
+    split's own seed and size, cached like the rest."""
+    def make() -> MQAR:
+        return MQAR(vocab_size=32, seq_len=32, n_pairs=4, power_a=0.01, cache_dir=tmp_path, **SMALL)
+
+    task = make()
+    long = task.dataset("test", seq_len=64).arrays
+    assert long["tokens"].shape == (SMALL["n_test"], 64)
+    assert int((long["targets"] != IGNORE_INDEX).sum(1).min()) == 4  # every key asked again
+    assert torch.equal(make().dataset("test", seq_len=64).arrays["tokens"], long["tokens"])
+    assert task.dataset("test").arrays["tokens"].shape == (SMALL["n_test"], 32)
+    with pytest.raises(ValueError, match="task.seq_len"):
+        task.dataset("test", seq_len=12)  # too short for 4 pairs: the generator's own check
+
+
+def test_char_lm_windows_at_other_lengths(tmp_path):
+    task = CharLM(source="generate", path=None, seq_len=16, n_bytes=4000, seed=0, cache_dir=tmp_path)
+    short, long = task.dataset("val").arrays, task.dataset("val", seq_len=64).arrays
+    assert long["tokens"].shape[1] == 64
+    assert torch.equal(long["tokens"].flatten(), short["tokens"].flatten()[: long["tokens"].numel()])
+    with pytest.raises(ValueError, match="200 bytes"):
+        task.dataset("val", seq_len=400)  # the 5% split of 4000 bytes holds no window of 401
+
+
+def test_indexing_returns_int64_and_keeps_storage_compact():
+    ds = ArrayDataset({"tokens": torch.tensor([[1, 2], [3, 4]], dtype=torch.int16),
+                       "bytes": torch.tensor([[5], [6]], dtype=torch.uint8),
+                       "weight": torch.tensor([0.5, 1.5])})
+    batch = ds[[1, 0]]
+    assert batch["tokens"].dtype == batch["bytes"].dtype == torch.int64
+    assert batch["tokens"].tolist() == [[3, 4], [1, 2]] and batch["bytes"].tolist() == [[6], [5]]
+    assert batch["weight"].dtype == torch.float32  # only integers are widened
+    assert ds[0]["tokens"].dtype == torch.int64
+    assert ds.arrays["tokens"].dtype == torch.int16 and ds.arrays["bytes"].dtype == torch.uint8
+
+
 def test_reverse_targets():
     V, lo, hi = 12, 2, 9
     d = generate_reverse(200, vocab_size=V, min_len=lo, seq_len=hi, seed=2)
@@ -169,6 +207,10 @@ def test_config_errors():
         Reverse(vocab_size=4, min_len=1, seq_len=5, **SMALL)
     with pytest.raises(ValueError, match="task.min_len"):
         Reverse(vocab_size=10, min_len=6, seq_len=5, **SMALL)
+    with pytest.raises(ValueError, match="task.vocab_size=8"):
+        MQAR(vocab_size=8, seq_len=64, n_pairs=4, power_a=0.01, **SMALL)  # 3 keys for 4 pairs
+    with pytest.raises(ValueError, match="task.seq_len"):
+        MQAR(vocab_size=64, seq_len=12, n_pairs=4, power_a=0.01, **SMALL)
 
 
 @pytest.mark.parametrize("name", sorted(GENERATORS))
@@ -224,7 +266,7 @@ def test_builds_with_transformer(name, tmp_path):
     built = build(["model=transformer", f"task={name}", f"task.cache_dir={tmp_path}", *sizes,
                    *BUILD[name]])
     task, spec = built.task, built.task.spec
-    batch = {k: v.long() for k, v in task.dataset("train")[[0, 1, 2]].items()}
+    batch = task.dataset("train")[[0, 1, 2]]  # int64 from indexing: no cast needed
     logits = built.model(batch)
     if spec.kind == "seq2seq":
         assert logits.shape == (3, spec.target_len, spec.n_outputs)
@@ -232,7 +274,7 @@ def test_builds_with_transformer(name, tmp_path):
     else:
         assert logits.shape == (3, spec.seq_len, spec.n_outputs)
     for length in spec.eval_seq_lens:
-        long = {k: v.long() for k, v in task.dataset("test", seq_len=length)[[0, 1]].items()}
+        long = task.dataset("test", seq_len=length)[[0, 1]]
         assert built.model(long).shape == (2, length, spec.n_outputs)
     summary = task.describe()
     assert name in summary and all(split in summary for split in ("train", "val", "test"))
