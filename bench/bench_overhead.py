@@ -17,8 +17,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
@@ -41,14 +39,14 @@ model = instantiate_without_name(OmegaConf.create(job["model"]), spec=spec)
 batch = random_batch(spec, job["batch_size"], seed=job["seed"])
 opt = torch.optim.AdamW(model.parameters(), lr=job["lr"])
 times = []
-for i in range(job["warmup_steps"] + job["min_steps"]):
+for i in range(job["untimed_steps"] + job["min_repeats"]):
     t0 = time.perf_counter()
     logits = model(batch)
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["label"].reshape(-1))
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
-    if i >= job["warmup_steps"]:
+    if i >= job["untimed_steps"]:
         times.append((time.perf_counter() - t0) * 1e3)
 print(json.dumps({"step_ms_median": statistics.median(times)}))
 """
@@ -64,10 +62,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
 
-    cfg = compose_config([f"model={args.model}"], config_name="bench")
-    OmegaConf.set_struct(cfg, False)
-    cfg.merge_with({"seq_len": args.seq_len, "batch_size": args.batch_size, "threads": args.threads,
-                    "warmup_steps": 3, "min_steps": args.steps, "max_steps": args.steps, "min_time_s": 0})
+    cfg = compose_config([
+        f"model={args.model}", f"task.seq_len={args.seq_len}", f"trainer.batch_size={args.batch_size}",
+        f"trainer.threads={args.threads}", "bench.untimed_steps=3", f"bench.min_repeats={args.steps}",
+        f"bench.max_repeats={args.steps}", "bench.min_time_s=0"], config_name="bench")
     job = bench_job(cfg, __import__("torch").device("cpu"))  # task=text: classify, one label per row
     harness_ms, bare_ms = [], []
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,25 +1,32 @@
 """``arena-bench``: speed and memory of training steps over models x sequence lengths.
 
-    arena-bench model=transformer seq_len=4096
-    arena-bench -m model=transformer,performer seq_len=1024,2048,4096
+    arena-bench model=transformer task.seq_len=4096
+    arena-bench -m model=transformer,performer task.seq_len=1024,2048,4096 trainer.batch_size=8
     arena-bench -m experiment=lra_speed_cpu
+
+The keys are arena-train's for the same things (``task.seq_len``, ``trainer.batch_size``,
+``trainer.lr``, ``trainer.threads``, ``trainer.precision``, ``trainer.device``, ``model.*``);
+bench's own knobs sit under ``bench.`` (conf/bench.yaml). The spellings of before (``seq_len=``,
+``dtype=``, ``warmup_steps=`` ...) still work on the command line for a while, with a warning
+naming the new key (:data:`RENAMED`).
 
 Each configuration is measured in a fresh subprocess (harness.bench_worker), so an
 out-of-memory or a crash becomes a record (``oom``, ``error``, ``timeout``) and one
 configuration's memory never leaks into another's. At the end of a multirun the scaling
-exponents (least-squares slope of log step time and log memory against log L, per model) are
-written to ``scaling.csv`` in the sweep directory.
+exponents of the sweep (harness.results.scaling_exponents, the report's fit) are written to
+``scaling.csv`` in the sweep directory.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
+import logging
 import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import hydra
@@ -28,24 +35,58 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from harness.config import CONF_DIR, instantiate_without_name, register_resolvers
-from harness.records import SCHEMA, config_hash, environment, new_run_id, now_iso, read_record, write_record
+from harness.config import CONF_DIR, instantiate_without_name, register_resolvers, result_config
+from harness.records import config_hash, environment, new_record, now_iso, pick_device, read_record, write_record
+from harness.results import efficiency_cells, load_runs, scaling_exponents
 
-NON_RESULT_KEYS = ("logger", "force", "sweep", "hydra", "timeout_s")
+log = logging.getLogger(__name__)
+
+# Command-line keys of before arena-bench shared arena-train's vocabulary -> today's keys; main()
+# rewrites them (with a warning) before Hydra composes, so run folders and hashes follow the new keys.
+RENAMED = {
+    "seq_len": "task.seq_len", "batch_size": "trainer.batch_size", "dtype": "trainer.precision",
+    "device": "trainer.device", "threads": "trainer.threads", "lr": "trainer.lr",
+    "warmup_steps": "bench.untimed_steps", "min_steps": "bench.min_repeats",
+    "max_steps": "bench.max_repeats", "min_time_s": "bench.min_time_s",
+    "timeout_s": "bench.timeout_s", "memory_limit_mb": "bench.memory_limit_mb",
+}
+SCALING_FILE = "scaling.csv"
+
+
+def renamed_overrides(args: list[str]) -> list[str]:
+    """``args`` with old override keys (``seq_len=2048``, ``+dtype=bf16``) spelled as today's,
+    each logged as a warning; flags and every other override unchanged."""
+    out = []
+    for arg in args:
+        prefix = arg[:len(arg) - len(arg.lstrip("+~"))]
+        key, sep, value = arg[len(prefix):].partition("=")
+        if key not in RENAMED:
+            out.append(arg)
+            continue
+        new = f"{prefix}{RENAMED[key]}{sep}{value}"
+        log.warning("arena-bench: `%s` is an old spelling, read as `%s`; write %s (arena-train's "
+                    "key for the same thing); the old one will be removed", key, RENAMED[key], new)
+        out.append(new)
+    return out
 
 
 def bench_job(cfg: DictConfig, device: torch.device) -> dict:
-    """What the measurement process needs: the model config, the spec at seq_len, the settings."""
+    """What the measurement process needs: the model config, the spec at task.seq_len, the settings."""
+    if cfg.trainer.precision not in ("fp32", "bf16"):
+        raise ValueError(f"trainer.precision must be 'fp32' or 'bf16', got {cfg.trainer.precision!r}")
     task = instantiate_without_name(cfg.task)
-    spec = dataclasses.replace(task.spec, seq_len=cfg.seq_len, eval_seq_lens=())
+    # the spec's length is task.seq_len, the key model configs read (e.g. linformer's projections)
+    spec = dataclasses.replace(task.spec, seq_len=cfg.task.seq_len, eval_seq_lens=())
     if spec.kind == "seq2seq":
-        spec = dataclasses.replace(spec, target_len=cfg.seq_len)
+        spec = dataclasses.replace(spec, target_len=cfg.task.seq_len)
     return {
         "model": OmegaConf.to_container(cfg.model, resolve=True),
         "spec": dataclasses.asdict(spec),
         "device": str(device),
-        **{k: cfg[k] for k in ("batch_size", "dtype", "threads", "seed", "warmup_steps", "min_steps",
-                               "min_time_s", "max_steps", "memory_limit_mb", "lr")},
+        "seed": cfg.seed,
+        **{k: cfg.trainer[k] for k in ("batch_size", "lr", "threads", "precision")},
+        **{k: cfg.bench[k] for k in ("untimed_steps", "min_repeats", "min_time_s", "max_repeats",
+                                     "memory_limit_mb")},
     }
 
 
@@ -58,7 +99,7 @@ def run_worker(job: dict, timeout_s: float) -> dict:
             proc = subprocess.run([sys.executable, "-m", "harness.bench_worker", str(job_path), str(out_path)],
                                   capture_output=True, text=True, timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            return {"status": "timeout", "error": f"measurement exceeded timeout_s={timeout_s}"}
+            return {"status": "timeout", "error": f"measurement exceeded bench.timeout_s={timeout_s}"}
         if out_path.exists():
             return json.loads(out_path.read_text())
         killed = proc.returncode < 0 and -proc.returncode == 9
@@ -67,42 +108,39 @@ def run_worker(job: dict, timeout_s: float) -> dict:
                 "error": f"measurement process exited with {proc.returncode}" + (f":\n{tail}" if tail else "")}
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def run_bench(cfg: DictConfig, run_dir: Path) -> dict:
     """Measure one configuration into ``run_dir/record.json`` (skipped when already measured)."""
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    chash = config_hash({k: v for k, v in resolved.items() if k not in NON_RESULT_KEYS})
+    device = pick_device(cfg.trainer.device, key="trainer.device")
+    # result_config leaves trainer.device out (a trained model does not depend on it); a
+    # measurement does, so the device measured on is part of a bench record's hash.
+    chash = config_hash({**result_config(cfg), "measured_on": str(device)})
     existing = read_record(run_dir)
     if existing and existing.get("config_hash") == chash and existing["status"] in ("ok", "unsupported") \
             and not cfg.force:
-        print(f"[arena-bench] skip {run_dir}: already measured (force=true remeasures)", flush=True)
+        log.info("skip %s: already measured (force=true remeasures)", run_dir)
         return existing
-    device = pick_device(cfg.device)
-    started_at, t0 = now_iso(), time.perf_counter()
-    result = run_worker(bench_job(cfg, device), cfg.timeout_s)
-    env = environment(device)
-    env["threads"] = result.get("threads", env["threads"])
-    record = {
-        "schema": SCHEMA, "kind": "bench", "run_id": f"{chash}-{new_run_id()}", "config_hash": chash,
-        "status": result["status"], "error": result.get("error"), "model": cfg.model.name,
-        "task": cfg.task.name, "seed": cfg.seed, "seq_len": cfg.seq_len, "batch_size": cfg.batch_size,
-        "params": result.get("params"), "metrics": {}, "speed": result.get("speed", {}),
-        "memory": result.get("memory", {}), "env": env, "started_at": started_at, "ended_at": now_iso(),
-        "wall_s": time.perf_counter() - t0, "config": resolved, "dtype": cfg.dtype,
-    }
-    if record["status"] == "ok":
-        record["error"] = None
+    record = new_record(
+        kind="bench", config_hash=chash, model=cfg.model.name, task=cfg.task.name, seed=cfg.seed,
+        seq_len=cfg.task.seq_len, batch_size=cfg.trainer.batch_size, env=environment(device),
+        config=OmegaConf.to_container(cfg, resolve=True), dtype=cfg.trainer.precision)
+    t0 = time.perf_counter()
+    try:
+        job = bench_job(cfg, device)
+    except Exception as exc:  # noqa: BLE001 - e.g. a task that cannot be built at this length
+        result = {"status": "error", "error": f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"}
+    else:
+        result = run_worker(job, cfg.bench.timeout_s)
+    record["env"]["threads"] = result.get("threads", record["env"]["threads"])
+    record.update(status=result["status"], error=None if result["status"] == "ok" else result.get("error"),
+                  params=result.get("params"), speed=result.get("speed", {}),
+                  memory=result.get("memory", {}), ended_at=now_iso(), wall_s=time.perf_counter() - t0)
     write_record(run_dir, record)
     return record
 
 
 def describe(record: dict) -> str:
-    head = f"[arena-bench] {record['model']} L={record['seq_len']} B={record['batch_size']}: {record['status']}"
+    head = (f"{record['model']} L={record['seq_len']} B={record['batch_size']} "
+            f"{record.get('dtype', 'fp32')}: {record['status']}")
     if record["status"] != "ok":
         return head + (f" ({record['error'].splitlines()[0]})" if record.get("error") else "")
     s, m = record["speed"], record["memory"]
@@ -110,72 +148,42 @@ def describe(record: dict) -> str:
             f"{s['tokens_per_s']:,.0f} tokens/s, peak {m['peak_bytes'] / 2**20:,.0f} MiB ({m['how']})")
 
 
-def fit_exponent(lengths: list[float], values: list[float]) -> float | None:
-    """Least-squares slope of log(value) against log(length); None with fewer than two points."""
-    points = [(math.log(x), math.log(y)) for x, y in zip(lengths, values) if x > 0 and y and y > 0]
-    if len({p[0] for p in points}) < 2:
-        return None
-    mx = sum(p[0] for p in points) / len(points)
-    my = sum(p[1] for p in points) / len(points)
-    sxx = sum((p[0] - mx) ** 2 for p in points)
-    return sum((p[0] - mx) * (p[1] - my) for p in points) / sxx
-
-
-def scaling_exponents(records: list[dict]) -> list[dict]:
-    """Per (model, task, batch, dtype): slopes of log time and log memory against log seq_len."""
-    groups: dict[tuple, list[dict]] = {}
-    for r in records:
-        if r.get("kind") == "bench" and r.get("status") == "ok":
-            key = (r["model"], r["task"], r["batch_size"], r.get("dtype", "fp32"))
-            groups.setdefault(key, []).append(r)
-    rows = []
-    for (model, task, batch_size, dtype), rs in sorted(groups.items()):
-        lengths = [r["seq_len"] for r in rs]
-        rows.append({
-            "model": model, "task": task, "batch_size": batch_size, "dtype": dtype,
-            "seq_lens": " ".join(str(l) for l in sorted(lengths)),
-            "time_exponent": fit_exponent(lengths, [r["speed"]["step_ms_median"] for r in rs]),
-            "memory_exponent": fit_exponent(lengths, [r["memory"]["peak_bytes"] for r in rs]),
-        })
-    return rows
-
-
 def write_scaling(sweep_dir: Path) -> Path | None:
-    records = [json.loads(p.read_text()) for p in sorted(sweep_dir.rglob("record.json"))]
-    rows = scaling_exponents(records)
-    if not rows:
+    """The sweep's scaling exponents, fitted as the report fits them, into ``scaling.csv``."""
+    fits = scaling_exponents(efficiency_cells(load_runs(sweep_dir)))
+    if fits.empty:
         return None
-    path = sweep_dir / "scaling.csv"
-    lines = ["model,task,batch_size,dtype,seq_lens,time_exponent,memory_exponent"]
-    for r in rows:
-        fmt = lambda v: "" if v is None else f"{v:.3f}"  # noqa: E731
-        lines.append(f"{r['model']},{r['task']},{r['batch_size']},{r['dtype']},{r['seq_lens']},"
-                     f"{fmt(r['time_exponent'])},{fmt(r['memory_exponent'])}")
-    path.write_text("\n".join(lines) + "\n")
+    path = Path(sweep_dir) / SCALING_FILE
+    columns = ["model", *(c for c in fits.columns if c != "model")]
+    fits[columns].to_csv(path, index=False, float_format="%.3f")
     return path
 
 
 class ScalingCallback(Callback):
-    """After a bench multirun: print and write the scaling exponents of the sweep."""
+    """After a bench multirun: log and write the scaling exponents of the sweep."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         path = write_scaling(Path(config.hydra.sweep.dir))
         if path is not None:
-            print(f"[arena-bench] scaling exponents (log time, log memory vs log L):\n{path.read_text()}"
-                  f"[arena-bench] written to {path}", flush=True)
+            log.info("scaling exponents (log time, log memory vs log L), written to %s:\n%s",
+                     path, path.read_text())
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="bench", version_base="1.3")
 def hydra_main(cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    record = run_bench(cfg, run_dir)
-    print(describe(record), flush=True)
+    log.info(describe(run_bench(cfg, run_dir)))
 
 
 def main() -> None:
     register_resolvers()
+    sys.argv[1:] = renamed_overrides(sys.argv[1:])
     hydra_main()
 
 
 if __name__ == "__main__":
-    main()
+    # `python -m harness.bench` runs this file as __main__: run the imported module instead, the
+    # code the console script runs (its logger is harness.bench, not __main__)
+    from harness.bench import main as _main
+
+    _main()

@@ -1,7 +1,9 @@
 """The measurement process of ``arena-bench``: one configuration, nothing else in the process.
 
-Run as ``python -m harness.bench_worker IN.json OUT.json``. It reads the model config and the
-task spec, measures training steps on a random batch, and writes speed and memory to OUT.json.
+Run as ``python -m harness.bench_worker IN.json OUT.json``. It reads the model config, the
+task spec and the settings (harness.bench.bench_job: batch_size, lr, threads, precision,
+untimed_steps, min_repeats, min_time_s, max_repeats, memory_limit_mb), measures training steps
+on a random batch, and writes speed and memory to OUT.json.
 Its peak memory is its own: on CPU the peak resident set minus the resident set after imports.
 """
 
@@ -16,6 +18,7 @@ import torch
 from omegaconf import OmegaConf
 
 from harness.measure import PeakMemory, StepTimer, current_rss_bytes, timing_summary
+from harness.records import is_out_of_memory
 
 
 def limit_memory(limit_mb: int | None) -> None:
@@ -47,8 +50,8 @@ def measure(job: dict) -> dict:
         return {"status": "unsupported", "error": str(e)}
     batch = {k: v.to(device) for k, v in random_batch(spec, job["batch_size"], seed=job["seed"]).items()}
     optimizer = torch.optim.AdamW(model.parameters(), lr=job["lr"])
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=job["dtype"] == "bf16")
-    timer = StepTimer(device, warmup=job["warmup_steps"])
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=job["precision"] == "bf16")
+    timer = StepTimer(device, warmup=job["untimed_steps"])
 
     def step() -> None:
         with autocast:
@@ -63,8 +66,8 @@ def measure(job: dict) -> dict:
         step()
         timer.stop()
         timed = len(timer.times_ms)
-        enough = timed >= job["min_steps"] and sum(timer.times_ms) / 1e3 >= job["min_time_s"]
-        if enough or timed >= job["max_steps"]:
+        enough = timed >= job["min_repeats"] and sum(timer.times_ms) / 1e3 >= job["min_time_s"]
+        if enough or timed >= job["max_repeats"]:
             break
     return {
         "status": "ok",
@@ -83,11 +86,8 @@ def main() -> None:
     limit_memory(job.get("memory_limit_mb"))
     try:
         result = measure(job)
-    except (MemoryError, torch.cuda.OutOfMemoryError) as e:
-        result = {"status": "oom", "error": f"{type(e).__name__}: {e}"}
-    except RuntimeError as e:
-        oom = "out of memory" in str(e) or "can't allocate memory" in str(e)
-        result = {"status": "oom" if oom else "error", "error": f"{type(e).__name__}: {e}"}
+    except Exception as e:  # noqa: BLE001 - every outcome is a result, out of memory or not
+        result = {"status": "oom" if is_out_of_memory(e) else "error", "error": f"{type(e).__name__}: {e}"}
     with open(out_path, "w") as f:
         json.dump(result, f)
 

@@ -1,8 +1,10 @@
-"""Run records: the schema of ``record.json``, config hashing, atomic writes, environment facts.
+"""Run records: the files of a run folder, the schema of ``record.json``, building and writing
+records, config hashing, the device a run uses and how a failure maps to a status.
 
 Every run (train or bench) ends with exactly one ``record.json``, whatever the outcome. It is
 written to a temporary file in the same directory and renamed, so a reader (or a ``kill -9``)
-never sees half a record.
+never sees half a record. ``arena-train`` and ``arena-bench`` build their records with
+:func:`new_record`, so both kinds carry the same fields.
 """
 
 from __future__ import annotations
@@ -14,17 +16,22 @@ import os
 import platform
 import socket
 import subprocess
-import tempfile
 import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from tasks.base import atomic_write
+
 SCHEMA = 1
 STATUSES = ("ok", "oom", "diverged", "error", "timeout", "unsupported")
 FAILED = ("oom", "diverged", "error", "timeout")
+# The files of a run folder.
 RECORD_FILE = "record.json"
+METRICS_FILE = "metrics.jsonl"      # one JSON line per evaluation (train runs)
+CHECKPOINT_FILE = "checkpoint.pt"   # the latest state, for resuming (train runs)
+CONFIG_FILE = "config.yaml"         # the resolved config the run started with
 
 # The fields every record carries (schema 1); more may be added, none removed or renamed.
 RECORD_FIELDS = (
@@ -90,20 +97,63 @@ def environment(device: torch.device) -> dict[str, Any]:
     }
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file and a rename (atomic on POSIX)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically (see tasks.base.atomic_write), flushed to disk."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "w") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+
+    return atomic_write(path, write)
+
+
+def atomic_torch_save(obj, path: str | Path) -> Path:
+    """``torch.save`` to ``path`` atomically: a killed save leaves the previous file intact."""
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def pick_device(name: str, *, key: str) -> torch.device:
+    """The device a run uses: ``auto`` is CUDA when present, else the CPU; anything else as given.
+
+    Args:
+        name: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        key: the config key ``name`` came from, named in the error.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"{key}={name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{key}={name!r} but CUDA is not available here; use {key}=cpu or auto")
+    return device
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is the allocator running out of memory (CUDA, or the CPU's)."""
+    if isinstance(exc, (MemoryError, torch.cuda.OutOfMemoryError)):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def new_record(*, kind: str, config_hash: str | None, model: str | None, task: str | None,
+               seed: int | None, seq_len: int | None, batch_size: int | None, env: dict,
+               config: dict, run_id: str | None = None, **extra: Any) -> dict:
+    """A schema-1 record with every field present: status ``error`` until the run says otherwise.
+
+    ``extra`` adds fields beyond the schema's (e.g. a bench record's ``dtype``).
+    """
+    return {
+        "schema": SCHEMA, "kind": kind,
+        "run_id": run_id or (f"{config_hash}-{new_run_id()}" if config_hash else new_run_id()),
+        "config_hash": config_hash, "status": "error", "error": None, "model": model, "task": task,
+        "seed": seed, "seq_len": seq_len, "batch_size": batch_size, "params": None, "metrics": {},
+        "speed": {}, "memory": {}, "env": env, "started_at": now_iso(), "ended_at": None,
+        "wall_s": None, "config": config, **extra,
+    }
 
 
 def write_record(run_dir: str | Path, record: dict) -> Path:

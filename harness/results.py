@@ -23,22 +23,25 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from harness.config import NON_RESULT_KEYS, NON_RESULT_TASK_KEYS, NON_RESULT_TRAINER_KEYS
+from harness.config import NON_RESULT_BENCH_KEYS, NON_RESULT_TASK_KEYS, NON_RESULT_TRAINER_KEYS, RESULT_KEYS
+from harness.records import METRICS_FILE, RECORD_FILE
 
-RECORD_FILE = "record.json"
-METRICS_FILE = "metrics.jsonl"
 REQUIRED = ("kind", "status", "model", "task")
 HIGHER_IS_BETTER = {"accuracy": True, "bpc": False, "loss": False, "ppl": False}
 DISPLAY_SCALE = {"accuracy": 100.0}  # fraction -> percent
-FAILED = ("oom", "diverged", "error", "timeout")
-# Config keys that never make two runs different "settings": bookkeeping, and seeds (a key whose
-# last part is "seed", e.g. config.seed or config.task.seed, marks a replicate, not a setting).
+# Config columns that make two runs different "settings": those under the result nodes
+# (harness.config.RESULT_KEYS) minus bookkeeping, and never a seed (a key whose last part is
+# "seed", e.g. config.seed or config.task.seed, marks a replicate, not a setting).
+SETTING_PREFIXES = tuple(f"config.{k}." for k in RESULT_KEYS if k != "seed")
 IGNORED_CONFIG = (
-    {f"config.{k}" for k in NON_RESULT_KEYS}
-    | {f"config.trainer.{k}" for k in NON_RESULT_TRAINER_KEYS}
+    {f"config.trainer.{k}" for k in NON_RESULT_TRAINER_KEYS}
     | {f"config.task.{k}" for k in NON_RESULT_TASK_KEYS}
+    | {f"config.bench.{k}" for k in NON_RESULT_BENCH_KEYS}
 )
-EFFICIENCY_GROUP = ["task", "batch_size", "env.device_name"]
+# The settings that change how step time and memory grow with length: speed-ups are taken and
+# scaling exponents fitted within one group, never across two. A compile switch goes here too
+# when a config key for one exists (none does yet).
+EFFICIENCY_GROUP = ["task", "batch_size", "env.device_name", "precision", "env.threads"]
 
 
 # --------------------------------------------------------------------------- loading
@@ -81,8 +84,8 @@ def _setting_key(config: dict) -> str:
 
 
 def _is_ignored(column: str) -> bool:
-    return column.rsplit(".", 1)[-1] == "seed" or any(
-        column == k or column.startswith(k + ".") for k in IGNORED_CONFIG)
+    return (not column.startswith(SETTING_PREFIXES) or column.rsplit(".", 1)[-1] == "seed"
+            or any(column == k or column.startswith(k + ".") for k in IGNORED_CONFIG))
 
 
 def _metric_name(metrics: dict) -> str | None:
@@ -304,11 +307,22 @@ def summarize(df: pd.DataFrame, by: tuple[str, ...] = ()) -> pd.DataFrame:
 # --------------------------------------------------------------------------- efficiency
 
 
+def _precision(df: pd.DataFrame) -> pd.Series:
+    """fp32 | bf16 per row: ``config.trainer.precision``, else the ``dtype`` that bench records
+    carry (those written before the trainer vocabulary have only that), else fp32."""
+    out = pd.Series(None, index=df.index, dtype=object)
+    for col in ("config.trainer.precision", "dtype", "config.dtype"):
+        if col in df:
+            out = out.where(out.notna(), df[col])
+    return out.where(out.notna(), "fp32")
+
+
 def efficiency_cells(df: pd.DataFrame) -> pd.DataFrame:
-    """Speed and memory per (task, batch_size, device, model, seq_len), repeats by median.
+    """Speed and memory per (EFFICIENCY_GROUP, model, seq_len), repeats by median.
 
     Bench records are used when there are any; otherwise the speed measured inside ok train
-    runs. Columns: steps_per_s, step_ms, peak_gb (10^9 bytes), status ("ok", or "OOM"/"FAIL"/
+    runs. Columns: the group (task, batch_size, env.device_name, precision, env.threads),
+    model, seq_len, steps_per_s, step_ms, peak_gb (10^9 bytes), status ("ok", or "OOM"/"FAIL"/
     "n/a" when no measurement succeeded), speedup (steps/s over ``transformer`` in the same
     group and seq_len), n, source.
     """
@@ -316,7 +330,10 @@ def efficiency_cells(df: pd.DataFrame) -> pd.DataFrame:
     source = "bench"
     if bench.empty:
         bench, source = df[df["kind"] == "train"], "train"
-    bench = bench.copy()
+    bench = bench.assign(precision=_precision(bench))
+    for col in EFFICIENCY_GROUP:
+        if col not in bench:
+            bench[col] = pd.Series(dtype=object)
     for col in ("speed.step_ms_median", "memory.peak_bytes"):
         bench[col] = pd.to_numeric(bench[col], errors="coerce") if col in bench else np.nan
     keys = [*EFFICIENCY_GROUP, "model", "seq_len"]
@@ -347,8 +364,9 @@ def efficiency_cells(df: pd.DataFrame) -> pd.DataFrame:
 def scaling_exponents(cells: pd.DataFrame) -> pd.DataFrame:
     """Least-squares slopes of log(step time) and log(peak memory) against log(seq_len).
 
-    One row per (group, model) with at least two ok seq_lens; an exponent near 2 is quadratic,
-    near 1 linear. Non-positive memory (CPU RSS deltas can be 0) is left out of the memory fit.
+    One row per (EFFICIENCY_GROUP, model) with at least two ok seq_lens, so that e.g. fp32 and
+    bf16 measurements of one model are two fits; an exponent near 2 is quadratic, near 1 linear.
+    Non-positive memory (CPU RSS deltas can be 0) is left out of the memory fit.
     """
     rows = []
     ok = cells[cells["status"] == "ok"]

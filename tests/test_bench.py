@@ -1,26 +1,30 @@
-"""arena-bench: records for every outcome, memory that grows with length, scaling fits."""
+"""arena-bench: arena-train's vocabulary, records for every outcome, memory that grows with
+length, and the report's scaling fit for a sweep."""
 
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
-import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
+from conftest import cli, cli_env
 
-from harness.bench import fit_exponent, scaling_exponents
+from harness.api import compose_config
+from harness.bench import bench_job, renamed_overrides, write_scaling
 from harness.measure import StepTimer
-from harness.records import validate_record
+from harness.records import environment, new_record, validate_record, write_record
 
-ARENA_BENCH = str(Path(sys.executable).parent / "arena-bench")
-FAST = ["batch_size=2", "warmup_steps=1", "min_steps=3", "min_time_s=0", "threads=1",
-        "model.d_model=32", "model.n_layers=1"]
+FAST = ["trainer.batch_size=2", "bench.untimed_steps=1", "bench.min_repeats=3", "bench.min_time_s=0",
+        "trainer.threads=1", "size.d_model=32", "size.n_layers=1"]
 
 
 def bench(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run([ARENA_BENCH, *args], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cli("harness.bench", *args), cwd=tmp_path, env=cli_env(), capture_output=True,
+                          text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc
 
@@ -34,37 +38,99 @@ def records_under(path: Path) -> dict[tuple, dict]:
     return out
 
 
+# --------------------------------------------------------------------------- the vocabulary
+
+
+def test_the_job_reads_arena_trains_keys_and_the_model_follows_task_seq_len():
+    cfg = compose_config(["model=linformer", "task.seq_len=8192", "trainer.batch_size=3",
+                          "trainer.precision=bf16", "bench.min_repeats=7"], config_name="bench")
+    job = bench_job(cfg, torch.device("cpu"))
+    assert job["spec"]["seq_len"] == 8192 and job["model"]["mixer"]["seq_len"] == 8192
+    assert (job["batch_size"], job["precision"], job["min_repeats"]) == (3, "bf16", 7)
+    defaults = compose_config([], config_name="bench")
+    assert (defaults.task.seq_len, defaults.trainer.batch_size) == (1024, 8)
+    with pytest.raises(ValueError, match="trainer.precision"):
+        bench_job(compose_config(["trainer.precision=fp16"], config_name="bench"), torch.device("cpu"))
+
+
+def test_old_spellings_are_read_as_the_new_keys_with_a_warning(caplog):
+    with caplog.at_level(logging.WARNING, logger="harness.bench"):
+        args = renamed_overrides(["-m", "model=transformer", "seq_len=1024,2048", "+dtype=bf16",
+                                  "warmup_steps=2", "trainer.warmup_steps=5", "hydra.run.dir=x"])
+    assert args == ["-m", "model=transformer", "task.seq_len=1024,2048", "+trainer.precision=bf16",
+                    "bench.untimed_steps=2", "trainer.warmup_steps=5", "hydra.run.dir=x"]
+    warned = caplog.text
+    assert all(new in warned for new in ("task.seq_len", "trainer.precision", "bench.untimed_steps"))
+    assert "trainer.warmup_steps" not in warned
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.slow
+def test_linformer_benches_beyond_its_task_default_length(tmp_path):
+    # text's own seq_len is 4096: the projections must follow task.seq_len, not the task default
+    out = bench(tmp_path, "model=linformer", "task.seq_len=8192", *FAST, "trainer.batch_size=1",
+                "bench.min_repeats=2", "hydra.run.dir=run")
+    record = json.loads((tmp_path / "run/record.json").read_text())
+    assert record["status"] == "ok", record["error"]
+    assert record["seq_len"] == 8192 and record["config"]["model"]["mixer"]["seq_len"] == 8192
+    assert "linformer L=8192 B=1 fp32: ok" in out.stdout + out.stderr
+
+
+@pytest.mark.slow
+def test_an_old_spelling_warns_and_takes_effect(tmp_path):
+    out = bench(tmp_path, "seq_len=96", "batch_size=1", *FAST[1:])
+    assert "`seq_len` is an old spelling" in out.stderr and "task.seq_len=96" in out.stderr
+    record = json.loads((tmp_path / "results/bench/transformer-text/L96-B1-fp32/record.json").read_text())
+    assert record["status"] == "ok" and (record["seq_len"], record["batch_size"]) == (96, 1)
+
+
+@pytest.mark.slow
 def test_sweep_with_an_oom_configuration_records_it_and_goes_on(tmp_path):
     # a 65536-wide feed-forward on 8 x 2048 tokens needs > 4 GB; on 8 x 64 tokens ~150 MB
-    bench(tmp_path, "-m", "model=transformer", "seq_len=64,2048", "memory_limit_mb=1500",
-          "model.d_ff=65536", "sweep.name=t", *FAST[1:], "batch_size=8")
+    bench(tmp_path, "-m", "model=transformer", "task.seq_len=64,2048", "bench.memory_limit_mb=1500",
+          "model.d_ff=65536", "sweep.name=t", *FAST[1:], "trainer.batch_size=8")
     records = records_under(tmp_path / "results/sweeps/t")
     assert records[("transformer", 64)]["status"] == "ok"
     oom = records[("transformer", 2048)]
     assert oom["status"] == "oom" and oom["kind"] == "bench", oom["error"]
 
 
+@pytest.mark.slow
 def test_transformer_memory_grows_with_length_and_exponents_are_written(tmp_path):
-    out = bench(tmp_path, "-m", "model=transformer", "seq_len=256,1024", "sweep.name=m", *FAST)
+    out = bench(tmp_path, "-m", "model=transformer", "task.seq_len=256,1024", "sweep.name=m", *FAST)
     records = records_under(tmp_path / "results/sweeps/m")
     short, long = records[("transformer", 256)], records[("transformer", 1024)]
     assert short["status"] == long["status"] == "ok"
+    assert short["dtype"] == "fp32" and short["config"]["trainer"]["precision"] == "fp32"
     assert long["memory"]["peak_bytes"] > short["memory"]["peak_bytes"]
     assert long["speed"]["step_ms_median"] > 0 and short["speed"]["steps_timed"] >= 3
-    assert "scaling exponents" in out.stdout
+    assert "scaling exponents" in out.stdout + out.stderr
     assert (tmp_path / "results/sweeps/m/scaling.csv").read_text().startswith("model,task")
 
 
-def test_fit_exponent_recovers_a_power_law():
-    lengths = [1024, 2048, 4096, 8192]
-    assert fit_exponent(lengths, [3.0 * l**2 for l in lengths]) == pytest.approx(2.0)
-    assert fit_exponent(lengths, [5.0 * l for l in lengths]) == pytest.approx(1.0)
-    assert fit_exponent([1024], [1.0]) is None
-    rows = scaling_exponents([
-        {"kind": "bench", "status": "ok", "model": "m", "task": "t", "batch_size": 1, "seq_len": l,
-         "speed": {"step_ms_median": float(l)}, "memory": {"peak_bytes": l * l}} for l in lengths
-    ])
-    assert rows[0]["time_exponent"] == pytest.approx(1.0) and rows[0]["memory_exponent"] == pytest.approx(2.0)
+# --------------------------------------------------------------------------- scaling.csv
+
+
+def test_scaling_csv_is_the_reports_fit_one_row_per_precision(tmp_path):
+    """fp32 steps growing as L^2 and bf16 steps as L^1, same model: two fits, 2.0 and 1.0."""
+    env = environment(torch.device("cpu"))
+    for dtype, power in (("fp32", 2), ("bf16", 1)):
+        for L in (1024, 2048, 4096):
+            record = new_record(kind="bench", config_hash=f"{dtype}{L}", model="transformer", task="text",
+                                seed=0, seq_len=L, batch_size=8, env=env,
+                                config={"trainer": {"precision": dtype}}, dtype=dtype)
+            record.update(status="ok", speed={"step_ms_median": (L / 1024) ** power * 10.0},
+                          memory={"peak_bytes": L * 1000, "how": "test"})
+            (tmp_path / f"{dtype}-{L}").mkdir()
+            write_record(tmp_path / f"{dtype}-{L}", record)
+    path = write_scaling(tmp_path)
+    fits = pd.read_csv(path).set_index("precision")
+    assert len(fits) == 2
+    assert fits.loc["fp32", "time_exponent"] == pytest.approx(2.0)
+    assert fits.loc["bf16", "time_exponent"] == pytest.approx(1.0)
+    assert fits["memory_exponent"].tolist() == pytest.approx([1.0, 1.0])
 
 
 @pytest.mark.cuda
