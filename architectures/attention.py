@@ -62,7 +62,8 @@ class MultiHeadAttention(nn.Module):
     ):
         super().__init__()
         if d_model % n_heads:
-            raise ValueError(f"model.d_model={d_model} is not divisible by model.mixer.n_heads={n_heads}")
+            raise ValueError(f"model.d_model={d_model} is not divisible by the head count {n_heads} "
+                             "(size.n_heads for every model, model.mixer.n_heads for this one)")
         self.causal = causal
         self.n_heads = n_heads
         self.dropout = dropout

@@ -215,7 +215,8 @@ class LinearAttention(nn.Module):
     ):
         super().__init__()
         if d_model % n_heads:
-            raise ValueError(f"model.d_model={d_model} is not divisible by model.mixer.n_heads={n_heads}")
+            raise ValueError(f"model.d_model={d_model} is not divisible by the head count {n_heads} "
+                             "(size.n_heads for every model, model.mixer.n_heads for this one)")
         if rope:
             raise ValueError(
                 f"{type(self).__name__} does not support model.positional=rope; "
@@ -343,7 +344,8 @@ class LinformerAttention(nn.Module):
                 "lm or seq2seq"
             )
         if d_model % n_heads:
-            raise ValueError(f"model.d_model={d_model} is not divisible by model.mixer.n_heads={n_heads}")
+            raise ValueError(f"model.d_model={d_model} is not divisible by the head count {n_heads} "
+                             "(size.n_heads for every model, model.mixer.n_heads for this one)")
         if rope:
             raise ValueError("linformer does not support model.positional=rope; use sinusoidal or learned")
         self.n_heads = n_heads

@@ -120,7 +120,8 @@ class RelativeAttention(nn.Module):
     def __init__(self, d_model: int, *, n_heads: int, dropout: float = 0.0):
         super().__init__()
         if d_model % n_heads:
-            raise ValueError(f"model.d_model={d_model} is not divisible by model.n_heads={n_heads}")
+            raise ValueError(f"model.d_model={d_model} is not divisible by the head count {n_heads} "
+                             "(size.n_heads for every model, model.n_heads for this one)")
         self.n_heads = n_heads
         self.head_dim = d_model // n_heads
         self.dropout = dropout
