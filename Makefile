@@ -20,8 +20,13 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
+# Everything (what .ci/run calls). test-fast leaves out the end-to-end tests marked slow (they
+# launch arena-train, arena-bench, arena-report in subprocesses): under 90 s on two cores.
 test: $(STAMP)
 	WANDB_MODE=offline $(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	WANDB_MODE=offline $(BIN)/python -m pytest -q -m "not slow"
 
 # The whole comparison on a laptop CPU: every architecture trained on two small long-range tasks,
 # a speed and memory sweep up to 4096 tokens, then the report. Finished runs are skipped on a
@@ -39,7 +44,7 @@ quickstart: $(STAMP)
 # portable one and skip without a GPU) and a short speed sweep on the device.
 gpu-check: $(STAMP)
 	$(BIN)/python -m pytest -q -rs
-	$(BIN)/arena-bench -m model=transformer,local,linear_transformer,mamba seq_len=1024,4096 batch_size=8 sweep.name=gpu_check
+	$(BIN)/arena-bench -m model=transformer,local,linear_transformer,mamba task.seq_len=1024,4096 trainer.batch_size=8 sweep.name=gpu_check
 
 clean:
 	rm -rf $(VENV) results/runs results/sweeps results/cache

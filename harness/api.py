@@ -39,9 +39,12 @@ def build_model(cfg: DictConfig, task) -> nn.Module:
 def build(overrides: list[str] | None = None) -> Built:
     """Compose the config as ``arena-train`` would and build its task and model.
 
-    Example:
-        >>> built = build(["model=transformer", "task=mqar", "task.n_train=64"])
-        >>> built.model(built.task.dataset("train")[[0, 1]])  # logits (2, L, V)
+    Example (a doctest, run by tests/test_contract.py):
+        >>> built = build(["model=transformer", "task=mqar", "task.n_train=64", "task.n_val=16",
+        ...                "task.n_test=16"])
+        >>> batch = built.task.dataset("train")[[0, 1]]
+        >>> built.model(batch).shape  # logits (B, L, V): MQAR asks for a value at every position
+        torch.Size([2, 128, 256])
     """
     cfg = compose_config(overrides)
     task = build_task(cfg)

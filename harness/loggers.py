@@ -1,12 +1,50 @@
-"""Experiment trackers. ``logger=none`` never imports wandb; ``logger=wandb`` runs offline by
-default, writing into the run directory, so nothing ever waits on the network."""
+"""Experiment trackers, and the console side of Python logging.
+
+``logger=none`` never imports wandb; ``logger=wandb`` runs offline by default, writing into the
+run directory, so nothing ever waits on the network.
+
+Every module logs through ``logging.getLogger(__name__)``. The Hydra apps configure handlers in
+``conf/hydra/job_logging/arena.yaml`` (console: INFO and up, warnings and errors on stderr; the
+run's log file: DEBUG and up, with time, logger and level); ``arena-report`` uses
+``console_handlers`` below, the same console layout without a file.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
+
+
+CONSOLE_FORMAT = "%(message)s"
+CONSOLE_WARNING_FORMAT = "%(levelname)s [%(name)s] %(message)s"
+
+
+class BelowLevel(logging.Filter):
+    """Passes records below ``level``: stdout takes what stderr does not (errors stay on stderr)."""
+
+    def __init__(self, level: int | str = logging.WARNING):
+        super().__init__()
+        self.level = logging.getLevelNamesMapping()[level] if isinstance(level, str) else level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < self.level
+
+
+def console_handlers() -> list[logging.Handler]:
+    """stdout for INFO lines as plain text, stderr for warnings and errors with level and logger
+    (the console part of conf/hydra/job_logging/arena.yaml, for CLIs that are not Hydra apps)."""
+    out = logging.StreamHandler(sys.stdout)
+    out.setLevel(logging.INFO)
+    out.addFilter(BelowLevel(logging.WARNING))
+    out.setFormatter(logging.Formatter(CONSOLE_FORMAT))
+    err = logging.StreamHandler(sys.stderr)
+    err.setLevel(logging.WARNING)
+    err.setFormatter(logging.Formatter(CONSOLE_WARNING_FORMAT))
+    return [out, err]
 
 
 class NoLogger:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import base64
 import html
+import logging
 import sys
 import warnings
 from pathlib import Path
@@ -24,10 +25,13 @@ import numpy as np
 import pandas as pd
 
 from harness.claims import evaluate_claims, load_claims
+from harness.loggers import console_handlers
 from harness.results import (
     EFFICIENCY_GROUP, efficiency_cells, load_curves, load_runs, load_wandb_runs,
     scaling_exponents, summarize,
 )
+
+log = logging.getLogger(__name__)
 
 PUBLISHED_DIR = Path(__file__).resolve().parent.parent / "results" / "published"
 LRA_TASKS = ("listops", "text", "retrieval", "image", "pathfinder")  # LRA's Avg leaves out Path-X
@@ -84,7 +88,10 @@ def accuracy_table(cells: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def _setup_label(row) -> str:
-    return f"{row['task']}, batch {row['batch_size']}, {row['env.device_name']}"
+    """The efficiency group of a row (results.EFFICIENCY_GROUP) in words."""
+    threads = row["env.threads"]
+    threads = f", {int(threads)} threads" if pd.notna(threads) else ""
+    return f"{row['task']}, batch {row['batch_size']}, {row['precision']}{threads}, {row['env.device_name']}"
 
 
 def _short(x: float) -> str:
@@ -356,6 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--claims", type=Path, help="claims file (default: PUBLISHED/claims.yaml)")
     parser.add_argument("--no-plots", action="store_true", help="tables only (faster)")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, handlers=console_handlers())  # a no-op if already set up
     if not args.dirs and not args.wandb:
         parser.error("give run or sweep directories, or --wandb ENTITY/PROJECT")
     if args.wandb and not args.out:
@@ -373,19 +381,23 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             for w in caught:  # one line each (corrupt records, torn metrics lines)
                 if issubclass(w.category, UserWarning):
-                    print(f"warning: {w.message}", file=sys.stderr)
+                    log.warning("%s", w.message)
     with pd.option_context("display.width", 200, "display.max_columns", 50):
-        print("Accuracy (best setting on val; test mean ± std (n))")
-        print(result["accuracy"].to_string() if len(result["accuracy"]) else "  no train runs")
-        print("\nEfficiency (steps/s (speed-up over transformer), peak memory GB)")
-        print(result["efficiency"].to_string() if len(result["efficiency"]) else "  none")
+        log.info("Accuracy (best setting on val; test mean ± std (n))\n%s",
+                 result["accuracy"].to_string() if len(result["accuracy"]) else "  no train runs")
+        log.info("\nEfficiency (steps/s (speed-up over transformer), peak memory GB)\n%s",
+                 result["efficiency"].to_string() if len(result["efficiency"]) else "  none")
         claims = result["claims"]
         if len(claims):
-            print("\nClaims: " + ", ".join(f"{(claims['status'] == s).sum()} {s}"
-                                           for s in ("holds", "differs", "not run")))
-    print(f"\nreport: {result['html']}")
+            log.info("\nClaims: %s", ", ".join(f"{(claims['status'] == s).sum()} {s}"
+                                              for s in ("holds", "differs", "not run")))
+    log.info("\nreport: %s", result["html"])
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m harness.report` runs this file as __main__: run the imported module instead, the
+    # code the console script runs (its logger is harness.report, not __main__)
+    from harness.report import main as _main
+
+    sys.exit(_main())

@@ -1,18 +1,23 @@
 """Sweep glue: the end-of-sweep summary and launcher checks, as Hydra callbacks.
 
 Hydra's launchers (basic, joblib, submitit) and sweepers (basic, optuna) do the scheduling;
-this module only reads back what the jobs recorded.
+this module only reads back what the jobs recorded. Its lines go to the console through
+``logging``: the per-job line inside the job (so also into that job's log file), the summary and
+the launcher warning outside any job (conf/hydra/hydra_logging/arena.yaml).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections import Counter
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
 
 
 def sweep_records(sweep_dir: Path) -> list[dict]:
@@ -21,14 +26,14 @@ def sweep_records(sweep_dir: Path) -> list[dict]:
         try:
             records.append({**json.loads(path.read_text()), "run_dir": str(path.parent)})
         except (OSError, json.JSONDecodeError):
-            print(f"[arena] warning: unreadable record {path}", flush=True)
+            log.warning("unreadable record %s", path)
     return records
 
 
 def summary_lines(records: list[dict], limit: int = 30) -> list[str]:
     """Counts by status and a short table of results, one line per job."""
     counts = Counter(r.get("status") for r in records)
-    lines = [f"[arena] sweep summary: {len(records)} records: "
+    lines = [f"sweep summary: {len(records)} records: "
              + ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))]
     header = f"{'model':<20} {'task':<18} {'seed':>4} {'status':<11} {'val':>8} {'test':>8}  run"
     lines.append(header)
@@ -93,23 +98,23 @@ class SweepProgress(Callback):
         if self.done and self.total:
             eta = f", about {_duration(elapsed / self.done * (self.total - self.done))} left"
         overrides = " ".join(config.hydra.overrides.task)
-        print(f"[arena] job {self.done + 1}{of} ({overrides}) after {_duration(elapsed)}{eta}", flush=True)
+        log.info("job %d%s (%s) after %s%s", self.done + 1, of, overrides, _duration(elapsed), eta)
 
     def on_job_end(self, config: DictConfig, job_return, **kwargs) -> None:
         self.done += 1
 
 
 class SweepSummary(Callback):
-    """Prints counts by status and a short table at the end of every multirun."""
+    """Logs counts by status and a short table at the end of every multirun."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         launcher = str(config.hydra.launcher.get("_target_", ""))
         n_jobs = config.hydra.launcher.get("n_jobs", 1)
         if "joblib" in launcher and n_jobs != 1:
-            print("[arena] warning: hydra/launcher=joblib runs several jobs at once on this machine; "
-                  "their speed and memory numbers share the CPU/GPU and are not comparable. Use the "
-                  "basic launcher or arena-bench for timing.", flush=True)
+            log.warning("hydra/launcher=joblib runs several jobs at once on this machine; their speed "
+                        "and memory numbers share the CPU/GPU and are not comparable. Use the basic "
+                        "launcher or arena-bench for timing.")
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         records = sweep_records(Path(config.hydra.sweep.dir))
-        print("\n".join(summary_lines(records)), flush=True)
+        log.info("%s", "\n".join(summary_lines(records)))

@@ -6,10 +6,15 @@
 Every run writes ``record.json`` into its Hydra output directory, whatever happens (see
 harness.records). A failed single run exits non-zero with its record written; in a multirun a
 failed job is recorded and the sweep goes on (``sweep.fail_fast=true`` stops it instead).
+
+Output goes through ``logging`` (conf/hydra/job_logging/arena.yaml): the console shows what a
+user needs, a failure's whole message included; the run's ``train.log`` also keeps the
+evaluations, and the traceback of a failure (which record.json holds as well).
 """
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 import traceback
@@ -27,17 +32,21 @@ from harness.config import CONF_DIR, register_resolvers, result_config
 from harness.loggers import make_logger
 from harness.objectives import tokens_in
 from harness.records import (
-    FAILED, SCHEMA, atomic_write_text, config_hash, environment, new_run_id, now_iso,
-    read_record, write_record,
+    CHECKPOINT_FILE, CONFIG_FILE, FAILED, METRICS_FILE, RECORD_FILE, atomic_write_text, config_hash,
+    environment, is_out_of_memory, new_record, now_iso, pick_device, read_record, write_record,
 )
-from harness.trainer import CHECKPOINT_FILE, METRICS_FILE, Diverged, TimeLimit, Trainer, seed_everything
+from harness.trainer import Diverged, TimeLimit, Trainer, seed_everything
+
+log = logging.getLogger(__name__)
 
 # outcomes of the jobs this process ran: (run_dir, status, multirun)
 OUTCOMES: list[tuple[Path, str, bool]] = []
 
 
 class ProgressBar:
-    """A tqdm bar with loss, last val metric and tokens/s; silent when disabled."""
+    """A tqdm bar with loss, last val metric and tokens/s. Each evaluation is also a log line: in
+    the log file only under a bar, on the console too when the bar is off (``trainer.progress=false``,
+    e.g. a batch job's output file)."""
 
     def __init__(self, total: int, initial: int, description: str, enabled: bool):
         self.bar = None
@@ -46,9 +55,17 @@ class ProgressBar:
 
             self.bar = tqdm(total=total, initial=initial, desc=description, dynamic_ncols=True,
                             mininterval=0.5)
+        self.total = total
+        self.description = description
         self.position = initial
 
-    def update(self, step: int, *, loss: float, val: float | None, tokens_per_s: float | None) -> None:
+    def update(self, step: int, *, loss: float, val: float | None, tokens_per_s: float | None,
+               evaluated: bool = False) -> None:
+        if evaluated:
+            log.log(logging.DEBUG if self.bar is not None else logging.INFO,
+                    "%s step %d/%d: train loss %.4f, val %s, %s tokens/s", self.description, step,
+                    self.total, loss, "-" if val is None else f"{val:.4f}",
+                    f"{tokens_per_s:,.0f}" if tokens_per_s else "-")
         if self.bar is None:
             return
         self.bar.update(step - self.position)
@@ -63,15 +80,7 @@ class ProgressBar:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"trainer.device={name!r} but CUDA is not available; use trainer.device=cpu")
-    return device
+            self.bar = None
 
 
 def classify_failure(exc: BaseException) -> str:
@@ -82,39 +91,42 @@ def classify_failure(exc: BaseException) -> str:
         return "timeout"
     if isinstance(exc, UnsupportedTask):
         return "unsupported"
-    if isinstance(exc, torch.cuda.OutOfMemoryError):
-        return "oom"
-    if isinstance(exc, (RuntimeError, MemoryError)) and (
-        isinstance(exc, MemoryError) or "out of memory" in str(exc) or "can't allocate memory" in str(exc)
-    ):
-        return "oom"
-    return "error"
+    return "oom" if is_out_of_memory(exc) else "error"
 
 
-def base_record(cfg: DictConfig, *, run_id: str, chash: str, device: torch.device) -> dict:
-    return {
-        "schema": SCHEMA, "kind": "train", "run_id": run_id, "config_hash": chash,
-        "status": "error", "error": None, "model": cfg.model.name, "task": cfg.task.name,
-        "seed": cfg.seed, "seq_len": cfg.task.get("seq_len"), "batch_size": cfg.trainer.batch_size,
-        "params": None, "metrics": {}, "speed": {}, "memory": {}, "env": environment(device),
-        "started_at": now_iso(), "ended_at": None, "wall_s": None,
-        "config": OmegaConf.to_container(cfg, resolve=True),
-    }
+def record_failure(record: dict, exc: BaseException, *, context: str = "") -> None:
+    """Put a failure into the record (status; error: message and traceback) and tell the user:
+    the whole message on the console and in the log, the traceback in the log file only."""
+    message = f"{context}{type(exc).__name__}: {exc}"
+    record["status"] = classify_failure(exc)
+    record["error"] = f"{message}\n{''.join(traceback.format_exception(exc))}"
+    if record["status"] == "unsupported":
+        log.warning("%s", message)
+    else:
+        log.error("%s", message)
+    log.debug("traceback of the failure above", exc_info=exc)
+
+
+def base_record(cfg: DictConfig, *, chash: str, device: torch.device) -> dict:
+    return new_record(
+        kind="train", config_hash=chash, model=cfg.model.name, task=cfg.task.name, seed=cfg.seed,
+        seq_len=cfg.task.get("seq_len"), batch_size=cfg.trainer.batch_size, env=environment(device),
+        config=OmegaConf.to_container(cfg, resolve=True),
+    )
 
 
 def config_error_record(cfg: DictConfig, run_dir: Path, exc: Exception) -> dict:
     """The record of a job whose config cannot even be resolved: status error, config as written."""
-    now = now_iso()
-    record = {
-        "schema": SCHEMA, "kind": "train", "run_id": new_run_id(), "config_hash": None, "status": "error",
-        "error": f"the config could not be resolved: {type(exc).__name__}: {exc}\n{traceback.format_exc()}",
-        "model": OmegaConf.select(cfg, "model.name", default=None, throw_on_resolution_failure=False),
-        "task": OmegaConf.select(cfg, "task.name", default=None, throw_on_resolution_failure=False),
-        "seed": OmegaConf.select(cfg, "seed", default=None, throw_on_resolution_failure=False),
-        "seq_len": None, "batch_size": None, "params": None, "metrics": {}, "speed": {}, "memory": {},
-        "env": environment(torch.device("cpu")), "started_at": now, "ended_at": now, "wall_s": 0.0,
-        "config": OmegaConf.to_container(cfg, resolve=False),
-    }
+    def select(key: str):
+        return OmegaConf.select(cfg, key, default=None, throw_on_resolution_failure=False)
+
+    record = new_record(
+        kind="train", config_hash=None, model=select("model.name"), task=select("task.name"),
+        seed=select("seed"), seq_len=None, batch_size=None, env=environment(torch.device("cpu")),
+        config=OmegaConf.to_container(cfg, resolve=False),
+    )
+    record_failure(record, exc, context="the config could not be resolved: ")
+    record.update(status="error", ended_at=record["started_at"], wall_s=0.0)
     write_record(run_dir, record)
     return record
 
@@ -132,9 +144,9 @@ def should_skip(cfg: DictConfig, run_dir: Path, chash: str, multirun: bool) -> d
     if existing.get("config_hash") != chash:
         # the directory held a different config: keep its record aside and start afresh
         stale = run_dir / f"record.superseded-{existing.get('config_hash')}.json"
-        (run_dir / "record.json").rename(stale)
+        (run_dir / RECORD_FILE).rename(stale)
         (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
-        print(f"[arena] {run_dir}: config changed; old record kept as {stale.name}", flush=True)
+        log.info("%s: config changed; old record kept as %s", run_dir, stale.name)
         return None
     if existing["status"] in ("ok", "unsupported"):
         return existing
@@ -155,15 +167,17 @@ def run_experiment(cfg: DictConfig, run_dir: Path, *, multirun: bool = False) ->
     skipped = should_skip(cfg, run_dir, chash, multirun)
     if skipped is not None:
         how = "sweep.retry_failed=true or force=true" if skipped["status"] in FAILED else "force=true"
-        print(f"[arena] skip {run_dir}: it holds a {skipped['status']} record of the same config "
-              f"(config_hash {chash}); {how} reruns it", flush=True)
+        log.info("skip %s: it holds a %s record of the same config (config_hash %s); %s reruns it",
+                 run_dir, skipped["status"], chash, how)
+        if skipped["status"] in FAILED and skipped.get("error"):
+            log.warning("its recorded error: %s", skipped["error"].splitlines()[0])
         return skipped
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
-    device = pick_device(cfg.trainer.device)
-    run_id = f"{chash}-{new_run_id()}"
-    record = base_record(cfg, run_id=run_id, chash=chash, device=device)
-    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    device = pick_device(cfg.trainer.device, key="trainer.device")
+    record = base_record(cfg, chash=chash, device=device)
+    run_id = record["run_id"]
+    atomic_write_text(run_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True))
     started = time.perf_counter()
     logger, trainer, bar = None, None, None
     try:
@@ -171,12 +185,14 @@ def run_experiment(cfg: DictConfig, run_dir: Path, *, multirun: bool = False) ->
         task = build_task(cfg)
         model = build_model(cfg, task)
         record["params"] = sum(p.numel() for p in model.parameters())
+        log.debug("%s on %s: %s parameters, %d steps on %s, into %s", cfg.model.name, cfg.task.name,
+                  f"{record['params']:,}", cfg.trainer.steps, device, run_dir)
         logger = make_logger(cfg, run_dir=run_dir, job_type="train", run_id=run_id)
         trainer = Trainer(model=model, task=task, trainer_cfg=cfg.trainer, seed=cfg.seed,
                           device=device, run_dir=run_dir, logger=logger)
         trainer.maybe_resume()
         if trainer.resumed_from is not None:
-            print(f"[arena] resuming {run_dir} from step {trainer.resumed_from}", flush=True)
+            log.info("resuming %s from step %d", run_dir, trainer.resumed_from)
         bar = ProgressBar(cfg.trainer.steps, trainer.state.step,
                           f"{cfg.model.name}/{cfg.task.name}", cfg.trainer.progress)
         trainer.fit(bar)
@@ -184,8 +200,9 @@ def run_experiment(cfg: DictConfig, run_dir: Path, *, multirun: bool = False) ->
     except KeyboardInterrupt:
         raise  # interrupted, not finished: the checkpoint lets a rerun resume
     except BaseException as exc:  # noqa: BLE001 - every outcome gets a record
-        record["status"] = classify_failure(exc)
-        record["error"] = f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"
+        if bar is not None:
+            bar.close()  # before the error lines, so they do not land inside the bar
+        record_failure(record, exc)
     finally:
         if bar is not None:
             bar.close()
@@ -218,8 +235,7 @@ def finish_metrics(trainer: Trainer, record: dict) -> None:
         try:
             record["metrics"].update(trainer.test())
         except Exception as exc:  # noqa: BLE001 - a failed test pass must not lose training
-            record["status"] = classify_failure(exc)
-            record["error"] = f"during test: {type(exc).__name__}: {exc}\n{traceback.format_exc()}"
+            record_failure(record, exc, context="during test: ")
 
 
 def tokens_per_step(trainer: Trainer) -> int:
@@ -227,16 +243,15 @@ def tokens_per_step(trainer: Trainer) -> int:
 
 
 def report(record: dict, run_dir: Path) -> None:
+    """The run's outcome in two lines (a failure's message was logged when it happened)."""
     metrics = record.get("metrics") or {}
     shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()
                       if k.startswith(("val_", "test_")) and isinstance(v, float))
     speed = record.get("speed") or {}
     tps = speed.get("tokens_per_s")
-    print(f"[arena] {record['model']} on {record['task']}: status={record['status']}"
-          + (f", {shown}" if shown else "") + (f", {tps:,.0f} tokens/s" if tps else ""), flush=True)
-    if record["status"] not in ("ok", "unsupported") and record.get("error"):
-        print(f"[arena] error: {record['error'].splitlines()[0]}", file=sys.stderr, flush=True)
-    print(f"[arena] record: {run_dir / 'record.json'}", flush=True)
+    log.info("%s on %s: status=%s%s%s", record["model"], record["task"], record["status"],
+             f", {shown}" if shown else "", f", {tps:,.0f} tokens/s" if tps else "")
+    log.info("record: %s", run_dir / RECORD_FILE)
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
@@ -245,7 +260,7 @@ def hydra_main(cfg: DictConfig) -> float | None:
     multirun = hc.mode == RunMode.MULTIRUN
     run_dir = Path(hc.runtime.output_dir)
     if multirun and cfg.sweep.fail_fast and any(s in FAILED for _, s, m in OUTCOMES if m):
-        print(f"[arena] not started {run_dir}: an earlier job failed and sweep.fail_fast is set", flush=True)
+        log.warning("not started %s: an earlier job failed and sweep.fail_fast is set", run_dir)
         return None
     record = run_experiment(cfg, run_dir, multirun=multirun)
     report(record, run_dir)
@@ -265,4 +280,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # `python -m harness.train` runs this file as __main__: run the imported module instead, the code
+    # the console script runs (logger names under harness, Hydra's job name, pickled callables)
+    from harness.train import main as _main
+
+    _main()

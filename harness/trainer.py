@@ -11,9 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import random
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,9 +22,7 @@ import torch.nn as nn
 
 from harness.measure import PeakMemory, StepTimer
 from harness.objectives import evaluate, loss_and_counts, tokens_in
-
-CHECKPOINT_FILE = "checkpoint.pt"
-METRICS_FILE = "metrics.jsonl"
+from harness.records import CHECKPOINT_FILE, METRICS_FILE, atomic_torch_save
 
 
 class Diverged(Exception):
@@ -100,17 +96,6 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def atomic_torch_save(obj, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 @dataclass
@@ -279,12 +264,14 @@ class Trainer:
             s.step += 1
             elapsed = time.perf_counter() - start
             tokens_per_s = self.timer.summary(tokens_in(batch))["tokens_per_s"]
-            if s.step % cfg.eval_every == 0 or s.step == cfg.steps:
+            evaluated = s.step % cfg.eval_every == 0 or s.step == cfg.steps
+            if evaluated:
                 last_val = self.validate(elapsed, tokens_per_s)["metric"]
                 self.save_checkpoint()
             elif s.step % cfg.checkpoint_every == 0:
                 self.save_checkpoint()
-            progress_bar.update(s.step, loss=s.last_train_loss, val=last_val, tokens_per_s=tokens_per_s)
+            progress_bar.update(s.step, loss=s.last_train_loss, val=last_val, tokens_per_s=tokens_per_s,
+                                evaluated=evaluated)
             if cfg.time_limit_s is not None and elapsed > cfg.time_limit_s:
                 raise TimeLimit(f"trainer.time_limit_s={cfg.time_limit_s} reached at step {s.step}")
 

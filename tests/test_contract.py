@@ -7,6 +7,9 @@ so no data needs to be downloaded or generated here (each task's own tests cover
 
 from __future__ import annotations
 
+import copy
+import functools
+
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -19,7 +22,9 @@ from tasks.base import TaskSpec, random_batch
 MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
 TASKS = sorted(p.stem for p in (CONF_DIR / "task").glob("*.yaml"))
 
-# Tiny sizes, applied to whichever of these keys a model yaml has.
+# Tiny sizes: the shared ones through `size` (what every model reads unless its yaml fixes a
+# size), and these keys wherever a model yaml sets them itself.
+TINY_SIZE = ["size.d_model=32", "size.n_layers=2", "size.n_heads=2"]
 TINY_MODEL = {"d_model": 32, "d_hidden": 32, "n_layers": 2, "d_ff": 64, "d_state": 8,
               "mixer.n_heads": 2, "n_heads": 2, "seg_len": 16, "mem_len": 16,
               "mixer.block_size": 8, "mixer.window": 16, "mixer.w": 16, "mixer.n_features": 32, "mixer.k": 16,
@@ -49,9 +54,23 @@ def tiny_overrides(group: str, name: str, table: dict) -> list[str]:
     return out
 
 
+@functools.lru_cache(maxsize=None)
+def composed(*overrides: str):
+    """``compose_config(overrides)``, once per distinct overrides: composing takes longer than
+    building and running a tiny model, and the tests share compositions (none mutates one)."""
+    return compose_config(list(overrides))
+
+
+def tiny_model(model_name: str) -> list[str]:
+    return [f"model={model_name}", *TINY_SIZE, *tiny_overrides("model", model_name, TINY_MODEL)]
+
+
+def tiny_task(task_name: str) -> list[str]:
+    return [f"task={task_name}", *tiny_overrides("task", task_name, TINY_TASK)]
+
+
 def build_for_spec(model_name: str, spec: TaskSpec) -> torch.nn.Module:
-    cfg = compose_config([f"model={model_name}", "task=mqar", f"task.seq_len={spec.seq_len}",
-                          *tiny_overrides("model", model_name, TINY_MODEL)])
+    cfg = composed(*tiny_model(model_name), "task=mqar", f"task.seq_len={spec.seq_len}")
     torch.manual_seed(0)
     return instantiate_without_name(cfg.model, spec=spec).eval()
 
@@ -64,12 +83,26 @@ def out_shape(spec: TaskSpec, batch_size: int, seq_len: int) -> tuple[int, ...]:
     return (batch_size, spec.target_len, spec.n_outputs)
 
 
+def pair_config(model_name: str, task_name: str):
+    """``model=<model_name> task=<task_name>`` at tiny sizes, from one composition per model and
+    one per task rather than one per pair: the model's config with the task's node put in. That is
+    the config Hydra composes for the pair, since a model or task yaml writes only its own package
+    and an interpolation such as ``${task.seq_len}`` resolves in the pair (checked below)."""
+    cfg = copy.deepcopy(composed(*tiny_model(model_name)))
+    cfg.task = composed(*tiny_task(task_name)).task
+    return cfg
+
+
+def test_a_pair_config_is_what_hydra_composes_for_the_pair():
+    pair = compose_config([*tiny_model("linformer"), *tiny_task("text")])  # linformer reads task.seq_len
+    assert OmegaConf.to_container(pair_config("linformer", "text"), resolve=True) == \
+        OmegaConf.to_container(pair, resolve=True)
+
+
 @pytest.mark.parametrize("task_name", TASKS)
 @pytest.mark.parametrize("model_name", MODELS)
 def test_every_model_task_pair_composes_and_runs(model_name, task_name):
-    cfg = compose_config([f"model={model_name}", f"task={task_name}",
-                          *tiny_overrides("model", model_name, TINY_MODEL),
-                          *tiny_overrides("task", task_name, TINY_TASK)])
+    cfg = pair_config(model_name, task_name)
     assert cfg.model.name == model_name and cfg.task.name == task_name
     task = instantiate_without_name(cfg.task)  # building a task must not load any data yet
     spec = task.spec
@@ -152,3 +185,12 @@ def test_causality_seq2seq(model_name):
         a, b = model(batch), model(changed)
     # logits at j predict target[j] from target[:j]: positions <= j are unaffected
     torch.testing.assert_close(a[:, : j + 1], b[:, : j + 1], atol=1e-5, rtol=1e-5)
+
+
+def test_the_api_build_docstring_example_runs():
+    import doctest
+
+    import harness.api
+
+    result = doctest.testmod(harness.api, raise_on_error=False)
+    assert result.attempted >= 3 and result.failed == 0, "see the doctest output above"

@@ -5,20 +5,25 @@ from __future__ import annotations
 import base64
 import copy
 import json
+import logging
 import math
+import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import cli, cli_env
 
 from harness.claims import evaluate_claims, load_claims
 from harness.report import (
     PUBLISHED_DIR, accuracy_table, compare_published, efficiency_table, latex_table,
     load_published, main,
 )
+from harness.records import new_record
 from harness.results import (
-    efficiency_cells, filter_runs, load_curves, load_runs, scaling_exponents, summarize,
+    efficiency_cells, filter_runs, load_curves, load_runs, records_frame, scaling_exponents,
+    summarize,
 )
 
 BASE = {
@@ -198,6 +203,36 @@ def test_efficiency_speedup_and_exponents(tmp_path):
     assert table.loc["performer", "mem GB L=1024"] == "–"
 
 
+def test_scaling_is_fitted_per_precision_never_across_them():
+    """fp32 records of slope 2 and bf16 records of slope 1 (merged they would fit 1.77): two
+    fits, 2.0 and 1.0, and two setups in the efficiency table."""
+    records = []
+    for precision, power in (("fp32", 2), ("bf16", 1)):
+        for L in (1024, 2048, 4096):
+            record = new_record(kind="bench", config_hash=f"{precision}{L}", model="transformer",
+                                task="text", seed=0, seq_len=L, batch_size=8, env=BASE["env"],
+                                config={"trainer": {"precision": precision}}, dtype=precision)
+            record.update(status="ok", speed={"step_ms_median": (L / 1024) ** power * 100.0},
+                          memory={"peak_bytes": L * 10**6, "how": "test"})
+            records.append((f"{precision}-{L}", record))
+    eff = efficiency_cells(records_frame(records))
+    fits = scaling_exponents(eff).set_index("precision")
+    assert len(fits) == 2
+    assert fits.loc["fp32", "time_exponent"] == pytest.approx(2.0)
+    assert fits.loc["bf16", "time_exponent"] == pytest.approx(1.0)
+    table = efficiency_table(eff)
+    assert sorted(table["setup"]) == ["text, batch 8, bf16, 1 threads, testcpu",
+                                      "text, batch 8, fp32, 1 threads, testcpu"]
+
+
+def test_precision_of_bench_records_without_a_trainer_node(tmp_path):
+    # bench records written before arena-bench shared arena-train's keys say only `dtype`
+    make(tmp_path, kind="bench", model="transformer", task="text", step_ms=10.0, peak=1, dtype="bf16")
+    make(tmp_path, kind="bench", model="performer", task="text", step_ms=10.0, peak=1)
+    eff = efficiency_cells(load_runs(tmp_path)).set_index("model")
+    assert eff.loc["transformer", "precision"] == "bf16" and eff.loc["performer", "precision"] == "fp32"
+
+
 def test_train_speed_is_used_when_there_is_no_bench(tmp_path):
     make(tmp_path, val=0.5, test=0.5, step_ms=50.0, peak=2e9)
     eff = efficiency_cells(load_runs(tmp_path))
@@ -363,10 +398,11 @@ def report_dir(tmp_path_factory):
     return root
 
 
-def test_cli_writes_every_output(report_dir, tmp_path, capsys):
+def test_cli_writes_every_output(report_dir, tmp_path, caplog):
     out = tmp_path / "out"
-    assert main([str(report_dir), "--out", str(out)]) == 0
-    printed = capsys.readouterr().out
+    with caplog.at_level(logging.INFO, logger="harness.report"):  # what the console shows
+        assert main([str(report_dir), "--out", str(out)]) == 0
+    printed = caplog.text
     assert "Accuracy" in printed and "text L=4096" in printed and "OOM" in printed
     assert "steps/s L=4096" in printed and f"report: {out / 'report.html'}" in printed
     for name in ("accuracy", "efficiency", "scaling_exponents", "comparison", "claims"):
@@ -391,3 +427,14 @@ def test_cli_writes_every_output(report_dir, tmp_path, capsys):
 def test_cli_without_records_says_what_to_do(tmp_path):
     with pytest.raises(SystemExit, match="no record.json under"):
         main([str(tmp_path), "--no-plots"])
+
+
+@pytest.mark.slow
+def test_cli_of_this_checkout_prints_tables_on_stdout_and_warnings_on_stderr(report_dir, tmp_path):
+    proc = subprocess.run(cli("harness.report", str(report_dir), str(tmp_path / "missing"), "--out",
+                              str(tmp_path / "out"), "--no-plots"),
+                          cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "Accuracy" in proc.stdout and "OOM" in proc.stdout and "report: " in proc.stdout
+    assert "WARNING [harness.report]" in proc.stderr and "missing" in proc.stderr
+    assert "Accuracy" not in proc.stderr

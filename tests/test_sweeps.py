@@ -1,4 +1,5 @@
-"""Sweeps: failure isolation, idempotent reruns, kill -9 and resume, Hydra launchers/sweepers."""
+"""Sweeps with this checkout's `arena-train -m` (``python -m harness.train -m``): failure isolation,
+idempotent reruns, kill -9 and resume, Hydra launchers and sweepers, the progress and summary lines."""
 
 from __future__ import annotations
 
@@ -6,23 +7,32 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
+from conftest import cli, cli_env
 
 from harness.records import validate_record
 
-ARENA_TRAIN = str(Path(sys.executable).parent / "arena-train")
+pytestmark = pytest.mark.slow  # every test here launches arena-train
 TINY = ["logger=none", "trainer=smoke", "trainer.steps=12", "trainer.eval_every=6", "trainer.checkpoint_every=2",
         "trainer.threads=1", "task.vocab_size=32", "task.seq_len=32", "task.n_train=200", "task.n_val=32",
         "task.n_test=32"]
 
 
 def sweep(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([ARENA_TRAIN, "-m", *TINY, *args], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=600)
+    return subprocess.run(cli("harness.train", "-m", *TINY, *args), cwd=tmp_path, env=env(tmp_path),
+                          capture_output=True, text=True, timeout=600)
+
+
+def env(tmp_path: Path) -> dict[str, str]:
+    return cli_env(SEQ_ARENA_CACHE=str(tmp_path / "cache"))
+
+
+def skipped(proc: subprocess.CompletedProcess) -> int:
+    return sum(line.startswith("skip ") for line in proc.stdout.splitlines())
 
 
 def statuses(sweep_dir: Path) -> dict[str, str]:
@@ -40,12 +50,15 @@ def test_a_failing_job_is_recorded_and_the_sweep_goes_on_then_reruns_skip(tmp_pa
     assert proc.returncode == 0, proc.stderr
     found = statuses(tmp_path / "results/sweeps/s")
     assert sorted(found.values()) == ["error", "ok", "ok", "ok"]
+    assert "job 1/4 (" in proc.stdout and "job 4/4 (" in proc.stdout, "one progress line per job"
     assert "sweep summary: 4 records: 1 error, 3 ok" in proc.stdout
+    assert "task.n_pairs=99 needs 99 distinct keys" in proc.stderr, "the failed job's message"
     again = sweep(tmp_path, "task.n_pairs=1,2,3,99", "sweep.name=s")
     assert again.returncode == 0
-    assert again.stdout.count("[arena] skip") == 4  # ok jobs skipped; the failed one only on request
+    assert skipped(again) == 4  # ok jobs skipped; the failed one only on request
+    assert "its recorded error: ValueError: mqar: task.n_pairs=99" in again.stderr
     retried = sweep(tmp_path, "task.n_pairs=1,2,3,99", "sweep.name=s", "sweep.retry_failed=true")
-    assert retried.stdout.count("[arena] skip") == 3
+    assert skipped(retried) == 3
 
 
 def test_fail_fast_exits_nonzero(tmp_path):
@@ -55,9 +68,10 @@ def test_fail_fast_exits_nonzero(tmp_path):
 
 
 def test_sweep_killed_with_sigkill_then_restarted_finishes_with_every_record(tmp_path):
-    args = [ARENA_TRAIN, "-m", *TINY, "trainer.steps=300", "seed=0,1,2", "sweep.name=k"]
-    proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    # 150 steps a job, a checkpoint every 2: time enough for the kill to land inside the second job
+    args = cli("harness.train", "-m", *TINY, "trainer.steps=150", "seed=0,1,2", "sweep.name=k")
+    proc = subprocess.Popen(args, cwd=tmp_path, env=env(tmp_path), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
     sweep_dir = tmp_path / "results/sweeps/k"
     deadline = time.time() + 300
     # kill once the first job is done and the second is part-way through
@@ -76,10 +90,10 @@ def test_sweep_killed_with_sigkill_then_restarted_finishes_with_every_record(tmp
     statuses(sweep_dir)
     for checkpoint in sweep_dir.rglob("checkpoint.pt"):
         torch.load(checkpoint, weights_only=True)
-    rerun = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    rerun = subprocess.run(args, cwd=tmp_path, env=env(tmp_path), capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr
     assert not list(sweep_dir.rglob("*.tmp")), "temporary files of the killed write are cleaned up"
-    assert rerun.stdout.count("[arena] skip") == finished
+    assert skipped(rerun) == finished
     assert ("resuming" in rerun.stdout) == bool(interrupted)
     assert sorted(statuses(sweep_dir).values()) == ["ok", "ok", "ok"]
 
