@@ -65,13 +65,16 @@ class Copying(GeneratedTask):
     """
 
     name = "copying"
+    # the knobs' check and the generator: selective copying (a subclass) swaps in its own
+    check_knobs = staticmethod(check_copying)
+    generator = staticmethod(generate_copying)
 
     def __init__(self, *, vocab_size: int, n_tokens: int, seq_len: int, n_train: int, n_val: int,
                  n_test: int, seed: int, cache_dir: str | None = None):
         knobs = dict(vocab_size=vocab_size, n_tokens=n_tokens, seq_len=seq_len)
-        check_copying(**knobs)  # a bad configuration fails now, not at the first dataset() call
+        self.check_knobs(**knobs)  # a bad configuration fails now, not at the first dataset() call
         spec = TaskSpec(kind="lm", vocab_size=vocab_size, n_outputs=vocab_size, seq_len=seq_len)
-        super().__init__(spec, generate_copying, knobs, n_train=n_train, n_val=n_val, n_test=n_test,
+        super().__init__(spec, self.generator, knobs, n_train=n_train, n_val=n_val, n_test=n_test,
                          seed=seed, cache_dir=cache_dir)
 
     def headline(self) -> list[str]:

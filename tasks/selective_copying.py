@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import torch
 
-from tasks.base import IGNORE_INDEX, GeneratedTask, TaskSpec, smallest_int_dtype
+from tasks.base import IGNORE_INDEX, smallest_int_dtype
+from tasks.copying import Copying
 
 ROWS_PER_BLOCK = 1024
 
@@ -70,8 +71,9 @@ def generate_selective_copying(
     return {"tokens": tokens, "targets": targets}
 
 
-class SelectiveCopying(GeneratedTask):
-    """Mamba's selective copying as an ``lm`` task scored by accuracy at the marker positions.
+class SelectiveCopying(Copying):
+    """Mamba's selective copying as an ``lm`` task scored by accuracy at the marker positions:
+    the copying task's knobs and spec, with the data scattered among noise.
 
     Args:
         vocab_size: V; 0 is noise, V - 1 the marker, data tokens come from [1, V - 2].
@@ -81,14 +83,8 @@ class SelectiveCopying(GeneratedTask):
     """
 
     name = "selective_copying"
-
-    def __init__(self, *, vocab_size: int, n_tokens: int, seq_len: int, n_train: int, n_val: int,
-                 n_test: int, seed: int, cache_dir: str | None = None):
-        knobs = dict(vocab_size=vocab_size, n_tokens=n_tokens, seq_len=seq_len)
-        check_selective_copying(**knobs)  # a bad configuration fails now, not at the first dataset() call
-        spec = TaskSpec(kind="lm", vocab_size=vocab_size, n_outputs=vocab_size, seq_len=seq_len)
-        super().__init__(spec, generate_selective_copying, knobs, n_train=n_train, n_val=n_val,
-                         n_test=n_test, seed=seed, cache_dir=cache_dir)
+    check_knobs = staticmethod(check_selective_copying)
+    generator = staticmethod(generate_selective_copying)
 
     def headline(self) -> list[str]:
         V, M, L = self.spec.vocab_size, self.knobs["n_tokens"], self.spec.seq_len

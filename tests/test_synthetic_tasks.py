@@ -232,7 +232,7 @@ def test_splits_differ_and_cache_round_trip(tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("should have been read from the cache")
 
-    monkeypatch.setattr("tasks.copying.generate_copying", fail)
+    monkeypatch.setattr(Copying, "generator", staticmethod(fail))
     assert torch.equal(again.dataset("train").arrays["tokens"], train["tokens"])
     other_seed = Copying(vocab_size=10, n_tokens=4, seq_len=20, cache_dir=tmp_path,
                          **{**SMALL, "seed": 1})
