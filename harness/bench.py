@@ -36,6 +36,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from harness.config import CONF_DIR, instantiate_without_name, register_resolvers, result_config
+from harness.measure import check_precision
 from harness.records import config_hash, environment, new_record, now_iso, pick_device, read_record, write_record
 from harness.results import efficiency_cells, load_runs, scaling_exponents
 
@@ -72,8 +73,7 @@ def renamed_overrides(args: list[str]) -> list[str]:
 
 def bench_job(cfg: DictConfig, device: torch.device) -> dict:
     """What the measurement process needs: the model config, the spec at task.seq_len, the settings."""
-    if cfg.trainer.precision not in ("fp32", "bf16"):
-        raise ValueError(f"trainer.precision must be 'fp32' or 'bf16', got {cfg.trainer.precision!r}")
+    check_precision(cfg.trainer.precision)
     task = instantiate_without_name(cfg.task)
     # the spec's length is task.seq_len, the key model configs read (e.g. linformer's projections)
     spec = dataclasses.replace(task.spec, seq_len=cfg.task.seq_len, eval_seq_lens=())

@@ -17,7 +17,7 @@ import time
 import torch
 from omegaconf import OmegaConf
 
-from harness.measure import PeakMemory, StepTimer, current_rss_bytes, timing_summary
+from harness.measure import PeakMemory, StepTimer, autocast, current_rss_bytes, timing_summary
 from harness.records import is_out_of_memory
 
 
@@ -50,11 +50,11 @@ def measure(job: dict) -> dict:
         return {"status": "unsupported", "error": str(e)}
     batch = {k: v.to(device) for k, v in random_batch(spec, job["batch_size"], seed=job["seed"]).items()}
     optimizer = torch.optim.AdamW(model.parameters(), lr=job["lr"])
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=job["precision"] == "bf16")
+
     timer = StepTimer(device, warmup=job["untimed_steps"])
 
     def step() -> None:
-        with autocast:
+        with autocast(device, job["precision"]):
             loss, _, _ = loss_and_counts(model(batch), batch, spec)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

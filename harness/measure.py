@@ -8,11 +8,30 @@ CPU the process's peak resident set minus its resident set after imports.
 
 from __future__ import annotations
 
+import contextlib
 import resource
 import statistics
 import time
 
 import torch
+
+
+PRECISIONS = ("fp32", "bf16")
+
+
+def check_precision(precision: str) -> None:
+    """Refuse a ``trainer.precision`` that training and arena-bench cannot run."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"trainer.precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+
+
+def autocast(device: torch.device, precision: str):
+    """The context a step runs in: bf16 autocast on ``device``, or nothing for fp32. The one
+    place training, evaluation and arena-bench's measured step turn precision into torch."""
+    check_precision(precision)
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def synchronize(device: torch.device) -> None:

@@ -8,7 +8,6 @@ numbers.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import random
@@ -20,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from harness.measure import PeakMemory, StepTimer
+from harness.measure import PeakMemory, StepTimer, autocast
 from harness.objectives import evaluate, loss_and_counts, tokens_in
 from harness.records import CHECKPOINT_FILE, METRICS_FILE, atomic_torch_save
 
@@ -161,11 +160,7 @@ class Trainer:
             yield dataset[order[i:i + size]]
 
     def autocast(self):
-        if self.cfg.precision == "bf16":
-            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
-        if self.cfg.precision != "fp32":
-            raise ValueError(f"trainer.precision must be 'fp32' or 'bf16', got {self.cfg.precision!r}")
-        return contextlib.nullcontext()
+        return autocast(self.device, self.cfg.precision)
 
     # -- checkpoints --------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
