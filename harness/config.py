@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import os
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -16,7 +17,10 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 # and out of what makes two runs different settings.
 RESULT_KEYS = ("model", "task", "trainer", "bench", "seed")
 NON_RESULT_TRAINER_KEYS = ("device", "progress", "log_every", "checkpoint_every", "time_limit_s")
-NON_RESULT_TASK_KEYS = ("cache_dir", "data_dir")
+NON_RESULT_TASK_KEYS = ("cache_dir",)  # generated data are cached under a key of their own
+# Where a task reads its data: part of a run's identity (other data, another result), compared
+# as absolute paths, since a relative one means another folder when run from elsewhere.
+DATA_PATH_KEYS = ("data_dir", "path")
 NON_RESULT_BENCH_KEYS = ("timeout_s",)
 
 
@@ -93,4 +97,8 @@ def result_config(cfg: DictConfig) -> dict:
                        ("bench", NON_RESULT_BENCH_KEYS)):
         for key in keys:
             kept.get(node, {}).pop(key, None)
+    task = kept.get("task", {})
+    for key in DATA_PATH_KEYS:
+        if isinstance(task.get(key), str):
+            task[key] = os.path.abspath(os.path.expanduser(task[key]))
     return kept

@@ -12,17 +12,21 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import logging
 import os
 import platform
 import socket
 import subprocess
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import pydantic
 import torch
 
-from tasks.base import atomic_write
+from tasks.base import atomic_write, set_aside
+
+log = logging.getLogger(__name__)
 
 SCHEMA = 1
 STATUSES = ("ok", "oom", "diverged", "error", "timeout", "unsupported")
@@ -167,26 +171,74 @@ def write_record(run_dir: str | Path, record: dict) -> Path:
 
 
 def read_record(run_dir: str | Path) -> dict | None:
-    """The record in ``run_dir``, or None when there is none or it cannot be parsed."""
+    """The record in ``run_dir``, or None when there is none.
+
+    A file that is not a valid schema-1 record (unparseable, not an object, wrong types, a
+    missing field) is moved aside as ``record.json.corrupt-<time>`` with a warning naming it and
+    what is wrong, and None is returned: the job then runs as if it had never run.
+    """
     path = Path(run_dir) / RECORD_FILE
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+    if not path.exists():
         return None
+    record, problem = parse_record(path)
+    if problem is None:
+        return record
+    aside = set_aside(path)
+    log.warning("%s: %s; moved to %s, the job runs again", path, problem, aside.name)
+    return None
 
 
-def validate_record(record: dict) -> list[str]:
+def parse_record(path: Path) -> tuple[dict | None, str | None]:
+    """``(record, None)`` for a valid record file, else ``(None, what is wrong with it)``."""
+    try:
+        record = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return None, f"not a readable JSON record ({type(e).__name__}: {e})"
+    problems = validate_record(record)
+    if problems:
+        return None, f"not a valid record ({'; '.join(problems[:5])})"
+    return record, None
+
+
+Number = float | int
+
+
+class RecordSchema(pydantic.BaseModel):
+    """``record.json``, schema 1: every field present, with these types (extra fields allowed)."""
+
+    model_config = pydantic.ConfigDict(extra="allow", strict=True)
+
+    schema_: Literal[1] = pydantic.Field(alias="schema")
+    kind: Literal["train", "bench"]
+    run_id: str
+    config_hash: str | None
+    status: Literal[STATUSES]  # a tuple subscript is the same as listing the values
+    error: str | None
+    model: str | None
+    task: str | None
+    seed: int | None
+    seq_len: int | None
+    batch_size: int | None
+    params: int | None
+    metrics: dict[str, Number | None]
+    speed: dict[str, Number | None]
+    memory: dict[str, Number | str | None]
+    env: dict[str, Any]
+    started_at: str
+    ended_at: str | None
+    wall_s: Number | None
+    config: dict[str, Any]
+
+
+def validate_record(record) -> list[str]:
     """Problems with a record against schema 1 (an empty list means valid)."""
-    problems = [f"missing field {name!r}" for name in RECORD_FIELDS if name not in record]
-    if record.get("schema") != SCHEMA:
-        problems.append(f"schema must be {SCHEMA}, got {record.get('schema')!r}")
-    if record.get("kind") not in ("train", "bench"):
-        problems.append(f"kind must be 'train' or 'bench', got {record.get('kind')!r}")
-    if record.get("status") not in STATUSES:
-        problems.append(f"status must be one of {STATUSES}, got {record.get('status')!r}")
-    for section in ("metrics", "speed", "memory", "env", "config"):
-        if section in record and not isinstance(record[section], dict):
-            problems.append(f"{section} must be an object")
-    if record.get("status") == "ok" and record.get("error") is not None:
-        problems.append("an ok record must have error null")
-    return problems
+    if not isinstance(record, dict):
+        return [f"a record is a JSON object, found {type(record).__name__}"]
+    try:
+        RecordSchema.model_validate(record)
+    except pydantic.ValidationError as e:
+        return [f"{'.'.join(str(p) for p in err['loc']) or 'record'}: {err['msg']}"
+                .replace("schema_", "schema") for err in e.errors()]
+    if record["status"] == "ok" and record["error"] is not None:
+        return ["an ok record must have error null"]
+    return []

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from harness.config import NON_RESULT_BENCH_KEYS, NON_RESULT_TASK_KEYS, NON_RESULT_TRAINER_KEYS, RESULT_KEYS
-from harness.records import METRICS_FILE, RECORD_FILE
+from harness.records import METRICS_FILE, RECORD_FILE, parse_record
 
 REQUIRED = ("kind", "status", "model", "task")
 HIGHER_IS_BETTER = {"accuracy": True, "bpc": False, "loss": False, "ppl": False}
@@ -58,7 +58,8 @@ def _find(paths, name: str) -> list[Path]:
         if not path.exists():
             warnings.warn(f"{path}: no such file or directory; nothing read from it", stacklevel=3)
         for root, dirs, files in os.walk(path):
-            dirs.sort()
+            # hidden folders hold no results: .hydra, and runs set aside (.superseded-*)
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
             if name in files:
                 found.append(Path(root) / name)
     return found
@@ -110,14 +111,9 @@ def load_runs(*paths) -> pd.DataFrame:
     """
     records = []
     for path in _find(paths or ("results",), RECORD_FILE):
-        try:
-            record = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            warnings.warn(f"skipping {path}: not a readable JSON record ({e})", stacklevel=2)
-            continue
-        missing = [k for k in REQUIRED if not isinstance(record, dict) or k not in record]
-        if missing:
-            warnings.warn(f"skipping {path}: missing field(s) {', '.join(missing)}", stacklevel=2)
+        record, problem = parse_record(path)
+        if problem is not None:
+            warnings.warn(f"skipping {path}: {problem}", stacklevel=2)
             continue
         records.append((str(path.parent), record))
     return records_frame(records)
@@ -170,21 +166,28 @@ def load_curves(*paths) -> pd.DataFrame:
     frames = []
     for path in _find(paths or ("results",), METRICS_FILE):
         lines = []
-        for lineno, text in enumerate(path.read_text().splitlines(), 1):
-            if not text.strip():
+        try:
+            raw_lines = path.read_bytes().splitlines()
+        except OSError as e:
+            warnings.warn(f"skipping {path}: unreadable ({e})", stacklevel=2)
+            continue
+        for lineno, raw in enumerate(raw_lines, 1):
+            if not raw.strip():
                 continue
             try:
-                lines.append(json.loads(text))
-            except json.JSONDecodeError:
-                warnings.warn(f"skipping {path}:{lineno}: not a JSON line", stacklevel=2)
+                line = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                line = None
+            if not isinstance(line, dict) or not isinstance(line.get("step"), int) or "split" not in line:
+                warnings.warn(f"skipping {path}:{lineno}: not a metrics line", stacklevel=2)
+                continue
+            lines.append(line)
         if not lines:
             continue
         frame = pd.DataFrame(lines)
         frame["run_dir"] = str(path.parent)
-        try:
-            record = json.loads((path.parent / RECORD_FILE).read_text())
-        except (OSError, json.JSONDecodeError):
-            record = {}
+        record, _ = parse_record(path.parent / RECORD_FILE) if (path.parent / RECORD_FILE).exists() else ({}, None)
+        record = record or {}
         for key in ("model", "task", "seed", "seq_len", "status"):
             frame[key] = record.get(key)
         frame["setting"] = _setting_key(record.get("config") or {})

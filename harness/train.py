@@ -35,12 +35,24 @@ from harness.records import (
     CHECKPOINT_FILE, CONFIG_FILE, FAILED, METRICS_FILE, RECORD_FILE, atomic_write_text, config_hash,
     environment, is_out_of_memory, new_record, now_iso, pick_device, read_record, write_record,
 )
+from harness.run_folder import FolderBusy, claim, make_room_for
 from harness.trainer import Diverged, TimeLimit, Trainer, seed_everything
+from harness.validation import check_config
 
 log = logging.getLogger(__name__)
 
 # outcomes of the jobs this process ran: (run_dir, status, multirun)
 OUTCOMES: list[tuple[Path, str, bool]] = []
+BUSY = "busy"  # the outcome of a job whose folder another process holds (no record: not ours)
+
+
+def detach_file_logging(run_dir: Path) -> None:
+    """Stop writing log lines into ``run_dir`` (Hydra opened its train.log for this job)."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == run_dir.resolve():
+            root.removeHandler(handler)
+            handler.close()
 
 
 class ProgressBar:
@@ -115,38 +127,50 @@ def base_record(cfg: DictConfig, *, chash: str, device: torch.device) -> dict:
     )
 
 
-def config_error_record(cfg: DictConfig, run_dir: Path, exc: Exception) -> dict:
-    """The record of a job whose config cannot even be resolved: status error, config as written."""
+def config_error_record(cfg: DictConfig, run_dir: Path, exc: Exception, *, chash: str | None = None,
+                        context: str = "the config could not be resolved: ") -> dict:
+    """The record of a job whose config cannot be used (it does not resolve, or a value is out of
+    range): status error, the config as written, the message naming the keys."""
     def select(key: str):
         return OmegaConf.select(cfg, key, default=None, throw_on_resolution_failure=False)
 
+    def integer(value):
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+    try:
+        config = OmegaConf.to_container(cfg, resolve=chash is not None)
+    except Exception:  # noqa: BLE001 - keep the config as written
+        config = OmegaConf.to_container(cfg, resolve=False)
     record = new_record(
-        kind="train", config_hash=None, model=select("model.name"), task=select("task.name"),
-        seed=select("seed"), seq_len=None, batch_size=None, env=environment(torch.device("cpu")),
-        config=OmegaConf.to_container(cfg, resolve=False),
+        kind="train", config_hash=chash, model=select("model.name"), task=select("task.name"),
+        seed=integer(select("seed")), seq_len=integer(select("task.seq_len")),
+        batch_size=integer(select("trainer.batch_size")), env=environment(torch.device("cpu")),
+        config=config,
     )
-    record_failure(record, exc, context="the config could not be resolved: ")
+    record_failure(record, exc, context=context)
     record.update(status="error", ended_at=record["started_at"], wall_s=0.0)
-    write_record(run_dir, record)
+    write_record_or_say_why(run_dir, record)
     return record
 
 
+def write_record_or_say_why(run_dir: Path, record: dict) -> None:
+    """Write the record; when even that fails (a full disk), say so rather than crash the sweep."""
+    try:
+        write_record(run_dir, record)
+    except OSError as exc:
+        log.error("could not write %s: %s", run_dir / RECORD_FILE, exc)
+
+
 def should_skip(cfg: DictConfig, run_dir: Path, chash: str, multirun: bool) -> dict | None:
-    """The existing record when this job needs no rerun (same config already done)."""
-    existing = read_record(run_dir)
+    """The existing record when this job needs no rerun (same config already done). The folder
+    has already been cleared of any other configuration's run (harness.run_folder)."""
     if cfg.force:
         # a forced rerun starts from scratch: no resuming from the finished run's checkpoint
         (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
         (run_dir / METRICS_FILE).unlink(missing_ok=True)
         return None
+    existing = read_record(run_dir)
     if existing is None:
-        return None
-    if existing.get("config_hash") != chash:
-        # the directory held a different config: keep its record aside and start afresh
-        stale = run_dir / f"record.superseded-{existing.get('config_hash')}.json"
-        (run_dir / RECORD_FILE).rename(stale)
-        (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
-        log.info("%s: config changed; old record kept as %s", run_dir, stale.name)
         return None
     if existing["status"] in ("ok", "unsupported"):
         return existing
@@ -156,14 +180,24 @@ def should_skip(cfg: DictConfig, run_dir: Path, chash: str, multirun: bool) -> d
 
 
 def run_experiment(cfg: DictConfig, run_dir: Path, *, multirun: bool = False) -> dict:
-    """Train and test one configuration into ``run_dir``; always returns (and writes) a record."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for leftover in run_dir.glob(".*.tmp"):  # a write cut short by a kill; the final file is intact
-        leftover.unlink(missing_ok=True)
+    """Train and test one configuration into ``run_dir``; always returns (and writes) a record.
+
+    Raises:
+        FolderBusy: another process is writing ``run_dir``; nothing was written there.
+    """
+    with claim(run_dir):
+        return run_claimed(cfg, run_dir, multirun=multirun)
+
+
+def run_claimed(cfg: DictConfig, run_dir: Path, *, multirun: bool) -> dict:
     try:
-        chash = config_hash(result_config(cfg))
+        result = result_config(cfg)
+        chash = config_hash(result)
     except Exception as exc:  # noqa: BLE001 - e.g. an interpolation that does not resolve
         return config_error_record(cfg, run_dir, exc)
+    for leftover in run_dir.glob(".*.tmp"):  # a write cut short by a kill (the folder is ours)
+        leftover.unlink(missing_ok=True)
+    make_room_for(run_dir, chash, result)
     skipped = should_skip(cfg, run_dir, chash, multirun)
     if skipped is not None:
         how = "sweep.retry_failed=true or force=true" if skipped["status"] in FAILED else "force=true"
@@ -172,15 +206,19 @@ def run_experiment(cfg: DictConfig, run_dir: Path, *, multirun: bool = False) ->
         if skipped["status"] in FAILED and skipped.get("error"):
             log.warning("its recorded error: %s", skipped["error"].splitlines()[0])
         return skipped
+    try:
+        check_config(cfg)
+        device = pick_device(cfg.trainer.device, key="trainer.device")
+    except ValueError as exc:
+        return config_error_record(cfg, run_dir, exc, chash=chash, context="")
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
-    device = pick_device(cfg.trainer.device, key="trainer.device")
     record = base_record(cfg, chash=chash, device=device)
     run_id = record["run_id"]
-    atomic_write_text(run_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True))
     started = time.perf_counter()
     logger, trainer, bar = None, None, None
     try:
+        atomic_write_text(run_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True))
         seed_everything(cfg.seed)
         task = build_task(cfg)
         model = build_model(cfg, task)
@@ -210,7 +248,7 @@ def run_experiment(cfg: DictConfig, run_dir: Path, *, multirun: bool = False) ->
         finish_metrics(trainer, record)
     record["ended_at"] = now_iso()
     record["wall_s"] = time.perf_counter() - started
-    write_record(run_dir, record)
+    write_record_or_say_why(run_dir, record)
     if logger is not None:
         logger.summary(wandb_summary(record))
         logger.finish(record["status"])
@@ -262,7 +300,13 @@ def hydra_main(cfg: DictConfig) -> float | None:
     if multirun and cfg.sweep.fail_fast and any(s in FAILED for _, s, m in OUTCOMES if m):
         log.warning("not started %s: an earlier job failed and sweep.fail_fast is set", run_dir)
         return None
-    record = run_experiment(cfg, run_dir, multirun=multirun)
+    try:
+        record = run_experiment(cfg, run_dir, multirun=multirun)
+    except FolderBusy as exc:
+        detach_file_logging(run_dir)  # the folder's log belongs to the process that holds it
+        log.error("%s", exc)
+        OUTCOMES.append((run_dir, BUSY, multirun))
+        return None
     report(record, run_dir)
     OUTCOMES.append((run_dir, record["status"], multirun))
     if multirun and cfg.sweep.fail_fast and record["status"] in FAILED:
@@ -274,7 +318,7 @@ def hydra_main(cfg: DictConfig) -> float | None:
 def main() -> None:
     register_resolvers()
     hydra_main()
-    failed = [(d, s) for d, s, multirun in OUTCOMES if not multirun and s in FAILED]
+    failed = [(d, s) for d, s, multirun in OUTCOMES if not multirun and s in (*FAILED, BUSY)]
     if failed:
         sys.exit(1)
 

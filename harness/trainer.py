@@ -8,7 +8,9 @@ numbers.
 
 from __future__ import annotations
 
+import copy
 import json
+import logging
 import math
 import random
 import time
@@ -21,7 +23,10 @@ import torch.nn as nn
 
 from harness.measure import PeakMemory, StepTimer, autocast
 from harness.objectives import evaluate, loss_and_counts, tokens_in
-from harness.records import CHECKPOINT_FILE, METRICS_FILE, atomic_torch_save
+from harness.records import CHECKPOINT_FILE, METRICS_FILE, atomic_torch_save, atomic_write_text
+from tasks.base import disk_full_error, set_aside
+
+log = logging.getLogger(__name__)
 
 
 class Diverged(Exception):
@@ -173,37 +178,73 @@ class Trainer:
         }, self.run_dir / CHECKPOINT_FILE)
 
     def maybe_resume(self) -> None:
+        """Continue from ``checkpoint.pt`` when there is one. A checkpoint that cannot be loaded
+        (truncated, garbage, or of another model) is moved aside, with a warning naming it, and
+        the run starts from scratch; so does ``metrics.jsonl``, which then holds no line."""
         path = self.run_dir / CHECKPOINT_FILE
         if not path.exists():
+            self.truncate_metrics_after(0)  # lines of an attempt killed before its first checkpoint
             return
-        ckpt = torch.load(path, weights_only=True, map_location=self.device)
-        self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
-        set_rng_state(ckpt["rng"])
-        self.state = TrainState(step=ckpt["step"], best_metric=ckpt["best_metric"],
-                                best_step=ckpt["best_step"], best_weights=ckpt["best_weights"],
-                                last_train_loss=ckpt["last_train_loss"])
-        self.resumed_from = ckpt["step"]
-        self.truncate_metrics_after(ckpt["step"])
+        fresh = {"model": copy.deepcopy(self.model.state_dict()), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "rng": rng_state()}
+        try:
+            ckpt = torch.load(path, weights_only=True, map_location=self.device)
+            self.model.load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+            set_rng_state(ckpt["rng"])
+            state = TrainState(step=ckpt["step"], best_metric=ckpt["best_metric"],
+                               best_step=ckpt["best_step"], best_weights=ckpt["best_weights"],
+                               last_train_loss=ckpt["last_train_loss"])
+        except Exception as exc:  # noqa: BLE001 - whatever is wrong with it, the run can start over
+            self.model.load_state_dict(fresh["model"])
+            self.optimizer.load_state_dict(fresh["optimizer"])
+            self.scheduler.load_state_dict(fresh["scheduler"])
+            set_rng_state(fresh["rng"])
+            aside = set_aside(path)
+            reason = str(exc).splitlines()[0] if str(exc) else ""
+            log.warning("%s cannot be resumed from (%s: %s); moved to %s, training starts from step 0",
+                        path, type(exc).__name__, reason[:200], aside.name)
+            self.truncate_metrics_after(0)
+            return
+        self.state = state
+        self.resumed_from = state.step
+        self.truncate_metrics_after(state.step)
 
     def truncate_metrics_after(self, step: int) -> None:
-        """Drop metric lines written after the checkpoint, so a resumed run never repeats them."""
+        """Keep only the metric lines up to ``step``, so a resumed run never repeats one. A line
+        cut by a kill is dropped; a file holding anything else than metric lines (garbage, another
+        program's output) is moved aside with a warning, and its good lines kept."""
         path = self.run_dir / METRICS_FILE
         if not path.exists():
             return
-        kept = []
-        for line in path.read_text().splitlines():
+        kept, bad = [], []
+        raw_lines = path.read_bytes().splitlines()
+        for line_no, raw in enumerate(raw_lines, 1):
             try:
-                if json.loads(line)["step"] <= step:
-                    kept.append(line)
-            except (json.JSONDecodeError, KeyError):
-                continue  # a line cut by a kill
-        path.write_text("".join(l + "\n" for l in kept))
+                line = json.loads(raw.decode("utf-8"))
+                keep = line["step"] <= step
+            except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+                if line_no < len(raw_lines) or not raw.strip():  # the last line may be a torn write
+                    bad.append(line_no)
+                continue
+            if keep:
+                kept.append(json.dumps(line))
+        if bad:
+            aside = set_aside(path)
+            log.warning("%s: line(s) %s are not metric lines; moved to %s, its %d good line(s) kept",
+                        path, ", ".join(map(str, bad[:5])) + (" ..." if len(bad) > 5 else ""),
+                        aside.name, len(kept))
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
 
     def write_metrics(self, line: dict) -> None:
-        with open(self.run_dir / METRICS_FILE, "a") as f:
-            f.write(json.dumps(line) + "\n")
+        path = self.run_dir / METRICS_FILE
+        try:
+            with open(path, "a") as f:
+                f.write(json.dumps(line) + "\n")
+        except OSError as exc:
+            full = disk_full_error(path, exc)
+            raise (full or exc) from exc
 
     # -- the loop -----------------------------------------------------------------------------
     def is_better(self, value: float) -> bool:

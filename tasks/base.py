@@ -40,16 +40,22 @@ and decoder-only models read ``source + [sep_id] + target[:-1]`` as a prefix lan
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import logging
 import os
 import shutil
+import socket
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal, Protocol, runtime_checkable
 
 import torch
+
+log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 SPLITS = ("train", "val", "test")
@@ -168,20 +174,98 @@ def smallest_int_dtype(max_value: int) -> torch.dtype:
     return torch.int64
 
 
+class DiskFull(OSError):
+    """A write failed because the file system holding ``path`` has no room left."""
+
+
+def file_mode(*, folder: bool = False) -> int:
+    """The permission bits a plain ``open()`` (or ``mkdir``) would give a new file (folder) under
+    this process's umask: 0644 (0755) under the usual 022, so that colleagues on a shared disk can
+    read what a run wrote."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if folder else 0o666) & ~umask
+
+
+def temp_name(path: Path) -> str:
+    """The prefix of a temporary file for ``path``: it names the host and process that write it,
+    so a later writer can tell a dead writer's leftover from a live writer's file."""
+    return f".{path.name}.{socket.gethostname()}-{os.getpid()}."
+
+
+STALE_TEMP_S = 24 * 3600  # another host's temporary file older than this is a leftover
+
+
+def remove_stale_temps(folder: str | Path) -> list[Path]:
+    """Remove the temporary files and folders (``.<name>.<host>-<pid>.<random>.tmp``) that a
+    killed write left in ``folder``: those of this host whose process is gone, and any older than
+    a day. A live writer's files are left alone. Returns what was removed."""
+    removed = []
+    host = socket.gethostname()
+    for tmp in Path(folder).glob(".*.tmp"):
+        writer = tmp.name[:-len(".tmp")].rsplit(".", 2)
+        try:
+            age = time.time() - tmp.lstat().st_mtime
+        except FileNotFoundError:
+            continue  # its writer finished meanwhile
+        owner_host, _, pid = writer[-2].rpartition("-") if len(writer) == 3 else ("", "", "")
+        dead = owner_host == host and pid.isdigit() and not process_alive(int(pid))
+        if dead or age > STALE_TEMP_S:
+            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
+def disk_full_error(path: Path, exc: BaseException) -> DiskFull | None:
+    """A :class:`DiskFull` naming ``path`` when ``exc`` came from a full file system (errno
+    ENOSPC, or a library's own words for a short write while the disk has no room left)."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        full = True
+    else:
+        try:
+            full = shutil.disk_usage(path.parent).free < 1 << 20
+        except OSError:
+            full = False
+    if not full:
+        return None
+    return DiskFull(errno.ENOSPC, f"no space left on the device holding {path.parent} while writing "
+                                  f"{path.name} (free some space, or point the output elsewhere)", str(path))
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Create ``path`` through ``write(tmp)`` on a temporary file beside it, then a rename.
 
     A reader, or a ``kill -9`` at any moment, sees the old file or the complete new one, never
-    half of one; the temporary file is removed when ``write`` fails. The one implementation of
-    atomic writes: task caches use it, and so do run records and checkpoints (harness.records).
+    half of one; the temporary file is removed when ``write`` fails, and the leftovers of killed
+    writers in the same folder are removed first (:func:`remove_stale_temps`). The file gets the
+    permissions of the process's umask, as a plain ``open()`` would give it. A full disk raises
+    :class:`DiskFull` naming the file. The one implementation of atomic writes: task caches use
+    it, and so do run records and checkpoints (harness.records).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    remove_stale_temps(path.parent)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_name(path), suffix=".tmp")
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, file_mode())  # mkstemp made it 0600
         os.replace(tmp, path)
+    except Exception as exc:
+        full = disk_full_error(path, exc)
+        if full is not None:
+            raise full from exc
+        raise
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -197,14 +281,21 @@ def atomic_write_dir(path: str | Path, write: Callable[[Path], None]) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    remove_stale_temps(path.parent)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=temp_name(path), suffix=".tmp"))
     try:
         write(tmp)
+        os.chmod(tmp, file_mode(folder=True))  # mkdtemp made it 0700
         try:
             os.replace(tmp, path)
         except OSError:
             if not path.exists():
                 raise
+    except Exception as exc:
+        full = disk_full_error(path, exc)
+        if full is not None:
+            raise full from exc
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
@@ -241,10 +332,42 @@ def cached_splits(
     directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     path = directory / f"{name}-{cache_key(name, params)}.pt"
     if path.exists():
-        return torch.load(path, weights_only=True)
+        try:
+            splits = torch.load(path, weights_only=True)
+            check_cached_splits(splits)
+            return splits
+        except Exception as exc:  # noqa: BLE001 - truncated, garbage or foreign: rebuild it
+            aside = set_aside(path)
+            log.warning("%s: unreadable data cache (%s: %s); moved to %s and generated again",
+                        path, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "", aside.name)
     splits = build()
     atomic_write(path, lambda tmp: torch.save(splits, tmp))
     return splits
+
+
+def check_cached_splits(splits) -> None:
+    """Raise ValueError unless ``splits`` is ``{split: {key: tensor}}`` with equally long tensors."""
+    if not isinstance(splits, dict) or not splits:
+        raise ValueError(f"expected a dict of splits, found {type(splits).__name__}")
+    for split, arrays in splits.items():
+        if not isinstance(arrays, dict) or not all(isinstance(v, torch.Tensor) for v in arrays.values()):
+            raise ValueError(f"split {split!r} is not a dict of tensors")
+        if len({len(v) for v in arrays.values()}) > 1:
+            raise ValueError(f"split {split!r} has arrays of different lengths")
+
+
+def set_aside(path: str | Path) -> Path:
+    """Rename a bad file to ``<name>.corrupt-<UTC time>`` beside it, so that the next run starts
+    afresh while the file stays there for a human to look at. Returns the new path."""
+    path = Path(path)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    aside = path.with_name(f"{path.name}.corrupt-{stamp}")
+    n = 1
+    while aside.exists():
+        n += 1
+        aside = path.with_name(f"{path.name}.corrupt-{stamp}-{n}")
+    os.replace(path, aside)
+    return aside
 
 
 def random_batch(spec: TaskSpec, batch_size: int, *, seed: int = 0, seq_len: int | None = None,

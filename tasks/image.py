@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from tasks.base import TaskSpec, cached_splits, default_cache_dir
-from tasks.lra_io import FileTask, fingerprint, format_error, missing_data
+from tasks.lra_io import FileTask, fingerprint, format_error, missing_data, shorten
 
 PAD_ID = 256
 VOCAB_SIZE = 257
@@ -92,6 +92,10 @@ def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     labels = np.asarray(labels)
     if labels.shape != (len(data),):
         raise format_error(path, "b'labels'", f"{len(data)} labels (one per image)", f"shape {labels.shape}")
+    if not np.issubdtype(labels.dtype, np.integer):
+        first = next(i for i, y in enumerate(labels.tolist()) if not isinstance(y, int))
+        raise format_error(path, f"entry {first} of b'labels'", "a class 0-9 (an integer)",
+                           shorten(str(labels.tolist()[first])))
     bad = np.flatnonzero((labels < 0) | (labels > 9))
     if len(bad):
         raise format_error(path, f"entry {bad[0]} of b'labels'", "a class 0-9", f"{labels[bad[0]]}")

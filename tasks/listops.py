@@ -186,16 +186,26 @@ def write_generated(directory: Path, splits: dict[str, list[tuple[str, int]]]) -
     atomic_write_dir(directory, write)
 
 
+def decode_line(path: Path, line_no: int, raw: bytes) -> str:
+    """One line of a released TSV as text; bytes that are not UTF-8 are an error naming file:line."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise format_error(path, line_no, "UTF-8 text",
+                           f"byte 0x{raw[e.start]:02x} at column {e.start + 1}") from None
+
+
 def read_listops_tsv(path: Path, seq_len: int) -> dict[str, torch.Tensor]:
     """Read one released ListOps TSV into ``tokens`` (N, seq_len) and ``label`` (N,)."""
     rows, labels = [], []
-    with open(path, encoding="utf-8", newline="") as f:
-        header = f.readline()
+    with open(path, "rb") as f:
+        lines = (decode_line(path, line_no, raw) for line_no, raw in enumerate(f, start=1))
+        header = next(lines, "")
         if not header:
             raise format_error(path, 1, "the header 'Source\\tTarget'", "an empty file")
         if header.rstrip("\r\n").split("\t") != HEADER:
             raise format_error(path, 1, "the header 'Source\\tTarget'", shorten(header.rstrip("\r\n")))
-        for line_no, line in enumerate(f, start=2):
+        for line_no, line in enumerate(lines, start=2):
             fields = line.rstrip("\r\n").split("\t")
             if len(fields) != 2:
                 raise format_error(path, line_no, "2 tab-separated fields (Source, Target)",
