@@ -22,6 +22,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -37,7 +39,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from harness.config import CONF_DIR, instantiate_without_name, register_resolvers, result_config
 from harness.measure import check_precision
-from harness.records import config_hash, environment, new_record, now_iso, pick_device, read_record, write_record
+from harness.records import (
+    config_hash, environment, new_record, now_iso, pick_device, read_record, unusable_config_record, write_record,
+)
+from harness.run_folder import FolderBusy, claim, make_room_for
+from harness.validation import check_config
+from tasks.base import process_alive
 from harness.results import efficiency_cells, load_runs, scaling_exponents
 
 log = logging.getLogger(__name__)
@@ -90,11 +97,25 @@ def bench_job(cfg: DictConfig, device: torch.device) -> dict:
     }
 
 
+TEMP_PREFIX = "arena-bench-"
+
+
+def remove_dead_benches_temps() -> None:
+    """Remove the job folders that killed arena-bench processes left in the temp directory
+    (``arena-bench-<pid>-*``, whose process is gone)."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{TEMP_PREFIX}*"):
+        pid = folder.name[len(TEMP_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not process_alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 def run_worker(job: dict, timeout_s: float) -> dict:
-    """Measure ``job`` in a fresh Python process; crashes and timeouts become results."""
-    with tempfile.TemporaryDirectory(prefix="arena-bench-") as tmp:
+    """Measure ``job`` in a fresh Python process; crashes and timeouts become results. The worker
+    dies with this process (harness.bench_worker.die_with_parent) and removes the job folder."""
+    remove_dead_benches_temps()
+    with tempfile.TemporaryDirectory(prefix=f"{TEMP_PREFIX}{os.getpid()}-") as tmp:
         job_path, out_path = Path(tmp) / "job.json", Path(tmp) / "out.json"
-        job_path.write_text(json.dumps(job))
+        job_path.write_text(json.dumps({**job, "parent_pid": os.getpid()}))
         try:
             proc = subprocess.run([sys.executable, "-m", "harness.bench_worker", str(job_path), str(out_path)],
                                   capture_output=True, text=True, timeout=timeout_s)
@@ -110,13 +131,27 @@ def run_worker(job: dict, timeout_s: float) -> dict:
 
 def run_bench(cfg: DictConfig, run_dir: Path) -> dict:
     """Measure one configuration into ``run_dir/record.json`` (skipped when already measured)."""
-    device = pick_device(cfg.trainer.device, key="trainer.device")
+    with claim(run_dir):
+        return run_bench_claimed(cfg, run_dir)
+
+
+def run_bench_claimed(cfg: DictConfig, run_dir: Path) -> dict:
+    try:
+        check_config(cfg)
+        device = pick_device(cfg.trainer.device, key="trainer.device")
+    except ValueError as exc:  # a value out of range, or a device this machine lacks
+        log.error("%s", exc)
+        record = unusable_config_record(cfg, kind="bench", chash=None)
+        record.update(error=str(exc), ended_at=record["started_at"], wall_s=0.0)
+        write_record(run_dir, record)
+        return record
     # result_config leaves trainer.device out (a trained model does not depend on it); a
     # measurement does, so the device measured on is part of a bench record's hash.
-    chash = config_hash({**result_config(cfg), "measured_on": str(device)})
+    result = {**result_config(cfg), "measured_on": str(device)}
+    chash = config_hash(result)
+    make_room_for(run_dir, chash, result)
     existing = read_record(run_dir)
-    if existing and existing.get("config_hash") == chash and existing["status"] in ("ok", "unsupported") \
-            and not cfg.force:
+    if existing and existing["status"] in ("ok", "unsupported") and not cfg.force:
         log.info("skip %s: already measured (force=true remeasures)", run_dir)
         return existing
     record = new_record(
@@ -172,7 +207,10 @@ class ScalingCallback(Callback):
 @hydra.main(config_path=str(CONF_DIR), config_name="bench", version_base="1.3")
 def hydra_main(cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    log.info(describe(run_bench(cfg, run_dir)))
+    try:
+        log.info(describe(run_bench(cfg, run_dir)))
+    except FolderBusy as exc:
+        log.error("%s", exc)
 
 
 def main() -> None:

@@ -9,10 +9,15 @@ Its peak memory is its own: on CPU the peak resident set minus the resident set 
 
 from __future__ import annotations
 
+import ctypes
 import json
+import os
 import resource
+import shutil
+import signal
 import sys
 import time
+from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
@@ -80,9 +85,27 @@ def measure(job: dict) -> dict:
     }
 
 
+def die_with_parent(parent_pid: int | None, job_dir: Path) -> None:
+    """End this process when arena-bench (its parent) dies, even by ``kill -9``: Linux sends it
+    SIGTERM then (``prctl(PR_SET_PDEATHSIG)``), on which it removes the job folder and exits."""
+    if parent_pid is None or not sys.platform.startswith("linux"):
+        return
+
+    def on_parent_death(signum, frame) -> None:
+        shutil.rmtree(job_dir, ignore_errors=True)
+        os._exit(1)
+
+    signal.signal(signal.SIGTERM, on_parent_death)
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent_pid:  # it died before the signal was asked for
+        on_parent_death(signal.SIGTERM, None)
+
+
 def main() -> None:
     job_path, out_path = sys.argv[1], sys.argv[2]
     job = json.loads(open(job_path).read())
+    die_with_parent(job.get("parent_pid"), Path(job_path).parent)
     limit_memory(job.get("memory_limit_mb"))
     try:
         result = measure(job)

@@ -160,6 +160,32 @@ def new_record(*, kind: str, config_hash: str | None, model: str | None, task: s
     }
 
 
+def unusable_config_record(cfg, *, kind: str, chash: str | None) -> dict:
+    """The record of a job whose config cannot be used (it does not resolve, or a value is out of
+    range): status error, the fields that are usable, the config resolved where it resolves."""
+    from omegaconf import OmegaConf
+
+    def select(key: str):
+        return OmegaConf.select(cfg, key, default=None, throw_on_resolution_failure=False)
+
+    def integer(value):
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+    def text(value):
+        return value if isinstance(value, str) else None
+
+    try:
+        config = OmegaConf.to_container(cfg, resolve=chash is not None)
+    except Exception:  # noqa: BLE001 - keep the config as written
+        config = OmegaConf.to_container(cfg, resolve=False)
+    return new_record(
+        kind=kind, config_hash=chash, model=text(select("model.name")), task=text(select("task.name")),
+        seed=integer(select("seed")), seq_len=integer(select("task.seq_len")),
+        batch_size=integer(select("trainer.batch_size")), env=environment(torch.device("cpu")),
+        config=config,
+    )
+
+
 def write_record(run_dir: str | Path, record: dict) -> Path:
     """Validate and atomically write ``record.json`` into ``run_dir``."""
     problems = validate_record(record)

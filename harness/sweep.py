@@ -8,7 +8,6 @@ the launcher warning outside any job (conf/hydra/hydra_logging/arena.yaml).
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections import Counter
@@ -17,16 +16,22 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from harness.records import RECORD_FILE, parse_record
+
 log = logging.getLogger(__name__)
 
 
 def sweep_records(sweep_dir: Path) -> list[dict]:
+    """The valid records of a sweep (a bad one is named in a warning; runs set aside are skipped)."""
     records = []
-    for path in sorted(Path(sweep_dir).rglob("record.json")):
-        try:
-            records.append({**json.loads(path.read_text()), "run_dir": str(path.parent)})
-        except (OSError, json.JSONDecodeError):
-            log.warning("unreadable record %s", path)
+    for path in sorted(Path(sweep_dir).rglob(RECORD_FILE)):
+        if any(part.startswith(".") for part in path.relative_to(sweep_dir).parts[:-1]):
+            continue  # .superseded-*: runs of an earlier configuration
+        record, problem = parse_record(path)
+        if problem is not None:
+            log.warning("%s: %s", path, problem)
+            continue
+        records.append({**record, "run_dir": str(path.parent)})
     return records
 
 

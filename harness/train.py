@@ -33,7 +33,8 @@ from harness.loggers import make_logger
 from harness.objectives import tokens_in
 from harness.records import (
     CHECKPOINT_FILE, CONFIG_FILE, FAILED, METRICS_FILE, RECORD_FILE, atomic_write_text, config_hash,
-    environment, is_out_of_memory, new_record, now_iso, pick_device, read_record, write_record,
+    environment, is_out_of_memory, new_record, now_iso, pick_device, read_record, unusable_config_record,
+    write_record,
 )
 from harness.run_folder import FolderBusy, claim, make_room_for
 from harness.trainer import Diverged, TimeLimit, Trainer, seed_everything
@@ -131,22 +132,7 @@ def config_error_record(cfg: DictConfig, run_dir: Path, exc: Exception, *, chash
                         context: str = "the config could not be resolved: ") -> dict:
     """The record of a job whose config cannot be used (it does not resolve, or a value is out of
     range): status error, the config as written, the message naming the keys."""
-    def select(key: str):
-        return OmegaConf.select(cfg, key, default=None, throw_on_resolution_failure=False)
-
-    def integer(value):
-        return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-    try:
-        config = OmegaConf.to_container(cfg, resolve=chash is not None)
-    except Exception:  # noqa: BLE001 - keep the config as written
-        config = OmegaConf.to_container(cfg, resolve=False)
-    record = new_record(
-        kind="train", config_hash=chash, model=select("model.name"), task=select("task.name"),
-        seed=integer(select("seed")), seq_len=integer(select("task.seq_len")),
-        batch_size=integer(select("trainer.batch_size")), env=environment(torch.device("cpu")),
-        config=config,
-    )
+    record = unusable_config_record(cfg, kind="train", chash=chash)
     record_failure(record, exc, context=context)
     record.update(status="error", ended_at=record["started_at"], wall_s=0.0)
     write_record_or_say_why(run_dir, record)

@@ -84,6 +84,7 @@ class TaskSchema(Schema):
 class LoggerSchema(Schema):
     name: Literal["wandb", "none"]
     mode: Literal["offline", "online", "disabled"] | None = None
+    timeout_s: PositiveFloat | None = None
 
 
 SCHEMAS: dict[str, type[Schema]] = {

@@ -201,15 +201,15 @@ def remove_stale_temps(folder: str | Path) -> list[Path]:
     killed write left in ``folder``: those of this host whose process is gone, and any older than
     a day. A live writer's files are left alone. Returns what was removed."""
     removed = []
-    host = socket.gethostname()
+    marker = f".{socket.gethostname()}-"  # this host's writers: .<name>.<host>-<pid>.<random>.tmp
     for tmp in Path(folder).glob(".*.tmp"):
-        writer = tmp.name[:-len(".tmp")].rsplit(".", 2)
         try:
             age = time.time() - tmp.lstat().st_mtime
         except FileNotFoundError:
             continue  # its writer finished meanwhile
-        owner_host, _, pid = writer[-2].rpartition("-") if len(writer) == 3 else ("", "", "")
-        dead = owner_host == host and pid.isdigit() and not process_alive(int(pid))
+        _, found, rest = tmp.name.rpartition(marker)
+        pid = rest.split(".", 1)[0]
+        dead = bool(found) and pid.isdigit() and not process_alive(int(pid))
         if dead or age > STALE_TEMP_S:
             shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
             removed.append(tmp)

@@ -57,10 +57,19 @@ def missing_data(task: str, data_dir: str | Path, missing: Sequence[str | Path],
         how_to_get: one or two sentences on where the data come from.
     """
     listed = "\n".join(f"  - {m}" for m in missing)
+    # the first line names what is missing: a sweep's summary and a skipped rerun show only that line
+    names = ", ".join(relative_name(m, data_dir) for m in missing[:3]) + (" ..." if len(missing) > 3 else "")
     return FileNotFoundError(
-        f"{task}: data not found under task.data_dir={str(data_dir)!r}. Missing:\n{listed}\n"
+        f"{task}: {names} not found under task.data_dir={str(data_dir)!r}. Missing:\n{listed}\n"
         f"{how_to_get}\nThen run with task.data_dir=<that folder>."
     )
+
+
+def relative_name(path: str | Path, folder: str | Path) -> str:
+    try:
+        return str(Path(path).relative_to(folder))
+    except ValueError:
+        return str(path)
 
 
 def fingerprint(paths: Sequence[str | Path]) -> str:
