@@ -145,6 +145,7 @@ def write_record_or_say_why(run_dir: Path, record: dict) -> None:
         write_record(run_dir, record)
     except OSError as exc:
         log.error("could not write %s: %s", run_dir / RECORD_FILE, exc)
+        log.debug("why", exc_info=exc)
 
 
 def should_skip(cfg: DictConfig, run_dir: Path, chash: str, multirun: bool) -> dict | None:

@@ -41,6 +41,7 @@ and decoder-only models read ``source + [sep_id] + target[:-1]`` as a prefix lan
 from __future__ import annotations
 
 import errno
+import gc
 import hashlib
 import json
 import logging
@@ -242,6 +243,18 @@ def disk_full_error(path: Path, exc: BaseException) -> DiskFull | None:
                                   f"{path.name} (free some space, or point the output elsewhere)", str(path))
 
 
+def release_frames(exc: BaseException) -> None:
+    """Drop the frames of a failed write (and of the errors it chained): they hold the writer's open
+    file, and while it stays open the space of the removed temporary file is not given back, so
+    the record that follows a full disk would find it full too."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        exc.__traceback__ = None
+        exc = exc.__cause__ or exc.__context__
+    gc.collect()
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Create ``path`` through ``write(tmp)`` on a temporary file beside it, then a rename.
 
@@ -263,9 +276,10 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         os.replace(tmp, path)
     except Exception as exc:
         full = disk_full_error(path, exc)
-        if full is not None:
-            raise full from exc
-        raise
+        if full is None:
+            raise
+        release_frames(exc)
+        raise full from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -293,9 +307,10 @@ def atomic_write_dir(path: str | Path, write: Callable[[Path], None]) -> Path:
                 raise
     except Exception as exc:
         full = disk_full_error(path, exc)
-        if full is not None:
-            raise full from exc
-        raise
+        if full is None:
+            raise
+        release_frames(exc)
+        raise full from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path

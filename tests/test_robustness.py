@@ -36,7 +36,7 @@ from tasks.lra_io import DataFormatError
 def a_record(chash: str = "abc", **changes) -> dict:
     record = new_record(kind="train", config_hash=chash, model="transformer", task="mqar", seed=0,
                         seq_len=32, batch_size=4, env={}, config={"trainer": {"lr": 0.001}})
-    record.update(status="ok", metrics={"val_accuracy": 0.5, "test_accuracy": 0.5}, **changes)
+    record.update({"status": "ok", "metrics": {"val_accuracy": 0.5, "test_accuracy": 0.5}, **changes})
     return record
 
 
@@ -213,7 +213,7 @@ def test_every_shipped_model_passes_the_checks(model):
 def test_bytes_that_are_not_utf8_in_a_listops_tsv_are_named_by_file_and_line(tmp_path):
     path = tmp_path / "basic_train.tsv"
     path.write_bytes(b"Source\tTarget\n( [MAX 2 9 ] )\t9\n( [MIN 1 \xff ] )\t1\n")
-    with pytest.raises(DataFormatError, match=rf"{path}:3: expected UTF-8 text, found byte 0xff at column 12"):
+    with pytest.raises(DataFormatError, match=rf"{path}:3: expected UTF-8 text, found byte 0xff at column 10"):
         read_listops_tsv(path, 16)
 
 
