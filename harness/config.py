@@ -9,7 +9,19 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+def data_folder(in_checkout: str, in_package: str) -> Path:
+    """A folder of data files: the checkout's own (``<repo>/<in_checkout>``, so that edits show
+    at once), or, in an installed wheel, the copy packed inside ``harness/`` (pyproject.toml maps
+    ``conf/`` to ``harness/conf`` and ``results/published/`` to ``harness/published``)."""
+    here = Path(__file__).resolve().parent
+    checkout = here.parent
+    if (checkout / "pyproject.toml").is_file() and (checkout / in_checkout).is_dir():
+        return checkout / in_checkout
+    return here / in_package
+
+
+CONF_DIR = data_folder("conf", "conf")
+PUBLISHED_DIR = data_folder("results/published", "published")  # papers' numbers and claims
 
 # What a result depends on: the resolved model, task, trainer and bench nodes and the seed. Every
 # other top-level node (a study's size tables, `size`, data-folder tables, logger, sweep, hydra)

@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from harness.claims import evaluate_claims, load_claims
+from harness.config import PUBLISHED_DIR
 from harness.loggers import console_handlers
 from harness.results import (
     EFFICIENCY_GROUP, efficiency_cells, load_curves, load_runs, load_wandb_runs,
@@ -33,7 +34,6 @@ from harness.results import (
 
 log = logging.getLogger(__name__)
 
-PUBLISHED_DIR = Path(__file__).resolve().parent.parent / "results" / "published"
 LRA_TASKS = ("listops", "text", "retrieval", "image", "pathfinder")  # LRA's Avg leaves out Path-X
 NOT_RUN = "–"
 

@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 from tasks.base import TaskSpec, atomic_write_dir, cache_key, cached_splits, default_cache_dir
-from tasks.lra_io import FileTask, fingerprint, format_error, missing_data, pad_rows, shorten
+from tasks.lra_io import FileTask, fingerprint, format_error, missing_data, pad_rows, resolve_source, shorten
 
 MIN, MAX, MED, SUM_MOD, END = "[MIN", "[MAX", "[MED", "[SM", "]"
 OPERATORS = (MIN, MAX, MED, SUM_MOD)
@@ -229,7 +229,8 @@ class ListOps(FileTask):
     """LRA ListOps as a 10-way ``classify`` task.
 
     Args:
-        source: ``lra`` (read ``data_dir``) or ``generate`` (LRA's generator, cached).
+        source: ``lra`` (read ``data_dir``), ``generate`` (LRA's generator, cached) or ``auto``
+            (``lra`` when ``data_dir`` is set, else ``generate``).
         data_dir: folder with ``basic_{train,val,test}.tsv`` (``source=lra``).
         seq_len: tokens per sequence after cutting and padding (LRA: 2000).
         n_train, n_val, n_test: generated examples per split (LRA: 96000 / 2000 / 2000).
@@ -247,9 +248,7 @@ class ListOps(FileTask):
         n_test: int, min_length: int, max_length: int, max_depth: int, max_args: int, seed: int,
         cache_dir: str | None = None,
     ):
-        if source not in ("lra", "generate"):
-            raise ValueError(f"task.source must be 'lra' or 'generate', got {source!r}")
-        self.source = source
+        self.source = resolve_source("listops", source, data_dir)
         self.data_dir = data_dir
         self.seq_len = seq_len
         self.generator_params = dict(

@@ -10,6 +10,7 @@ missing folder or a bad row reads the same way in every task::
 from __future__ import annotations
 
 import hashlib
+import logging
 from pathlib import Path
 from typing import Sequence
 
@@ -17,6 +18,8 @@ import numpy as np
 import torch
 
 from tasks.base import ArrayDataset, TaskSpec, check_split
+
+log = logging.getLogger(__name__)
 
 # Raw documents are cut to this many bytes before tokenisation in the LRA byte pipelines
 # (matching/input_pipeline.py: ``encoder.encode(s.numpy()[:10000])``).
@@ -70,6 +73,29 @@ def relative_name(path: str | Path, folder: str | Path) -> str:
         return str(Path(path).relative_to(folder))
     except ValueError:
         return str(path)
+
+
+SOURCES = ("auto", "lra", "generate")
+_announced: set[str] = set()
+
+
+def resolve_source(task: str, source: str, data_dir: str | None) -> str:
+    """``lra`` or ``generate`` for a task that can read the release or draw its data.
+
+    ``auto`` (the default) reads the release when ``task.data_dir`` is set and otherwise uses the
+    generator, saying so once per process, so a fresh clone runs with nothing downloaded.
+    """
+    if source not in SOURCES:
+        raise ValueError(f"task.source must be one of {', '.join(SOURCES)}, got {source!r}")
+    if source != "auto":
+        return source
+    if data_dir:
+        return "lra"
+    if task not in _announced:
+        _announced.add(task)
+        log.info("%s: no task.data_dir, so the data come from the generator (task.source=generate); "
+                 "set task.data_dir to read the LRA release", task)
+    return "generate"
 
 
 def fingerprint(paths: Sequence[str | Path]) -> str:

@@ -40,7 +40,7 @@ import torch
 from PIL import Image as PILImage
 
 from tasks.base import TaskSpec, atomic_write_dir, cache_key, cached_splits, default_cache_dir
-from tasks.lra_io import FileTask, fingerprint, format_error, missing_data, shorten
+from tasks.lra_io import FileTask, fingerprint, format_error, missing_data, resolve_source, shorten
 from tasks.pathfinder_draw import PathStyle, balanced_labels, draw_pathfinder
 
 PAD_ID = 256
@@ -195,13 +195,12 @@ class Pathfinder(FileTask):
         max_turn_deg: float, clearance: float, start_distance: float, seed: int, cache_dir: str | None = None,
     ):
         self.name = {32: "pathfinder", 128: "pathx"}.get(resolution, f"pathfinder{resolution}")
-        if source not in ("lra", "generate"):
-            raise ValueError(f"task.source must be 'lra' or 'generate', got {source!r}")
         if level not in LEVELS:
             raise ValueError(f"task.level must be one of {sorted(LEVELS)}, got {level!r}")
         if seq_len != resolution * resolution:
             raise ValueError(f"task.seq_len is fixed at {resolution * resolution} ({resolution}x{resolution} "
                              f"pixels) for {self.name}, got {seq_len}; change task.resolution instead")
+        source = resolve_source(self.name, source, data_dir)
         if source == "generate" and min(n_train, n_val, n_test) < 1:
             raise ValueError("task.n_train, task.n_val and task.n_test must be >= 1 for task.source=generate")
         contour = LEVELS[level]

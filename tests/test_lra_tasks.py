@@ -321,3 +321,11 @@ def test_models_build_on_every_lra_task(tmp_path):
         logits = built.model(built.task.dataset("val")[[0]])  # indexing gives int64: no cast
         assert logits.shape == (1, built.task.spec.n_outputs), name
         assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("name", ["listops", "pathfinder", "pathx"])
+def test_with_no_data_folder_the_default_is_the_generator_and_with_one_the_release(name):
+    from harness.api import build
+
+    assert build([f"task={name}"]).task.source == "generate"
+    assert build([f"task={name}", "task.data_dir=/data/lra_release"]).task.source == "lra"
