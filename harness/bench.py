@@ -38,6 +38,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from harness.config import CONF_DIR, instantiate_without_name, register_resolvers, result_config
+from harness.distributed import world_from_env
 from harness.measure import check_precision
 from harness.records import (
     config_hash, environment, new_record, now_iso, pick_device, read_record, unusable_config_record, write_record,
@@ -135,9 +136,21 @@ def run_bench(cfg: DictConfig, run_dir: Path) -> dict:
         return run_bench_claimed(cfg, run_dir)
 
 
+def refuse_several_processes(cfg: DictConfig) -> None:
+    """arena-bench times one process; DDP is for training (timings of processes sharing a machine
+    are not comparable with those of one)."""
+    world = world_from_env()
+    if world.distributed or (cfg.trainer.get("devices") or 1) > 1:
+        size = world.size if world.distributed else cfg.trainer.devices
+        raise ValueError(f"arena-bench measures one process, not a world of {size} (trainer.devices="
+                         f"{cfg.trainer.get('devices')}, WORLD_SIZE={os.environ.get('WORLD_SIZE', 1)}); "
+                         f"run it with trainer.devices=1 and without torchrun")
+
+
 def run_bench_claimed(cfg: DictConfig, run_dir: Path) -> dict:
     try:
         check_config(cfg)
+        refuse_several_processes(cfg)
         device = pick_device(cfg.trainer.device, key="trainer.device")
     except ValueError as exc:  # a value out of range, or a device this machine lacks
         log.error("%s", exc)

@@ -73,6 +73,7 @@ def evaluate(model, batches, spec: TaskSpec, to_device, autocast) -> dict[str, f
         "loss": loss_sum / max(count, 1),
         "metric": metric_value(spec.metric, loss_sum=loss_sum, correct=correct, count=count),
         "count": count,
+        "correct": correct,
     }
 
 

@@ -15,6 +15,7 @@ evaluations, and the traceback of a failure (which record.json holds as well).
 from __future__ import annotations
 
 import logging
+import subprocess
 import sys
 import time
 import traceback
@@ -36,6 +37,8 @@ from harness.records import (
     environment, is_out_of_memory, new_record, now_iso, pick_device, read_record, unusable_config_record,
     write_record,
 )
+from harness.distributed import World, broadcast, device_of, gather, start, world_from_env
+from harness.loggers import NoLogger
 from harness.run_folder import FolderBusy, claim, make_room_for
 from harness.trainer import Diverged, TimeLimit, Trainer, seed_everything
 from harness.validation import check_config
@@ -45,6 +48,14 @@ log = logging.getLogger(__name__)
 # outcomes of the jobs this process ran: (run_dir, status, multirun)
 OUTCOMES: list[tuple[Path, str, bool]] = []
 BUSY = "busy"  # the outcome of a job whose folder another process holds (no record: not ours)
+
+
+def start_process_group(world: World, cfg: DictConfig) -> None:
+    """Join the DDP process group (NCCL when the run asks for CUDA and has it, else gloo)."""
+    if world.distributed:
+        wants_cuda = str(cfg.trainer.device).startswith("cuda") or (
+            cfg.trainer.device == "auto" and torch.cuda.is_available())
+        start(world, torch.device("cuda" if wants_cuda else "cpu"))
 
 
 def detach_file_logging(run_dir: Path) -> None:
@@ -129,13 +140,14 @@ def base_record(cfg: DictConfig, *, chash: str, device: torch.device) -> dict:
 
 
 def config_error_record(cfg: DictConfig, run_dir: Path, exc: Exception, *, chash: str | None = None,
-                        context: str = "the config could not be resolved: ") -> dict:
+                        context: str = "the config could not be resolved: ", write: bool = True) -> dict:
     """The record of a job whose config cannot be used (it does not resolve, or a value is out of
     range): status error, the config as written, the message naming the keys."""
     record = unusable_config_record(cfg, kind="train", chash=chash)
     record_failure(record, exc, context=context)
     record.update(status="error", ended_at=record["started_at"], wall_s=0.0)
-    write_record_or_say_why(run_dir, record)
+    if write:
+        write_record_or_say_why(run_dir, record)
     return record
 
 
@@ -166,26 +178,36 @@ def should_skip(cfg: DictConfig, run_dir: Path, chash: str, multirun: bool) -> d
     return None
 
 
-def run_experiment(cfg: DictConfig, run_dir: Path, *, multirun: bool = False) -> dict:
+def run_experiment(cfg: DictConfig, run_dir: Path, *, multirun: bool = False, world: World = World()) -> dict:
     """Train and test one configuration into ``run_dir``; always returns (and writes) a record.
+    Under DDP every rank trains and rank 0 alone holds and writes the folder.
 
     Raises:
         FolderBusy: another process is writing ``run_dir``; nothing was written there.
     """
+    if not world.is_main:
+        return run_claimed(cfg, run_dir, multirun=multirun, world=world)
     with claim(run_dir):
-        return run_claimed(cfg, run_dir, multirun=multirun)
+        return run_claimed(cfg, run_dir, multirun=multirun, world=world)
 
 
-def run_claimed(cfg: DictConfig, run_dir: Path, *, multirun: bool) -> dict:
+def prepare_folder(cfg: DictConfig, run_dir: Path, chash: str, result: dict, multirun: bool) -> dict | None:
+    """Rank 0's part before training: clear leftovers and other configurations' runs; the record
+    of a finished run of this configuration when it needs no rerun."""
+    for leftover in run_dir.glob(".*.tmp"):  # a write cut short by a kill (the folder is ours)
+        leftover.unlink(missing_ok=True)
+    make_room_for(run_dir, chash, result)
+    return should_skip(cfg, run_dir, chash, multirun)
+
+
+def run_claimed(cfg: DictConfig, run_dir: Path, *, multirun: bool, world: World = World()) -> dict:
     try:
         result = result_config(cfg)
         chash = config_hash(result)
     except Exception as exc:  # noqa: BLE001 - e.g. an interpolation that does not resolve
-        return config_error_record(cfg, run_dir, exc)
-    for leftover in run_dir.glob(".*.tmp"):  # a write cut short by a kill (the folder is ours)
-        leftover.unlink(missing_ok=True)
-    make_room_for(run_dir, chash, result)
-    skipped = should_skip(cfg, run_dir, chash, multirun)
+        return config_error_record(cfg, run_dir, exc, write=world.is_main)
+    skipped = prepare_folder(cfg, run_dir, chash, result, multirun) if world.is_main else None
+    skipped = broadcast(skipped, world)  # every rank skips, or none
     if skipped is not None:
         how = "sweep.retry_failed=true or force=true" if skipped["status"] in FAILED else "force=true"
         log.info("skip %s: it holds a %s record of the same config (config_hash %s); %s reruns it",
@@ -195,31 +217,33 @@ def run_claimed(cfg: DictConfig, run_dir: Path, *, multirun: bool) -> dict:
         return skipped
     try:
         check_config(cfg)
-        device = pick_device(cfg.trainer.device, key="trainer.device")
+        device = device_of(world, pick_device(cfg.trainer.device, key="trainer.device"))
     except ValueError as exc:
-        return config_error_record(cfg, run_dir, exc, chash=chash, context="")
+        return config_error_record(cfg, run_dir, exc, chash=chash, context="", write=world.is_main)
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
     record = base_record(cfg, chash=chash, device=device)
+    record["env"]["world_size"] = world.size
     run_id = record["run_id"]
     started = time.perf_counter()
     logger, trainer, bar = None, None, None
     try:
-        atomic_write_text(run_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True))
-        seed_everything(cfg.seed)
+        if world.is_main:
+            atomic_write_text(run_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True))
+        seed_everything(cfg.seed)  # every rank builds the same model
         task = build_task(cfg)
         model = build_model(cfg, task)
         record["params"] = sum(p.numel() for p in model.parameters())
         log.debug("%s on %s: %s parameters, %d steps on %s, into %s", cfg.model.name, cfg.task.name,
                   f"{record['params']:,}", cfg.trainer.steps, device, run_dir)
-        logger = make_logger(cfg, run_dir=run_dir, job_type="train", run_id=run_id)
+        logger = make_logger(cfg, run_dir=run_dir, job_type="train", run_id=run_id) if world.is_main else NoLogger()
         trainer = Trainer(model=model, task=task, trainer_cfg=cfg.trainer, seed=cfg.seed,
-                          device=device, run_dir=run_dir, logger=logger)
+                          device=device, run_dir=run_dir, logger=logger, world=world)
         trainer.maybe_resume()
         if trainer.resumed_from is not None:
             log.info("resuming %s from step %d", run_dir, trainer.resumed_from)
         bar = ProgressBar(cfg.trainer.steps, trainer.state.step,
-                          f"{cfg.model.name}/{cfg.task.name}", cfg.trainer.progress)
+                          f"{cfg.model.name}/{cfg.task.name}", cfg.trainer.progress and world.is_main)
         trainer.fit(bar)
         record["status"] = "ok"
     except KeyboardInterrupt:
@@ -233,12 +257,47 @@ def run_claimed(cfg: DictConfig, run_dir: Path, *, multirun: bool) -> dict:
             bar.close()
     if trainer is not None:
         finish_metrics(trainer, record)
+        if world.distributed:
+            distributed_measurements(trainer, record, cfg)
     record["ended_at"] = now_iso()
     record["wall_s"] = time.perf_counter() - started
+    if not world.is_main:
+        return record
     write_record_or_say_why(run_dir, record)
     if logger is not None:
         logger.summary(wandb_summary(record))
         logger.finish(record["status"])
+    return record
+
+
+def distributed_measurements(trainer: Trainer, record: dict, cfg: DictConfig) -> None:
+    """Under DDP: each rank's step time and peak memory, and the total, in ``record["distributed"]``.
+    The record's ``speed`` is kept only with ``trainer.ddp_timing=true``: timings of several
+    processes sharing a machine are not comparable with single-process ones."""
+    mine = {"rank": trainer.world.rank, "step_ms_median": record["speed"].get("step_ms_median"),
+            "peak_bytes": record["memory"].get("peak_bytes")}
+    ranks = gather(mine, trainer.world)
+    peaks = [r["peak_bytes"] for r in ranks if r["peak_bytes"] is not None]
+    record["distributed"] = {"world_size": trainer.world.size, "per_rank": ranks,
+                             "peak_bytes_total": sum(peaks) if peaks else None}
+    if not cfg.trainer.get("ddp_timing", False):
+        record["speed"] = {key: None for key in record["speed"]}
+
+
+def launch_ranks(cfg: DictConfig, run_dir: Path) -> dict:
+    """``trainer.devices=N``: run this job as N DDP processes (torchrun on this machine) and return
+    the record rank 0 wrote."""
+    overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith("hydra.run.dir=")]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={cfg.trainer.devices}", "-m", "harness.train", *overrides,
+               f"hydra.run.dir={run_dir}"]
+    log.info("%s: %d processes (torchrun), rank 0 writes the record", run_dir, cfg.trainer.devices)
+    done = subprocess.run(command)
+    record = read_record(run_dir)
+    if record is None:
+        error = RuntimeError(f"the {cfg.trainer.devices} DDP processes exited with {done.returncode} and "
+                             f"wrote no record; see {run_dir / 'train.log'}")
+        return config_error_record(cfg, run_dir, error, context="")
     return record
 
 
@@ -287,14 +346,25 @@ def hydra_main(cfg: DictConfig) -> float | None:
     if multirun and cfg.sweep.fail_fast and any(s in FAILED for _, s, m in OUTCOMES if m):
         log.warning("not started %s: an earlier job failed and sweep.fail_fast is set", run_dir)
         return None
+    world = world_from_env()
+    devices = cfg.trainer.get("devices") or 1
+    if not world.is_main:  # rank 0 tells the user and writes the folder's log
+        detach_file_logging(run_dir)
+        for name in ("", "harness"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     try:
-        record = run_experiment(cfg, run_dir, multirun=multirun)
+        if devices > 1 and not world.distributed:
+            record = launch_ranks(cfg, run_dir)
+        else:
+            start_process_group(world, cfg)
+            record = run_experiment(cfg, run_dir, multirun=multirun, world=world)
     except FolderBusy as exc:
         detach_file_logging(run_dir)  # the folder's log belongs to the process that holds it
         log.error("%s", exc)
         OUTCOMES.append((run_dir, BUSY, multirun))
         return None
-    report(record, run_dir)
+    if world.is_main:
+        report(record, run_dir)
     OUTCOMES.append((run_dir, record["status"], multirun))
     if multirun and cfg.sweep.fail_fast and record["status"] in FAILED:
         raise RuntimeError(f"sweep.fail_fast: job in {run_dir} ended with status {record['status']}")

@@ -20,9 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from harness.measure import PeakMemory, StepTimer, autocast
-from harness.objectives import evaluate, loss_and_counts, tokens_in
+from harness.distributed import World, all_sum, gather
+from harness.objectives import evaluate, loss_and_counts, metric_value, tokens_in
 from harness.records import CHECKPOINT_FILE, METRICS_FILE, atomic_torch_save, atomic_write_text
 from tasks.base import disk_full_error, set_aside
 
@@ -124,8 +126,16 @@ class Trainer:
         logger: a harness.loggers logger.
     """
 
-    def __init__(self, *, model, task, trainer_cfg, seed: int, device: torch.device, run_dir: Path, logger):
-        self.model = model.to(device)
+    def __init__(self, *, model, task, trainer_cfg, seed: int, device: torch.device, run_dir: Path, logger,
+                 world: World = World()):
+        self.world = world
+        self.model = model.to(device)  # the model itself: evaluation, checkpoints, best weights
+        # what the training step calls: DDP averages the gradients over the ranks
+        self.step_model = DDP(self.model, device_ids=[device.index] if device.type == "cuda" else None) \
+            if world.distributed else self.model
+        if trainer_cfg.batch_size % world.size:
+            raise ValueError(f"trainer.batch_size={trainer_cfg.batch_size} is the global batch; it must divide "
+                             f"among the {world.size} processes (a multiple of {world.size})")
         self.task = task
         self.spec = task.spec
         self.cfg = trainer_cfg
@@ -161,14 +171,27 @@ class Trainer:
         order = torch.arange(len(dataset))
         if limit is not None and limit * size < len(dataset):
             order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:limit * size]
-        for i in range(0, len(order), size):
-            yield dataset[order[i:i + size]]
+        for n, i in enumerate(range(0, len(order), size)):
+            if n % self.world.size == self.world.rank:  # under DDP each rank scores its share
+                yield dataset[order[i:i + size]]
+
+    def evaluate(self, dataset, limit: int | None) -> dict[str, float]:
+        """Loss and metric over ``dataset`` (summed over the ranks under DDP)."""
+        result = evaluate(self.model, self.eval_batches(dataset, limit), self.spec, self.to_device, self.autocast)
+        if not self.world.distributed:
+            return result
+        loss_sum, correct, count = all_sum([result["loss"] * result["count"], result["correct"], result["count"]],
+                                           self.world)
+        return {"loss": loss_sum / max(count, 1), "count": count, "correct": correct,
+                "metric": metric_value(self.spec.metric, loss_sum=loss_sum, correct=correct, count=count)}
 
     def autocast(self):
         return autocast(self.device, self.cfg.precision)
 
     # -- checkpoints --------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
+        if not self.world.is_main:
+            return
         s = self.state
         atomic_torch_save({
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -184,6 +207,7 @@ class Trainer:
         path = self.run_dir / CHECKPOINT_FILE
         if not path.exists():
             self.truncate_metrics_after(0)  # lines of an attempt killed before its first checkpoint
+            self.check_ranks_agree(0)
             return
         fresh = {"model": copy.deepcopy(self.model.state_dict()), "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict(), "rng": rng_state()}
@@ -201,22 +225,31 @@ class Trainer:
             self.optimizer.load_state_dict(fresh["optimizer"])
             self.scheduler.load_state_dict(fresh["scheduler"])
             set_rng_state(fresh["rng"])
-            aside = set_aside(path)
-            reason = str(exc).splitlines()[0] if str(exc) else ""
-            log.warning("%s cannot be resumed from (%s: %s); moved to %s, training starts from step 0",
-                        path, type(exc).__name__, reason[:200], aside.name)
+            if self.world.is_main:
+                aside = set_aside(path)
+                reason = str(exc).splitlines()[0] if str(exc) else ""
+                log.warning("%s cannot be resumed from (%s: %s); moved to %s, training starts from step 0",
+                            path, type(exc).__name__, reason[:200], aside.name)
             self.truncate_metrics_after(0)
+            self.check_ranks_agree(0)
             return
         self.state = state
         self.resumed_from = state.step
         self.truncate_metrics_after(state.step)
+        self.check_ranks_agree(state.step)
+
+    def check_ranks_agree(self, step: int) -> None:
+        steps = gather(step, self.world)
+        if len(set(steps)) > 1:
+            raise RuntimeError(f"the ranks start from different steps {steps}: {self.run_dir / CHECKPOINT_FILE} "
+                               f"changed while they read it; rerun")
 
     def truncate_metrics_after(self, step: int) -> None:
         """Keep only the metric lines up to ``step``, so a resumed run never repeats one. A line
         cut by a kill is dropped; a file holding anything else than metric lines (garbage, another
         program's output) is moved aside with a warning, and its good lines kept."""
         path = self.run_dir / METRICS_FILE
-        if not path.exists():
+        if not self.world.is_main or not path.exists():
             return
         kept, bad = [], []
         raw_lines = path.read_bytes().splitlines()
@@ -238,6 +271,8 @@ class Trainer:
         atomic_write_text(path, "".join(line + "\n" for line in kept))
 
     def write_metrics(self, line: dict) -> None:
+        if not self.world.is_main:
+            return
         path = self.run_dir / METRICS_FILE
         try:
             with open(path, "a") as f:
@@ -256,8 +291,7 @@ class Trainer:
         return value > best if self.spec.higher_is_better else value < best
 
     def validate(self, elapsed_s: float, tokens_per_s: float | None) -> dict:
-        result = evaluate(self.model, self.eval_batches(self.val_set, self.cfg.eval_batches),
-                          self.spec, self.to_device, self.autocast)
+        result = self.evaluate(self.val_set, self.cfg.eval_batches)
         s = self.state
         if self.is_better(result["metric"]):
             s.best_metric, s.best_step = result["metric"], s.step
@@ -272,17 +306,25 @@ class Trainer:
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> float:
         with self.autocast():
-            logits = self.model(batch)
-        loss, _, _ = loss_and_counts(logits, batch, self.spec)
-        if not torch.isfinite(loss):
-            raise Diverged(f"training loss became {loss.item()} at step {self.state.step}")
+            logits = self.step_model(batch)
+        loss, _, scored = loss_and_counts(logits, batch, self.spec)
+        if self.world.distributed:
+            # the mean over the global batch: each rank's loss weighted by its share of the scored
+            # positions (DDP then averages the gradients, hence the world size)
+            loss_sum, total = all_sum([loss.item() * scored.item(), scored.item()], self.world)
+            loss = loss * scored * self.world.size / max(total, 1)
+            reported = torch.tensor(loss_sum / max(total, 1))
+        else:
+            reported = loss.detach()
+        if not torch.isfinite(reported):
+            raise Diverged(f"training loss became {reported.item()} at step {self.state.step}")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.cfg.grad_clip:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
-        return loss.item()
+        return reported.item()
 
     def fit(self, progress_bar) -> None:
         """Train up to ``trainer.steps``, validating and checkpointing on the way."""
@@ -293,6 +335,8 @@ class Trainer:
         last_val = None
         while s.step < cfg.steps:
             idx = batch_indices(s.step, n_examples=len(self.train_set), batch_size=cfg.batch_size, seed=self.seed)
+            share = cfg.batch_size // self.world.size
+            idx = idx[self.world.rank * share:(self.world.rank + 1) * share]  # this rank's part of the batch
             batch = self.to_device(self.train_set[idx])
             self.timer.start()
             s.last_train_loss = self.train_step(batch)
@@ -317,13 +361,12 @@ class Trainer:
             self.model.load_state_dict(self.state.best_weights)
         metric = self.spec.metric
         out = {}
-        result = evaluate(self.model, self.eval_batches(self.task.dataset("test"), None),
-                          self.spec, self.to_device, self.autocast)
+        result = self.evaluate(self.task.dataset("test"), None)
         out[f"test_{metric}"] = result["metric"]
         out["test_loss"] = result["loss"]
         for length in self.spec.eval_seq_lens:
             data = self.task.dataset("test", seq_len=length)
-            r = evaluate(self.model, self.eval_batches(data, None), self.spec, self.to_device, self.autocast)
+            r = self.evaluate(data, None)
             out[f"test_{metric}_len{length}"] = r["metric"]
         return out
 

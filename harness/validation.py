@@ -47,6 +47,8 @@ class TrainerSchema(Schema):
     threads: PositiveInt | None
     precision: Literal[PRECISIONS]
     progress: bool
+    devices: PositiveInt = 1
+    ddp_timing: bool = False
 
 
 class MixerSchema(Schema):
