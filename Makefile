@@ -8,7 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-fast quickstart gpu-check bench clean
+.PHONY: setup test test-fast test-matrix quickstart gpu-check bench clean
 
 setup: $(STAMP)
 
@@ -46,5 +46,11 @@ gpu-check: $(STAMP)
 	$(BIN)/python -m pytest -q -rs
 	$(BIN)/arena-bench -m model=transformer,local,linear_transformer,mamba task.seq_len=1024,4096 trainer.batch_size=8 sweep.name=gpu_check
 
+# The suite on other Pythons, one venv each (.venv-<python>); torch comes from the index pip
+# reads for that Python (e.g. TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu").
+PYTHONS ?= python3.12
+test-matrix:
+	for py in $(PYTHONS); do $(MAKE) test PYTHON=$$py VENV=.venv-$$py || exit 1; done
+
 clean:
-	rm -rf $(VENV) results/runs results/sweeps results/cache
+	rm -rf $(VENV) .venv-* results/runs results/sweeps results/cache
