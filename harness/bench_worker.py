@@ -27,10 +27,24 @@ from harness.records import is_out_of_memory
 
 
 def limit_memory(limit_mb: int | None) -> None:
-    """Cap this process's address space so that an oversized configuration fails cleanly."""
+    """Cap the address space this process may add to what it holds after its imports, so that an
+    oversized configuration fails cleanly. Relative to the imports, because a CUDA build of torch
+    maps gigabytes of address space for its libraries before any tensor exists."""
     if limit_mb:
-        limit = int(limit_mb) * 2**20
+        limit = address_space_bytes() + int(limit_mb) * 2**20
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+def address_space_bytes() -> int:
+    """This process's virtual size (VmSize), or 0 where /proc does not tell."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmSize:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def measure(job: dict) -> dict:
@@ -106,6 +120,7 @@ def main() -> None:
     job_path, out_path = sys.argv[1], sys.argv[2]
     job = json.loads(open(job_path).read())
     die_with_parent(job.get("parent_pid"), Path(job_path).parent)
+    from architectures import layers  # noqa: F401 - the imports the measurement needs come first
     limit_memory(job.get("memory_limit_mb"))
     try:
         result = measure(job)
