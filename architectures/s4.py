@@ -73,22 +73,24 @@ def hippo_legs_nplr(N: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 def cauchy_reference(v: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """sum_n v_n / (a - w_n b) over n and the conjugate partners; v (..., n), w (..., n), a, b (M,).
+    """sum_n v_n / (a - w_n b) over n and the conjugate partners; v (..., H, n), w (H, n), a, b (M,).
 
     The plain version (the S4 repository's ``cauchy_naive`` with its 2/(1+omega) folded in):
-    materialises the (..., 2n, M) matrix. Returns (..., M).
+    materialises the (H, 2n, M) Cauchy matrix 1 / (a - w b), once for all leading rows of v, and
+    multiplies. Returns (..., H, M).
     """
     v, w = _conj(v), _conj(w)
-    return (v.unsqueeze(-1) / (a - w.unsqueeze(-1) * b)).sum(-2)
+    cauchy_matrix = 1 / (a - w.unsqueeze(-1) * b)  # (H, 2n, M), shared by every leading row of v
+    return torch.einsum("...hn,hnm->...hm", v, cauchy_matrix)  # one bmm per channel h
 
 
-def cauchy(v: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, chunk: int | None = None) -> torch.Tensor:
+def cauchy(v: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *,
+           chunk: int | None = None) -> torch.Tensor:
     """:func:`cauchy_reference` over chunks of the M nodes, each recomputed in the backward pass.
 
-    Peak memory is one chunk's (..., 2n, chunk) matrix instead of the whole (..., 2n, M).
+    Peak memory is one chunk's (H, 2n, chunk) matrix instead of the whole (H, 2n, M).
     """
-    width = torch.broadcast_shapes(v.shape, w.shape).numel() * 2
-    chunk = chunk or max(1, (1 << 21) // width)
+    chunk = chunk or max(1, (1 << 21) // (w.numel() * 2))  # about 2M entries of the Cauchy matrix
     if a.shape[0] <= chunk:
         return cauchy_reference(v, w, a, b)
     parts = []

@@ -10,13 +10,14 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 
 from architectures.h3 import H3, causal_conv_reference
 from architectures.hyena import Hyena
 from architectures.mamba2 import Mamba2, ssd, ssd_chunked, ssd_reference
 from architectures.s4 import S4, DPLRKernel, cauchy, cauchy_reference, hippo_legs_nplr
 from architectures.ssm import kernel_convolution
-from harness.api import build
+from harness.api import build, compose_config
 
 S4_KW = dict(d_state=8, l_max=32, dt_min=1e-2, dt_max=1e-1, ssm_lr=1e-3)
 H3_KW = dict(d_state=6, head_dim=2, dt_min=1e-3, dt_max=1e-1, ssm_lr=1e-3)
@@ -306,3 +307,15 @@ def test_models_build_from_yaml_and_train_one_step(name):
     used = [(n, p) for n, p in model.named_parameters() if ".norm2." not in n]
     missing = [n for n, p in used if p.grad is None or not torch.isfinite(p.grad).all()]
     assert not missing, missing
+
+
+@pytest.mark.parametrize("task,d_model,d_state,n_ssm,dt_min,lr", [
+    ("listops", 256, 4, 1, 1e-3, 0.01), ("image", 512, 64, 1, 1e-3, 0.01), ("pathx", 256, 64, None, 1e-4, 0.001)])
+def test_s4_lra_study_uses_the_s4_repository_configs(task, d_model, d_state, n_ssm, dt_min, lr):
+    cfg = compose_config(["experiment=s4_lra", "model=s4", f"task={task}"])
+    OmegaConf.resolve(cfg)
+    mixer = cfg.model.mixer
+    assert (cfg.model.d_model, cfg.model.n_layers, cfg.model.d_ff) == (d_model, 6, 0)
+    assert (mixer.d_state, mixer.n_ssm, mixer.dt_min, mixer.bidirectional) == (d_state, n_ssm, dt_min, True)
+    assert (cfg.trainer.lr, cfg.trainer.weight_decay, mixer.ssm_lr) == (lr, 0.05, 1e-3)
+    assert mixer.l_max == cfg.task.seq_len
