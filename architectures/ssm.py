@@ -249,6 +249,20 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
 # --------------------------------------------------------------------------- S4D
 
 
+def kernel_convolution(u: torch.Tensor, K: torch.Tensor, *, bidirectional: bool) -> torch.Tensor:
+    """y = K * u by FFT (zero-padded to 2L, so not circular); u (B, H, L), K (c, H, L) -> (B, H, L).
+
+    Causal: y_t = sum_{s<=t} K[0][t-s] u_s. Bidirectional (c = 2, S4 repo style): the second kernel
+    runs backwards in time, y_t += sum_{s>t} K[1][s-t-1] u_s.
+    """
+    L = u.shape[-1]
+    if bidirectional:
+        K = F.pad(K[0], (0, L)) + F.pad(K[1].flip(-1), (L, 0))  # (H, 2L): causal half, then anti-causal
+    else:
+        K = K[0]
+    return torch.fft.irfft(torch.fft.rfft(u, n=2 * L) * torch.fft.rfft(K, n=2 * L), n=2 * L)[..., :L]
+
+
 class S4DKernel(nn.Module):
     """S4D's convolution kernel (Gu et al. 2022), S4D-Lin init, ZOH discretisation.
 
@@ -345,12 +359,7 @@ class S4D(nn.Module):
         if mask is not None:
             x = x * mask.unsqueeze(-1).to(x.dtype)
         u = x.transpose(1, 2).float()  # (B, H, L)
-        K = self.kernel(L)  # (c, H, L)
-        if self.bidirectional:
-            K = F.pad(K[0], (0, L)) + F.pad(K[1].flip(-1), (L, 0))  # (H, 2L): causal half, then anti-causal
-        else:
-            K = K[0]
-        y = torch.fft.irfft(torch.fft.rfft(u, n=2 * L) * torch.fft.rfft(K, n=2 * L), n=2 * L)[..., :L]
+        y = kernel_convolution(u, self.kernel(L), bidirectional=self.bidirectional)
         y = y + u * self.D.unsqueeze(-1)  # (B, H, L)
         return self.project(y.transpose(1, 2).to(x.dtype))
 
