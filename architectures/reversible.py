@@ -14,7 +14,8 @@ depth. The stack's output is the mean of the two streams, ``(y1 + y2) / 2``, as 
 lucidrains/reformer-pytorch (trax concatenates them instead).
 
 Randomness inside a block (dropout) must draw the same numbers when the block is recomputed, so
-each block's F and G record the RNG state they ran with and the backward pass replays it.
+each block's F and G record the RNG state (and autocast setting) they ran with and the backward
+pass replays it.
 
 :func:`reversible_reference` is the same two-stream computation with ordinary autograd (every
 activation kept): the exact reference that the recomputing backward is tested against.
@@ -27,36 +28,33 @@ import torch.nn as nn
 
 
 class RNGState:
-    """The CPU (and, when the tensor is on CUDA, that device's) RNG state at one point, to replay."""
+    """The CPU (and, when the tensor is on CUDA, that device's) RNG state and the autocast setting
+    at one point, to run a function again exactly as it ran then."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.cpu = torch.get_rng_state()
         self.cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-
-    def replay(self):
-        """A context in which the global RNG starts from the recorded state (and is restored after)."""
-        devices = [self.device] if self.cuda is not None else []
-        fork = torch.random.fork_rng(devices=devices)
-        fork.__enter__()
-        torch.set_rng_state(self.cpu)
-        if self.cuda is not None:
-            torch.cuda.set_rng_state(self.cuda, self.device)
-        return fork
+        self.autocast = torch.is_autocast_enabled(device.type)
+        self.autocast_dtype = torch.get_autocast_dtype(device.type)
 
 
 def run_recorded(fn, x, *args):
-    """``fn(x, *args)`` and the RNG state it started from."""
+    """``fn(x, *args)`` and the state it started from."""
     state = RNGState(x.device)
     return fn(x, *args), state
 
 
 def replayed(fn, state: RNGState, x, *args):
-    fork = state.replay()
-    try:
+    """``fn(x, *args)`` from the recorded RNG state and autocast setting; the global RNG is
+    restored afterwards, so training continues with the numbers it would have drawn."""
+    devices = [state.device] if state.cuda is not None else []
+    with torch.random.fork_rng(devices=devices), \
+            torch.autocast(state.device.type, dtype=state.autocast_dtype, enabled=state.autocast):
+        torch.set_rng_state(state.cpu)
+        if state.cuda is not None:
+            torch.cuda.set_rng_state(state.cuda, state.device)
         return fn(x, *args)
-    finally:
-        fork.__exit__(None, None, None)
 
 
 class ReversibleStack(torch.autograd.Function):
