@@ -35,6 +35,7 @@ from architectures.layers import (
     prefix_lm_layout,
     sinusoidal_positions,
 )
+from architectures.reversible import reversible_stack
 from tasks.base import TaskSpec
 
 POSITIONALS = ("none", "sinusoidal", "learned", "rope")
@@ -53,10 +54,18 @@ class Block(nn.Module):
         self.ffn = FeedForward(d_model, d_ff=d_ff, dropout=dropout) if d_ff > 0 else None
         self.dropout = nn.Dropout(dropout)
 
+    def f(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """The mixer branch (F of a reversible block)."""
+        return self.dropout(self.mixer(self.norm1(x), mask))
+
+    def g(self, x: torch.Tensor) -> torch.Tensor:
+        """The feed-forward branch (G of a reversible block)."""
+        return self.dropout(self.ffn(self.norm2(x)))
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.dropout(self.mixer(self.norm1(x), mask))
+        x = x + self.f(x, mask)
         if self.ffn is not None:
-            x = x + self.dropout(self.ffn(self.norm2(x)))
+            x = x + self.g(x)
         return x
 
 
@@ -81,6 +90,8 @@ class SequenceModel(nn.Module):
         positional: ``none``, ``sinusoidal``, ``learned`` or ``rope`` (passed to the mixer).
         pooling: ``mean``, ``cls`` or ``last`` for ``classify`` and ``pair``.
         tie_embeddings: share the input embedding with the ``lm`` output layer when sizes match.
+        reversible: reversible residual blocks (:mod:`architectures.reversible`) that recompute
+            their activations in the backward pass instead of keeping them.
     """
 
     def __init__(
@@ -96,13 +107,18 @@ class SequenceModel(nn.Module):
         positional: str = "sinusoidal",
         pooling: str = "mean",
         tie_embeddings: bool = False,
+        reversible: bool = False,
     ):
         super().__init__()
         if positional not in POSITIONALS:
             raise ValueError(f"model.positional must be one of {POSITIONALS}, got {positional!r}")
         if spec.kind == "seq2seq" and spec.sep_id is None:
             raise UnsupportedTask("a decoder-only model needs the task's sep_id for seq2seq")
+        if reversible and d_ff <= 0:
+            raise ValueError("model.reversible=true pairs each block's mixer (F) with its feed-forward (G); "
+                             f"model.d_ff={d_ff} leaves G empty: set model.d_ff > 0 or model.reversible=false")
         self.spec = spec
+        self.reversible = reversible
         self.pooling = pooling
         self.positional = positional
         self.embed = nn.Embedding(spec.vocab_size, d_model)
@@ -111,6 +127,7 @@ class SequenceModel(nn.Module):
             self.pos_embed = nn.Embedding(self.max_len, d_model)
         self.dropout = nn.Dropout(dropout)
         extra = {"rope": True} if positional == "rope" else {}
+        extra.update(input_length_kwargs(mixer, self.max_len))
         self.blocks = nn.ModuleList(
             Block(d_model, build_mixer(mixer, d_model, causal=spec.causal, layer_idx=i, **extra),
                   d_ff=d_ff, dropout=dropout, norm=norm)
@@ -137,6 +154,8 @@ class SequenceModel(nn.Module):
                 raise ValueError(f"learned positions cover {self.max_len} tokens, got a sequence of {L}")
             x = x + self.pos_embed.weight[:L]
         x = self.dropout(x)
+        if self.reversible:
+            return self.norm(reversible_stack(self.blocks, x, mask))
         for block in self.blocks:
             x = block(x, mask)
         return self.norm(x)
@@ -170,6 +189,14 @@ class SequenceModel(nn.Module):
         mask2 = self.padding_mask(tokens2)
         pooled2 = pool(self.encode(tokens2, mask2), mask2, self.pooling)
         return self.head(pooled, pooled2)
+
+
+def input_length_kwargs(mixer: Callable[..., nn.Module], max_len: int) -> dict:
+    """``{"max_len": <longest input>}`` for a mixer whose yaml leaves ``max_len: null``: one with
+    a parameter per position (the Synthesizer's), sized by what only the backbone knows (seq2seq
+    packs source and target; lm tasks may be evaluated longer)."""
+    keywords = getattr(mixer, "keywords", {})
+    return {"max_len": max_len} if "max_len" in keywords and keywords["max_len"] is None else {}
 
 
 def build_mixer(mixer: Callable[..., nn.Module], d_model: int, **kwargs) -> nn.Module:

@@ -28,7 +28,7 @@ TINY_SIZE = ["size.d_model=32", "size.n_layers=2", "size.n_heads=2"]
 TINY_MODEL = {"d_model": 32, "d_hidden": 32, "n_layers": 2, "d_ff": 64, "d_state": 8,
               "mixer.n_heads": 2, "n_heads": 2, "seg_len": 16, "mem_len": 16,
               "mixer.block_size": 8, "mixer.window": 16, "mixer.w": 16, "mixer.n_features": 32, "mixer.k": 16,
-              "mixer.chunk_size": 8, "mixer.d_state": 8}
+              "mixer.chunk_size": 8, "mixer.d_state": 8, "mixer.chunk_len": 8}
 TINY_TASK = {"n_train": 16, "n_val": 8, "n_test": 8}  # seq_len kept: some tasks fix it
 
 # Hand-made specs for the invariance tests (no data needed).

@@ -1,0 +1,122 @@
+"""Synthesizer attention (Tay et al. 2021, "Synthesizer: Rethinking Self-Attention in Transformer
+Models"), the `synthesizer` mixer: attention weights synthesised without query-key dot products.
+
+* ``mode: dense``: each token predicts its own row of logits over positions,
+  ``B_i = W2 relu(W1 x_i + b1) + b2`` with ``W2`` of ``max_len`` outputs, cut to the sequence.
+* ``mode: random``: one learned (``max_len``, ``max_len``) logit matrix ``R`` per head, shared by
+  every input; ``factorized: true`` learns it as ``R1 R2^T`` of rank ``k`` (the paper's
+  factorised random synthesizer).
+* ``dot_product: true`` adds the usual ``q k^T / sqrt(d)`` logits to the synthetic ones (the
+  paper's mixtures, e.g. "R+V"); LRA's released Synthesizer runs random + dot product, since its
+  training scripts never turn the dot product off (``ignore_dot_product=False``).
+
+Then ``softmax(logits + mask) V``. Causal tasks mask the future as any attention does; padding
+masks keys. :func:`synthetic_attention` is the whole computation written out, and the plain
+reference is :func:`architectures.attention.dense_attention`'s formula with the extra logits;
+``tests/test_synthesizer.py`` checks the mixer against an explicit formula.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from architectures.attention import padding_and_causal_mask
+from architectures.layers import RotaryEmbedding
+
+MODES = ("dense", "random")
+
+
+def synthetic_attention(
+    logits: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None, dropout: float = 0.0
+) -> torch.Tensor:
+    """softmax(logits) V where ``allowed``; logits (B or 1, H, L, L), v (B, H, L, hd) -> (B, H, L, hd).
+
+    A query with no allowed key outputs zeros.
+    """
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
+    weights = torch.softmax(logits, -1).nan_to_num(0.0)
+    return F.dropout(weights, dropout) @ v
+
+
+class SynthesizerAttention(nn.Module):
+    """Dense or random Synthesizer attention: (B, L, D) -> (B, L, D).
+
+    Args:
+        d_model: model width.
+        causal: attend only to the past (and the present).
+        layer_idx: position in the stack (unused).
+        n_heads: number of heads.
+        mode: ``dense`` or ``random``.
+        max_len: the longest sequence (synthetic logits have one column per position).
+        factorized: ``random`` only: learn R as R1 R2^T of rank ``k``.
+        k: rank of the factorised random matrix.
+        dot_product: add the dot-product logits (the paper's "+V" mixtures; LRA's rows).
+        dropout: attention-weight dropout in training.
+        rope: rotate queries and keys (only meaningful with ``dot_product``).
+    """
+
+    def __init__(
+        self, d_model: int, *, causal: bool, layer_idx: int = 0, n_heads: int, mode: str, max_len: int,
+        factorized: bool = False, k: int = 32, dot_product: bool = False, dropout: float = 0.0, rope: bool = False,
+    ):
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"model.mixer.mode must be one of {MODES}, got {mode!r}")
+        if factorized and mode != "random":
+            raise ValueError("model.mixer.factorized=true is the factorised *random* synthesizer; "
+                             f"with mode={mode!r} set factorized=false")
+        if d_model % n_heads:
+            raise ValueError(f"model.d_model={d_model} is not divisible by model.mixer.n_heads={n_heads}")
+        if rope and not dot_product:
+            raise ValueError("model.positional=rope rotates queries and keys, which a synthesizer without "
+                             "model.mixer.dot_product=true does not have; pick another model.positional")
+        self.causal, self.n_heads, self.mode, self.max_len = causal, n_heads, mode, max_len
+        self.factorized, self.dot_product, self.dropout = factorized, dot_product, dropout
+        hd = d_model // n_heads
+        self.v = nn.Linear(d_model, d_model)
+        self.out = nn.Linear(d_model, d_model)
+        if dot_product:
+            self.qk = nn.Linear(d_model, 2 * d_model)
+        self.rotary = RotaryEmbedding(hd) if rope else None
+        if mode == "dense":
+            # per head: hd -> hd -> max_len, applied to the token's head slice of a d_model projection
+            self.dense_in = nn.Linear(d_model, d_model)
+            self.dense_out = nn.Parameter(torch.randn(n_heads, hd, max_len) / math.sqrt(hd))
+            self.dense_bias = nn.Parameter(torch.zeros(n_heads, max_len))
+        elif factorized:
+            self.random1 = nn.Parameter(torch.randn(n_heads, max_len, k) / math.sqrt(k))
+            self.random2 = nn.Parameter(torch.randn(n_heads, max_len, k) / math.sqrt(k))
+        else:
+            self.random = nn.Parameter(torch.randn(n_heads, max_len, max_len) / math.sqrt(max_len))
+
+    def synthetic_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The synthetic logits for x (B, L, D): (B, H, L, L) for dense, (1, H, L, L) for random."""
+        B, L, D = x.shape
+        if self.mode == "dense":
+            h = F.relu(self.dense_in(x)).view(B, L, self.n_heads, -1).transpose(1, 2)  # (B, H, L, hd)
+            out, bias = self.dense_out[:, :, :L], self.dense_bias[:, None, :L]  # (H, hd, L), (H, 1, L)
+            return torch.einsum("bhid,hdj->bhij", h, out) + bias  # (B, H, L, L)
+        if self.factorized:
+            return (self.random1[:, :L] @ self.random2[:, :L].transpose(-2, -1))[None]  # (1, H, L, L)
+        return self.random[None, :, :L, :L]  # (1, H, L, L)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, L, D = x.shape
+        if L > self.max_len:
+            raise ValueError(f"synthesizer was built for model.mixer.max_len={self.max_len} positions but got a "
+                             f"sequence of {L}; set model.mixer.max_len to the longest input")
+        logits = self.synthetic_logits(x)
+        if self.dot_product:
+            q, k = self.qk(x).view(B, L, 2, self.n_heads, -1).permute(2, 0, 3, 1, 4)  # (B, H, L, hd) each
+            if self.rotary is not None:
+                q, k = self.rotary(q), self.rotary(k)
+            logits = logits + q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, H, L, L)
+        v = self.v(x).view(B, L, self.n_heads, -1).transpose(1, 2)  # (B, H, L, hd)
+        allowed = padding_and_causal_mask(mask, L, self.causal, x.device)
+        y = synthetic_attention(logits, v, allowed, self.dropout if self.training else 0.0)
+        return self.out(y.transpose(1, 2).reshape(B, L, D))
