@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -50,6 +51,8 @@ from pathlib import Path
 from typing import Callable, Literal, Protocol, runtime_checkable
 
 import torch
+
+log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 SPLITS = ("train", "val", "test")
@@ -168,6 +171,44 @@ def smallest_int_dtype(max_value: int) -> torch.dtype:
     return torch.int64
 
 
+def smallest_token_dtype(max_value: int) -> torch.dtype:
+    """The smallest dtype that stores ids ``0..max_value``: uint8 up to 255 (pixels, ListOps'
+    16 ids, class labels), else :func:`smallest_int_dtype` (byte tasks: byte + 1 reaches 256).
+
+    Only for arrays that never hold ``IGNORE_INDEX`` (inputs and class labels, not ``lm`` targets).
+    """
+    return torch.uint8 if 0 <= max_value <= torch.iinfo(torch.uint8).max else smallest_int_dtype(max_value)
+
+
+def progress(iterable=None, *, total: int | None = None, desc: str, unit: str = "it", **kwargs):
+    """A tqdm bar (counts, rate, ETA) for work that takes more than a few seconds: generating,
+    reading and tokenising data. On stderr, refreshed at most once a second, and switched off when
+    stderr is not a terminal (a batch job's output file gets the log line before it instead)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, unit=unit, mininterval=1.0, dynamic_ncols=True,
+                disable=None, **kwargs)
+
+
+def stored_bytes(splits: dict[str, dict[str, torch.Tensor]]) -> int:
+    """Bytes of every array of ``splits``: what the cache file holds, give or take a few KB."""
+    return sum(t.numel() * t.element_size() for arrays in splits.values() for t in arrays.values())
+
+
+def describe_storage(splits: dict[str, dict[str, torch.Tensor]]) -> str:
+    """One line for ``describe()``: the stored dtypes and the size of the cached arrays."""
+    first = next(iter(splits.values()), {})
+    dtypes = ", ".join(f"{k} {str(v.dtype).removeprefix('torch.')}" for k, v in first.items())
+    return f"  stored as {dtypes}; {format_bytes(stored_bytes(splits))} in memory and in the cache file"
+
+
+def format_bytes(n: int) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Create ``path`` through ``write(tmp)`` on a temporary file beside it, then a rename.
 
@@ -242,8 +283,10 @@ def cached_splits(
     path = directory / f"{name}-{cache_key(name, params)}.pt"
     if path.exists():
         return torch.load(path, weights_only=True)
+    log.info("%s: building the data once into %s", name, path)
     splits = build()
     atomic_write(path, lambda tmp: torch.save(splits, tmp))
+    log.info("%s: cached %s in %s", name, format_bytes(path.stat().st_size), path)
     return splits
 
 
@@ -297,6 +340,7 @@ def describe_lm_splits(header: list[str], splits: dict[str, dict[str, torch.Tens
             f"  {split}: {N} examples x {L} tokens, {scored.numel() / max(N, 1):.1f} scored per "
             f"example; {balance}"
         )
+    lines.append(describe_storage(splits))
     return "\n".join(lines)
 
 
