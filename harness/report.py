@@ -355,8 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("dirs", nargs="*", help="run or sweep directories to read records from")
     parser.add_argument("--wandb", metavar="ENTITY/PROJECT",
                         help="read runs from W&B's public API instead of record.json files")
-    parser.add_argument("--wandb-offline", action="store_true",
-                        help="read the offline W&B run folders (wandb/offline-run-*) under DIRS")
+    parser.add_argument("--wandb-offline", action="store_true", help=argparse.SUPPRESS)  # removed
     parser.add_argument("--out", type=Path, help="output directory (default: FIRST_DIR/report)")
     parser.add_argument("--published", type=Path, default=PUBLISHED_DIR,
                         help="directory of published-number CSVs and claims.yaml")
@@ -370,9 +369,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--wandb needs --out")
     out = args.out or Path(args.dirs[0]) / "report"
     runs = None
-    if args.wandb or args.wandb_offline:
-        offline = tuple(args.dirs) if args.wandb_offline else ()
-        runs = load_wandb_runs(project=args.wandb, offline_dirs=offline)
+    if args.wandb_offline:
+        parser.error("--wandb-offline is gone (it parsed W&B's private .wandb files): read the runs' "
+                     "record.json files with `arena-report DIR`, or upload the offline runs with "
+                     "`wandb sync DIR/**/wandb/offline-run-*` and read them with --wandb ENTITY/PROJECT")
+    if args.wandb:
+        runs = load_wandb_runs(args.wandb)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:

@@ -150,13 +150,12 @@ def records_frame(records: list[tuple[str, dict]]) -> pd.DataFrame:
     return df
 
 
-def load_wandb_runs(*, project: str | None = None, offline_dirs: tuple = ()) -> pd.DataFrame:
-    """The same DataFrame from W&B: the public API for ``entity/project``, or offline run folders."""
-    from harness.wandb_runs import records_from_offline_dirs, records_from_wandb_api
+def load_wandb_runs(project: str, filters: dict | None = None) -> pd.DataFrame:
+    """The same DataFrame from the runs of W&B project ``entity/project`` (public API; offline
+    runs need ``wandb sync`` first, see harness.wandb_runs)."""
+    from harness.wandb_runs import records_from_wandb_api
 
-    records = records_from_wandb_api(project) if project else []
-    records += records_from_offline_dirs(*offline_dirs)
-    return records_frame([(r["source"], r) for r in records])
+    return records_frame([(r["source"], r) for r in records_from_wandb_api(project, filters)])
 
 
 def load_curves(*paths) -> pd.DataFrame:
