@@ -25,6 +25,7 @@ import pandas as pd
 
 from harness.config import NON_RESULT_BENCH_KEYS, NON_RESULT_TASK_KEYS, NON_RESULT_TRAINER_KEYS, RESULT_KEYS
 from harness.records import METRICS_FILE, RECORD_FILE
+from tasks.base import progress
 
 REQUIRED = ("kind", "status", "model", "task")
 HIGHER_IS_BETTER = {"accuracy": True, "bpc": False, "loss": False, "ppl": False}
@@ -109,7 +110,8 @@ def load_runs(*paths) -> pd.DataFrame:
     kind/status/model/task, is skipped with a warning naming the file.
     """
     records = []
-    for path in _find(paths or ("results",), RECORD_FILE):
+    for path in progress(_find(paths or ("results",), RECORD_FILE), desc="reading records",
+                         unit="record"):
         try:
             record = json.loads(path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -167,7 +169,8 @@ def load_curves(*paths) -> pd.DataFrame:
     mid-write) are skipped with a warning naming the file and line.
     """
     frames = []
-    for path in _find(paths or ("results",), METRICS_FILE):
+    for path in progress(_find(paths or ("results",), METRICS_FILE), desc="reading curves",
+                         unit="file"):
         lines = []
         for lineno, text in enumerate(path.read_text().splitlines(), 1):
             if not text.strip():
