@@ -78,10 +78,14 @@ class DisplayTable:
         return mask
 
     def classes(self) -> pd.DataFrame:
-        """CSS classes per cell: the status ones, and ``best``."""
+        """CSS classes per cell: the status ones, ``best``, and ``text`` for columns of words
+        (left-aligned and wrapped, where numbers are right-aligned)."""
         status = self.text.map(lambda v: STATUS_CLASSES.get(str(v), ""))
         best = self.best().map(lambda b: "best" if b else "")
-        return (status + " " + best).map(str.strip)
+        words = pd.DataFrame({c: [_column_spec(self.text[c]) != "r"] * len(self.text)
+                              for c in self.text.columns}, index=self.text.index)
+        return (status + " " + best + " " + words.map(lambda w: "text" if w else "")).map(
+            lambda c: " ".join(c.split()))
 
 
 def leading_number(text) -> float:
