@@ -180,6 +180,8 @@ class Trainer:
     def maybe_resume(self) -> None:
         path = self.run_dir / CHECKPOINT_FILE
         if not path.exists():
+            # a run killed before its first checkpoint starts again from step 0: its lines go too
+            (self.run_dir / METRICS_FILE).unlink(missing_ok=True)
             return
         ckpt = torch.load(path, weights_only=True, map_location=self.device)
         self.model.load_state_dict(ckpt["model"])

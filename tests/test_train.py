@@ -86,7 +86,8 @@ def test_kill_minus_9_then_rerun_resumes_to_the_same_result(reference, tmp_path)
                             cwd=tmp_path, env=cli_env(SEQ_ARENA_CACHE=str(tmp_path / "cache")),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while not (run_dir / "metrics.jsonl").exists() and time.time() < deadline:
+    metrics = run_dir / "metrics.jsonl"  # kill after the first evaluation (train lines come earlier)
+    while time.time() < deadline and not (metrics.exists() and '"split": "val"' in metrics.read_text()):
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
