@@ -39,6 +39,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from harness.config import CONF_DIR, instantiate_without_name, register_resolvers, result_config
 from harness.distributed import world_from_env
+from harness.loggers import make_logger, wandb_run_id
 from harness.measure import check_precision
 from harness.records import (
     config_hash, environment, new_record, now_iso, pick_device, read_record, unusable_config_record, write_record,
@@ -183,7 +184,24 @@ def run_bench_claimed(cfg: DictConfig, run_dir: Path) -> dict:
                   params=result.get("params"), speed=result.get("speed", {}),
                   memory=result.get("memory", {}), ended_at=now_iso(), wall_s=time.perf_counter() - t0)
     write_record(run_dir, record)
+    log_to_tracker(cfg, run_dir, record)
     return record
+
+
+def log_to_tracker(cfg: DictConfig, run_dir: Path, record: dict) -> None:
+    """The measurement as a W&B run of ``job_type=bench`` (``logger=wandb``; none by default):
+    ``speed/...``, ``memory/...``, ``seq_len`` and ``batch_size`` in its summary and one history row."""
+    if cfg.logger.name == "none":
+        return
+    logger = make_logger(cfg, run_dir=run_dir, job_type="bench",
+                         run_id=wandb_run_id(run_dir, record["config_hash"]))
+    values = {**{f"speed/{k}": v for k, v in record["speed"].items() if isinstance(v, (int, float))},
+              **{f"memory/{k}": v for k, v in record["memory"].items() if isinstance(v, (int, float))}}
+    logger.log(values, step=0)
+    logger.summary({**values, "memory/how": record["memory"].get("how"), "seq_len": record["seq_len"],
+                    "batch_size": record["batch_size"], "precision": record.get("dtype"),
+                    **{k: record[k] for k in ("kind", "run_id", "config_hash", "params", "wall_s")}})
+    logger.finish(record["status"])
 
 
 def describe(record: dict) -> str:

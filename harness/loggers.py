@@ -3,6 +3,19 @@
 ``logger=none`` never imports wandb; ``logger=wandb`` runs offline by default, writing into the
 run directory, so nothing ever waits on the network.
 
+What a W&B run holds (the names of state-spaces/s4's runs):
+
+* history: ``train/loss``, ``train/lr``, ``train/tokens_per_s`` every ``trainer.log_every``
+  steps; ``val/loss`` and ``val/<metric>`` at each evaluation; ``test/...`` once at the end;
+* summary: the record's final values under the same names (``train/loss``, ``val/<metric>`` of
+  the last evaluation, ``test/<metric>``), ``best/val/<metric>`` and ``best/step`` (the
+  best-on-val checkpoint the test used), ``speed/...``, ``memory/...``, ``status``, ``params``;
+* its id is derived from the run folder (and config hash), with ``resume="allow"``: a resumed
+  job continues the same W&B run instead of starting another;
+* ``job_type`` is ``train`` for arena-train and ``bench`` for arena-bench (``logger=wandb``);
+* offline, ``files/config.yaml`` and ``files/wandb-summary.json`` are written into the offline
+  run folder, so the folder can be read without W&B's binary ``.wandb`` file.
+
 Every module logs through ``logging.getLogger(__name__)``. The Hydra apps configure handlers in
 ``conf/hydra/job_logging/arena.yaml`` (console: INFO and up, warnings and errors on stderr; the
 run's log file: DEBUG and up, with time, logger and level); ``arena-report`` uses
@@ -11,6 +24,8 @@ run's log file: DEBUG and up, with time, logger and level); ``arena-report`` use
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import sys
@@ -66,8 +81,15 @@ class NoLogger:
         pass
 
 
+def wandb_run_id(run_dir: str | Path, config_hash: str | None) -> str:
+    """The W&B run id of a run folder: the same folder with the same config gives the same id (a
+    resumed job continues its W&B run); another config in that folder starts another run."""
+    blob = f"{Path(run_dir).resolve()}\0{config_hash}"
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
 class WandbLogger:
-    """One W&B run per training run: resolved config, metrics per evaluation, a final summary."""
+    """One W&B run per run folder: resolved config, history, a final summary (module docstring)."""
 
     def __init__(self, cfg: DictConfig, *, run_dir: Path, job_type: str, run_id: str):
         os.environ.setdefault("WANDB_SILENT", "true")
@@ -79,6 +101,8 @@ class WandbLogger:
         import wandb
 
         self._wandb = wandb
+        self._cfg = cfg
+        self._summary: dict = {}
         self.run = init_run(
             wandb, mode=cfg.logger.mode, timeout_s=cfg.logger.get("timeout_s") or 30.0, run_dir=run_dir,
             project=cfg.logger.project,
@@ -86,22 +110,42 @@ class WandbLogger:
             group=cfg.logger.get("group"),
             tags=[str(t) for t in cfg.logger.get("tags") or []],
             job_type=job_type,
-            name=f"{cfg.model.name}-{cfg.task.name}-s{cfg.seed}",
+            name=run_name(cfg, job_type),
             id=run_id,
             resume="allow",
             config=OmegaConf.to_container(cfg, resolve=True),
         )
 
     def log(self, values: dict, step: int) -> None:
-        self.run.log(values, step=step)
+        self.run.log({k: v for k, v in values.items() if v is not None}, step=step)
 
     def summary(self, values: dict) -> None:
+        values = {k: v for k, v in values.items() if v is not None}
         for key, value in values.items():
             self.run.summary[key] = value
+        self._summary.update(values)
 
     def finish(self, status: str) -> None:
-        self.run.summary["status"] = status
+        self.summary({"status": status})
+        if getattr(self.run, "offline", self._cfg.logger.mode == "offline"):  # offline by choice or by fallback
+            self.write_offline_files()
         self.run.finish(exit_code=0 if status == "ok" else 1)
+
+    def write_offline_files(self) -> None:
+        """``config.yaml`` and ``wandb-summary.json`` in the offline run's ``files/`` folder (the
+        names an online run has), readable without W&B; ``wandb sync`` uploads the run itself."""
+        files = Path(self.run.dir)
+        files.mkdir(parents=True, exist_ok=True)
+        (files / "config.yaml").write_text(OmegaConf.to_yaml(self._cfg, resolve=True))
+        (files / "wandb-summary.json").write_text(
+            json.dumps(self._summary, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def run_name(cfg: DictConfig, job_type: str) -> str:
+    """A W&B display name: model, task and seed for training; model, task and length for bench."""
+    if job_type == "bench":
+        return f"{cfg.model.name}-{cfg.task.name}-L{cfg.task.seq_len}-b{cfg.trainer.batch_size}"
+    return f"{cfg.model.name}-{cfg.task.name}-s{cfg.seed}"
 
 
 def init_run(wandb, *, mode: str, timeout_s: float, run_dir: Path, **init_kwargs):

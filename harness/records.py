@@ -33,7 +33,7 @@ STATUSES = ("ok", "oom", "diverged", "error", "timeout", "unsupported")
 FAILED = ("oom", "diverged", "error", "timeout")
 # The files of a run folder.
 RECORD_FILE = "record.json"
-METRICS_FILE = "metrics.jsonl"      # one JSON line per evaluation (train runs)
+METRICS_FILE = "metrics.jsonl"      # JSON lines: split "val" per evaluation, "train" every trainer.log_every steps
 CHECKPOINT_FILE = "checkpoint.pt"   # the latest state, for resuming (train runs)
 CONFIG_FILE = "config.yaml"         # the resolved config the run started with
 

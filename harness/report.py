@@ -3,10 +3,16 @@
 Reads every ``record.json`` (and ``metrics.jsonl``) under the given directories and writes to
 OUT (default ``DIR/report``):
 
-    report.md, report.html      the whole report; the HTML embeds its plots and opens offline
+    report.md, report.html      the whole report; the HTML (templates/report.html.j2) embeds its
+                                figures and opens offline; header: sweep, machine, commit
     tables/<name>.csv, .tex     accuracy, efficiency, scaling exponents, comparison, claims
-                                (.tex uses booktabs); *_cells.csv hold the tidy numbers
-    plots/<name>.png, .pdf      accuracy vs seq_len, scaling (log-log), bubble, training curves
+                                (.tex: booktabs tables that fit an article page, best in bold,
+                                needing booktabs, graphicx, array); *_cells.csv: tidy numbers
+    plots/<name>.png, .pdf      accuracy heatmap (one length) or accuracy vs seq_len, scaling
+                                (log-log), bubble, ours vs published, claims, training curves
+
+Presentation (names, precision, bold, LaTeX, HTML) lives in harness.report_render; the figures in
+harness.plots.
 
 The terminal shows the accuracy and efficiency tables and the path of report.html.
 """
@@ -15,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import html
 import logging
 import sys
 import warnings
@@ -28,7 +33,7 @@ from harness.claims import evaluate_claims, load_claims
 from harness.config import PUBLISHED_DIR
 from harness.loggers import console_handlers
 from harness.results import (
-    EFFICIENCY_GROUP, efficiency_cells, load_curves, load_runs, load_wandb_runs,
+    EFFICIENCY_GROUP, efficiency_cells, filter_runs, load_curves, load_runs, load_wandb_runs,
     scaling_exponents, summarize,
 )
 
@@ -42,17 +47,27 @@ NOT_RUN = "–"
 
 
 def _num(x: float, metric: str | None = "accuracy") -> str:
-    return f"{x:.3f}" if metric == "bpc" else f"{x:.2f}"
+    """Accuracy (%) to one decimal, bpc to three: the precision a seed-to-seed spread allows."""
+    return f"{x:.3f}" if metric == "bpc" else f"{x:.1f}"
 
 
-def _accuracy_text(row) -> str:
+def common_seeds(cells: pd.DataFrame) -> int | None:
+    """The seed count most cells have (said once in the caption, not in every cell)."""
+    ok = cells[cells["status"] == "ok"] if len(cells) else cells
+    return int(ok["n"].mode().max()) if len(ok) else None
+
+
+def _accuracy_text(row, seeds: int | None) -> str:
+    """``mean ± std``; ``(n=k)`` only where a cell has another seed count than most, ``(n=k/m)``
+    where some of its seeds failed."""
     if row["status"] != "ok":
         return row["status"]
     text = _num(row["mean"], row["metric"])
     if row["n"] > 1:
         text += f" ± {_num(row['std'], row['metric'])}"
-    n = f"{row['n']}" if row["n"] == row["n_total"] else f"{row['n']}/{row['n_total']}"
-    return f"{text} (n={n})"
+    if row["n"] != row["n_total"]:
+        return f"{text} (n={row['n']}/{row['n_total']})"
+    return text if row["n"] == seeds else f"{text} (n={row['n']})"
 
 
 def _column_labels(cells: pd.DataFrame) -> pd.Series:
@@ -72,7 +87,8 @@ def accuracy_table(cells: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
         return pd.DataFrame(), pd.DataFrame()
     cells = cells.assign(column=_column_labels(cells))
     order = list(dict.fromkeys(cells.sort_values(["task", "seq_len"])["column"]))
-    text = cells.assign(text=cells.apply(_accuracy_text, axis=1)).pivot(
+    seeds = common_seeds(cells)
+    text = cells.assign(text=cells.apply(_accuracy_text, axis=1, seeds=seeds)).pivot(
         index="model", columns="column", values="text").reindex(columns=order)
     means = cells.pivot(index="model", columns="column", values="mean").reindex(columns=order)
     metric_of = dict(zip(cells["column"], cells["metric"]))
@@ -194,78 +210,133 @@ def _our_metric(cells: pd.DataFrame, pub) -> tuple[float, float, float]:
     return row["mean"], row["seq_len"], row["n"]
 
 
-# --------------------------------------------------------------------------- rendering
+# --------------------------------------------------------------------------- presentation
+
+COMPARISON_COLUMNS = {"model": "Model", "task": "Task", "seq_len": "Length", "metric": "Metric",
+                      "published": "Published", "ours": "Ours", "diff": "Ours − published",
+                      "n": "Seeds", "ours_seq_len": "Our length", "source": "Source",
+                      "note": "Note"}
+METRIC_NAMES = {"accuracy": "accuracy (%)", "bpc": "bpc", "speedup": "speed-up (x)",
+                "steps_per_s": "steps/s", "peak_memory_gb": "peak memory (GB)"}
 
 
-def _fmt_cell(x) -> str:
-    if isinstance(x, (float, np.floating)):
-        return "" if np.isnan(x) else f"{x:.4g}"
-    return str(x)
+def _value(x, metric: str) -> str:
+    if pd.isna(x):
+        return NOT_RUN
+    if metric in ("accuracy", "speedup"):
+        return f"{x:.1f}"
+    if metric == "bpc":
+        return f"{x:.3f}"
+    return _short(x)
 
 
-def markdown_table(df: pd.DataFrame, index: bool = True) -> str:
-    if df.empty:
-        return "_no data_\n"
-    frame = df.reset_index() if index else df
-    if index:
-        frame = frame.rename(columns={frame.columns[0]: ""})
-    rows = [[_fmt_cell(v).replace("|", "\\|") for v in r] for r in frame.itertuples(index=False)]
-    header = [str(c) for c in frame.columns]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
+def _signed(x, metric: str) -> str:
+    return "" if pd.isna(x) else ("+" if x > 0 else "") + _value(x, metric).replace("-", "−")
 
 
-_LATEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
-                  "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}",
-                  "^": r"\textasciicircum{}"}
+def comparison_display(comparison: pd.DataFrame) -> pd.DataFrame:
+    """The comparison rows we have a number for, formatted: a published number with no run of
+    ours beside it is left to the CSV (it made the table mostly blank)."""
+    if comparison.empty:
+        return pd.DataFrame()
+    rows = comparison[comparison["ours"].notna()].copy()
+    if rows.empty:
+        return pd.DataFrame()
+    out = pd.DataFrame({
+        "model": rows["model"], "task": rows["task"],
+        "seq_len": rows["seq_len"].map(lambda v: "" if pd.isna(v) else f"{int(v)}"),
+        "metric": rows["metric"].map(lambda m: METRIC_NAMES.get(m, m)),
+        "published": [_value(v, m) for v, m in zip(rows["published"], rows["metric"])],
+        "ours": [_value(v, m) for v, m in zip(rows["ours"], rows["metric"])],
+        "diff": [_signed(v, m) for v, m in zip(rows["diff"], rows["metric"])],
+        "n": rows["n"].map(lambda v: "" if pd.isna(v) else f"{int(v)}"),
+        "ours_seq_len": [("" if pd.isna(o) or o == L else f"{int(o)}")
+                         for o, L in zip(rows["ours_seq_len"], rows["seq_len"])],
+        "source": rows["source"] + ", " + rows["table"].astype(str),
+        "note": rows["note"].fillna(""),
+    })
+    if not (out["ours_seq_len"] != "").any():
+        out = out.drop(columns="ours_seq_len")
+    return out.rename(columns=COMPARISON_COLUMNS).reset_index(drop=True)
 
 
-def _latex_escape(text: str) -> str:
-    text = "".join(_LATEX_ESCAPES.get(ch, ch) for ch in text)
-    return text.replace("±", r"$\pm$").replace("–", "--")
+def fits_display(fit_table: pd.DataFrame) -> pd.DataFrame:
+    if fit_table.empty:
+        return pd.DataFrame()
+    out = pd.DataFrame(index=fit_table.index)
+    if "setup" in fit_table and fit_table["setup"].nunique() > 1:
+        out["Setup"] = fit_table["setup"]
+    out["Time exponent"] = fit_table["time_exponent"].map(lambda v: NOT_RUN if pd.isna(v) else f"{v:.2f}")
+    out["Memory exponent"] = fit_table["memory_exponent"].map(
+        lambda v: NOT_RUN if pd.isna(v) else f"{v:.2f}")
+    out["Lengths fitted"] = fit_table["seq_lens"].str.replace(",", ", ")
+    return out
 
 
-def latex_table(df: pd.DataFrame, caption: str, label: str, index: bool = True) -> str:
-    """A booktabs table (needs ``\\usepackage{booktabs}``); written by hand, no jinja2."""
-    frame = df.reset_index() if index else df
-    if index:
-        frame = frame.rename(columns={frame.columns[0]: ""})
-    spec = "l" * (1 if index else 0) + "r" * (len(frame.columns) - (1 if index else 0))
-    head = " & ".join(_latex_escape(str(c)) for c in frame.columns) + r" \\"
-    body = [" & ".join(_latex_escape(_fmt_cell(v)) for v in r) + r" \\"
-            for r in frame.itertuples(index=False)]
-    return "\n".join([r"\begin{table}[t]", r"\centering", rf"\caption{{{_latex_escape(caption)}}}",
-                      rf"\label{{{label}}}", rf"\begin{{tabular}}{{{spec}}}", r"\toprule", head,
-                      r"\midrule", *body, r"\bottomrule", r"\end{tabular}", r"\end{table}", ""])
+def claims_display(claims: pd.DataFrame) -> pd.DataFrame:
+    if claims.empty:
+        return pd.DataFrame()
+    return pd.DataFrame({"Claim": claims["claim"], "Source": claims["citation"],
+                         "Verdict": claims["status"], "Our numbers": claims["numbers"]})
 
 
-def _html_page(sections: list[tuple[str, str, object]], plots: dict[str, Path]) -> str:
-    css = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#222}"
-           "table{border-collapse:collapse;font-size:13px;margin:1em 0}"
-           "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
-           "td:first-child,th:first-child{text-align:left}img{max-width:100%}"
-           ".holds{color:#070}.differs{color:#b00}")
-    parts = ["<!DOCTYPE html>", "<html><head><meta charset='utf-8'><title>seq-arena report</title>",
-             f"<style>{css}</style></head><body>", "<h1>seq-arena report</h1>"]
-    for title, intro, table in sections:
-        parts.append(f"<h2>{html.escape(title)}</h2>")
-        if intro:
-            parts.append(f"<p>{html.escape(intro)}</p>")
-        if isinstance(table, pd.DataFrame):
-            body = table.to_html(escape=True, na_rep="", border=0) if not table.empty \
-                else "<p><em>no data</em></p>"
-            for status in ("holds", "differs"):  # colour claim verdicts
-                body = body.replace(f"<td>{status}</td>", f"<td class='{status}'>{status}</td>")
-            parts.append(body)
-    if plots:
-        parts.append("<h2>Plots</h2>")
-    for name, png in plots.items():
-        data = base64.b64encode(png.read_bytes()).decode("ascii")
-        parts.append(f"<h3>{html.escape(name)}</h3><figure><img alt='{name}' id='plot-{name}' "
-                     f"src='data:image/png;base64,{data}'><figcaption>{name}.png, "
-                     f"<a href='plots/{name}.pdf'>{name}.pdf</a></figcaption></figure>")
-    parts.append("</body></html>")
-    return "\n".join(parts) + "\n"
+def claim_points(runs: pd.DataFrame, claims: list[dict], verdicts: pd.DataFrame) -> pd.DataFrame:
+    """The values a threshold claim is decided on, for the claims figure: one row per (claim,
+    model, seq_len) with the test mean and ± sd over seeds (the interval the figure shows;
+    harness.claims gives no confidence interval yet), or the fitted exponent and its bound."""
+    from harness.claims import _side, _summary
+
+    verdict = dict(zip(verdicts.get("id", []), verdicts.get("status", [])))
+    rows = []
+    for claim in claims:
+        label = claim["id"]
+        if claim["check"] == "exponent_below":
+            side = _side(claim["model"])
+            eff = efficiency_cells(filter_runs(runs[runs["model"] == side["model"]],
+                                               claim.get("where")))
+            fits = scaling_exponents(eff) if len(eff) else pd.DataFrame()
+            column = f"{claim['quantity']}_exponent"
+            for _, f in fits[fits[column].notna()].iterrows() if len(fits) else []:
+                rows.append({"claim": label, "verdict": verdict.get(label), "model": side["model"],
+                             "value": f[column], "low": np.nan, "high": np.nan,
+                             "threshold": claim["value"], "unit": "scaling exponent"})
+            continue
+        if "threshold" not in claim or not claim.get("task"):
+            continue
+        names = [claim[k] for k in ("model", "a", "b") if k in claim]
+        for spec in names:
+            side = _side(spec)
+            cells = _summary(runs, claim, side)
+            for _, c in cells[cells["status"] == "ok"].iterrows() if len(cells) else []:
+                sd = c["std"] if pd.notna(c["std"]) else np.nan
+                rows.append({"claim": label, "verdict": verdict.get(label), "model": side["model"],
+                             "value": c["mean"], "low": c["mean"] - sd, "high": c["mean"] + sd,
+                             "threshold": claim["threshold"],
+                             "unit": UNIT_NAMES.get(c["metric"], c["metric"])})
+    return pd.DataFrame(rows, columns=["claim", "verdict", "model", "value", "low", "high",
+                                       "threshold", "unit"])
+
+
+UNIT_NAMES = {"accuracy": "test accuracy (%)", "bpc": "bits per character"}
+
+
+def _direction(column: str, metric_of: dict) -> str:
+    return "min" if metric_of.get(column) == "bpc" else "max"
+
+
+def report_header(runs: pd.DataFrame, dirs: list[str]) -> dict[str, str]:
+    """Sweep, machine and commit of the records (every distinct value, most frequent first)."""
+    def values(column: str, short: int | None = None) -> str:
+        if column not in runs:
+            return "unknown"
+        counts = runs[column].dropna().astype(str).value_counts()
+        names = [v[:short] if short else v for v in counts.index]
+        return ", ".join(names) if names else "unknown"
+
+    ok = int((runs["status"] == "ok").sum())
+    return {"sweep": values("config.sweep.name"), "machine": values("env.device_name"),
+            "host": values("env.host"), "commit": values("env.git_commit", 12),
+            "records": f"{len(runs)} ({ok} ok) from {', '.join(dirs) or 'W&B'}"}
 
 
 # --------------------------------------------------------------------------- command line
@@ -278,6 +349,9 @@ def build_report(dirs: list[str], out: Path, *, published_dir: Path = PUBLISHED_
 
     ``runs`` replaces reading ``dirs`` (e.g. runs loaded from W&B by results.load_wandb_runs).
     """
+    from harness.report_render import DisplayTable, render_page, to_latex, to_markdown
+    from tasks.base import progress
+
     runs = load_runs(*dirs) if runs is None else runs
     if runs.empty:
         raise SystemExit(f"arena-report: no record.json under {' '.join(dirs)}; point it at a "
@@ -292,7 +366,7 @@ def build_report(dirs: list[str], out: Path, *, published_dir: Path = PUBLISHED_
     claim_files = [claims_file] if claims_file else sorted(Path(published_dir).glob("claims*.yaml"))
     loaded = [claim for path in claim_files if path.exists() for claim in load_claims(path)]
     claims = evaluate_claims(runs, loaded) if loaded else pd.DataFrame()
-    claims_file = ", ".join(str(p) for p in claim_files)
+    claims_file = ", ".join(p.name for p in claim_files)  # where: --published (or --claims)
     fit_table = fits.assign(setup=fits.apply(_setup_label, axis=1) if len(fits) else []).drop(
         columns=EFFICIENCY_GROUP).set_index("model").rename_axis(None)
 
@@ -302,51 +376,96 @@ def build_report(dirs: list[str], out: Path, *, published_dir: Path = PUBLISHED_
     tables = {"accuracy": acc_text, "efficiency": eff_text, "scaling_exponents": fit_table,
               "comparison": comparison, "claims": claims}
     for name, table in tables.items():
-        index = name not in ("comparison", "claims")
-        table.to_csv(tables_dir / f"{name}.csv", index=index)
-        caption = name.replace("_", " ").capitalize()
-        (tables_dir / f"{name}.tex").write_text(latex_table(table, caption, f"tab:{name}", index))
+        table.to_csv(tables_dir / f"{name}.csv", index=name not in ("comparison", "claims"))
     cells.drop(columns=["setting"], errors="ignore").to_csv(tables_dir / "accuracy_cells.csv",
                                                             index=False)
     eff.to_csv(tables_dir / "efficiency_cells.csv", index=False)
 
-    written = {}
+    seeds = common_seeds(cells)
+    metric_of = {}
+    if len(cells):
+        labelled = cells.assign(column=_column_labels(cells))
+        metric_of = dict(zip(labelled["column"], labelled["metric"]))
+    source = eff["source"].iloc[0] if len(eff) else "none"
+    setups = eff.apply(_setup_label, axis=1).unique() if len(eff) else []
+    display = [
+        DisplayTable(acc_text, "Accuracy", (
+            f"Test accuracy (%) of the setting best on val, mean ± sample std over "
+            f"{seeds if seeds else 'the'} seed{'s' if seeds != 1 else ''} (another count is shown "
+            "as n=k, n=k/m when some seeds failed); bpc as is, lower is better. Best per column "
+            "in bold. FAIL / OOM: no run succeeded; n/a: the model does not support the task; "
+            "– not run. Avg as in LRA (Path-X excluded)."), "accuracy", row_label="Model",
+            better={c: _direction(c, metric_of) for c in acc_text.columns}),
+        DisplayTable(eff_text, "Efficiency", (
+            "Training steps per second (speed-up over transformer) and peak memory in GB "
+            f"(10⁹ bytes), from {source} records, repeats by median"
+            + (f"; {setups[0]}" if len(setups) == 1 else "") + ". Best per column in bold."),
+            "efficiency", row_label="Model",
+            better={c: "max" if c.startswith("steps/s") else "min" for c in eff_text.columns
+                    if c.startswith(("steps/s", "mem"))}, groups="setup"),
+        DisplayTable(fits_display(fit_table), "Scaling exponents", (
+            "Least-squares slope of log step time and log peak memory against log sequence "
+            "length (2 = quadratic, 1 = linear); lowest in bold."), "scaling_exponents",
+            row_label="Model", better={"Time exponent": "min", "Memory exponent": "min"},
+            groups="Setup"),
+        DisplayTable(comparison_display(comparison), "Comparison with published numbers", (
+            "Published numbers beside ours where we ran the same model and task (the rest are in "
+            "tables/comparison.csv); ours − published for accuracy, bpc and speed-up only "
+            "(absolute speed and memory depend on the hardware)."), "comparison",
+            latex_drop=("Note", "Source")),
+        DisplayTable(claims_display(claims), "Claims", (
+            f"Published claims checked against these runs ({claims_file})."), "claims",
+            latex_drop=("Source",)),
+    ]
+    for table in display:
+        (tables_dir / f"{table.name}.tex").write_text(to_latex(table, f"tab:{table.name}"))
+
+    written: dict[str, Path] = {}
+    captions = {
+        "accuracy_heatmap": "Test accuracy (%) by model and task (one length per task).",
+        "accuracy_vs_seq_len": "Test metric against sequence length (mean ± sd over seeds).",
+        "scaling": "Step time and peak memory against sequence length, log-log, with fitted slopes.",
+        "bubble": "Speed, accuracy and memory at the longest measured length (LRA Figure 3).",
+        "published": "Ours (dot, model colour) against the published value (black bar).",
+        "claims": "The values each threshold claim is decided on (± sd over seeds) and its "
+                  "threshold (red bar).",
+        "training_curves": "Training loss and validation metric against step (mean ± sd over "
+                           "seeds) of each model's chosen setting.",
+    }
     if plots:
         from harness import plots as P  # matplotlib is imported only when plots are asked for
 
         plot_dir = out / "plots"
-        made = {"accuracy_vs_seq_len": P.accuracy_vs_seq_len(cells, plot_dir),
-                "scaling": P.scaling(eff, fits, plot_dir),
-                "bubble": P.bubble(eff, acc_means, plot_dir),
-                "training_curves": P.training_curves(load_curves(*dirs), cells, plot_dir)}
-        written = {k: v for k, v in made.items() if v is not None}
+        several = len(cells) and (cells.groupby("task")["seq_len"].nunique() > 1).any()
+        makers = {
+            "accuracy_heatmap": lambda: None if several else P.accuracy_heatmap(acc_means, plot_dir),
+            "accuracy_vs_seq_len": lambda: P.accuracy_vs_seq_len(cells, plot_dir),
+            "scaling": lambda: P.scaling(eff, fits, plot_dir),
+            "bubble": lambda: P.bubble(eff, acc_means, plot_dir),
+            "published": lambda: P.published_dots(comparison, plot_dir),
+            "claims": lambda: P.claim_dots(claim_points(runs, loaded, claims), plot_dir),
+            "training_curves": lambda: P.training_curves(load_curves(*dirs), cells, plot_dir),
+        }
+        for name, make in progress(makers.items(), total=len(makers), desc="report: figures",
+                                   unit="figure"):
+            path = make()
+            if path is not None:
+                written[name] = path
 
-    n_runs = f"{len(runs)} records ({(runs['status'] == 'ok').sum()} ok) from {', '.join(dirs)}"
-    source = eff["source"].iloc[0] if len(eff) else "none"
-    sections = [
-        ("Accuracy", "Test metric of the best setting on val (mean ± sample std over seeds, n "
-         "seeds; n=k/m when some seeds failed); accuracy in %, bpc as is. FAIL / OOM: no run "
-         "succeeded; n/a: the model does not support the task; – not run. Avg as in LRA "
-         f"(Path-X excluded). {n_runs}.", acc_text),
-        ("Efficiency", f"Training steps per second (speed-up over transformer) and peak memory "
-         f"in GB (10^9 bytes), from {source} records, repeats by median.", eff_text),
-        ("Scaling exponents", "Least-squares slope of log step time and log peak memory "
-         "against log seq_len (2 = quadratic, 1 = linear).", fit_table),
-        ("Comparison with published numbers", "ours - published in diff (accuracy, bpc and "
-         "speed-up only; absolute speed and memory depend on the hardware).", comparison),
-        ("Claims", f"Published claims checked against these runs ({claims_file}).", claims),
-    ]
     md = ["# seq-arena report", ""]
-    for title, intro, table in sections:
-        md += [f"## {title}", "", intro, "", markdown_table(table, index=title not in (
-            "Comparison with published numbers", "Claims"))]
-    md += [f"## Plots", ""] + [f"![{k}](plots/{k}.png) ([pdf](plots/{k}.pdf))\n" for k in written]
+    md += [f"- {k}: {v}" for k, v in report_header(runs, dirs).items()] + [""]
+    for table in display:
+        md += [f"## {table.title}", "", table.caption, "", to_markdown(table)]
+    md += ["## Figures", ""] + [f"![{k}](plots/{k}.png) ([pdf](plots/{k}.pdf))\n" for k in written]
     (out / "report.md").write_text("\n".join(md))
-    (out / "report.html").write_text(_html_page(
-        [(t, i, tab.reset_index(drop=t in ("Comparison with published numbers", "Claims"))
-          if isinstance(tab, pd.DataFrame) else tab) for t, i, tab in sections], written))
+    figures = [{"name": k, "caption": captions[k],
+                "png_base64": base64.b64encode(v.read_bytes()).decode("ascii")}
+               for k, v in written.items()]
+    (out / "report.html").write_text(render_page(
+        title="seq-arena report", header=report_header(runs, dirs), tables=display,
+        figures=figures, notes=[]))
     return {**tables, "cells": cells, "efficiency_cells": eff, "plots": written,
-            "html": out / "report.html"}
+            "display": {t.name: t for t in display}, "html": out / "report.html"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -355,8 +474,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("dirs", nargs="*", help="run or sweep directories to read records from")
     parser.add_argument("--wandb", metavar="ENTITY/PROJECT",
                         help="read runs from W&B's public API instead of record.json files")
-    parser.add_argument("--wandb-offline", action="store_true",
-                        help="read the offline W&B run folders (wandb/offline-run-*) under DIRS")
+    parser.add_argument("--wandb-offline", action="store_true", help=argparse.SUPPRESS)  # removed
     parser.add_argument("--out", type=Path, help="output directory (default: FIRST_DIR/report)")
     parser.add_argument("--published", type=Path, default=PUBLISHED_DIR,
                         help="directory of published-number CSVs and claims.yaml")
@@ -370,9 +488,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--wandb needs --out")
     out = args.out or Path(args.dirs[0]) / "report"
     runs = None
-    if args.wandb or args.wandb_offline:
-        offline = tuple(args.dirs) if args.wandb_offline else ()
-        runs = load_wandb_runs(project=args.wandb, offline_dirs=offline)
+    if args.wandb_offline:
+        parser.error("--wandb-offline is gone (it parsed W&B's private .wandb files): read the runs' "
+                     "record.json files with `arena-report DIR`, or upload the offline runs with "
+                     "`wandb sync DIR/**/wandb/offline-run-*` and read them with --wandb ENTITY/PROJECT")
+    if args.wandb:
+        runs = load_wandb_runs(args.wandb)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:

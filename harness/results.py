@@ -25,6 +25,7 @@ import pandas as pd
 
 from harness.config import NON_RESULT_BENCH_KEYS, NON_RESULT_TASK_KEYS, NON_RESULT_TRAINER_KEYS, RESULT_KEYS
 from harness.records import METRICS_FILE, RECORD_FILE, parse_record
+from tasks.base import progress
 
 REQUIRED = ("kind", "status", "model", "task")
 HIGHER_IS_BETTER = {"accuracy": True, "bpc": False, "loss": False, "ppl": False}
@@ -110,7 +111,8 @@ def load_runs(*paths) -> pd.DataFrame:
     kind/status/model/task, is skipped with a warning naming the file.
     """
     records = []
-    for path in _find(paths or ("results",), RECORD_FILE):
+    for path in progress(_find(paths or ("results",), RECORD_FILE), desc="reading records",
+                         unit="record"):
         record, problem = parse_record(path)
         if problem is not None:
             warnings.warn(f"skipping {path}: {problem}", stacklevel=2)
@@ -146,13 +148,12 @@ def records_frame(records: list[tuple[str, dict]]) -> pd.DataFrame:
     return df
 
 
-def load_wandb_runs(*, project: str | None = None, offline_dirs: tuple = ()) -> pd.DataFrame:
-    """The same DataFrame from W&B: the public API for ``entity/project``, or offline run folders."""
-    from harness.wandb_runs import records_from_offline_dirs, records_from_wandb_api
+def load_wandb_runs(project: str, filters: dict | None = None) -> pd.DataFrame:
+    """The same DataFrame from the runs of W&B project ``entity/project`` (public API; offline
+    runs need ``wandb sync`` first, see harness.wandb_runs)."""
+    from harness.wandb_runs import records_from_wandb_api
 
-    records = records_from_wandb_api(project) if project else []
-    records += records_from_offline_dirs(*offline_dirs)
-    return records_frame([(r["source"], r) for r in records])
+    return records_frame([(r["source"], r) for r in records_from_wandb_api(project, filters)])
 
 
 def load_curves(*paths) -> pd.DataFrame:
@@ -164,7 +165,8 @@ def load_curves(*paths) -> pd.DataFrame:
     mid-write) are skipped with a warning naming the file and line.
     """
     frames = []
-    for path in _find(paths or ("results",), METRICS_FILE):
+    for path in progress(_find(paths or ("results",), METRICS_FILE), desc="reading curves",
+                         unit="file"):
         lines = []
         try:
             raw_lines = path.read_bytes().splitlines()

@@ -8,7 +8,9 @@ the launcher warning outside any job (conf/hydra/hydra_logging/arena.yaml).
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 import time
 from collections import Counter
 from pathlib import Path
@@ -79,34 +81,68 @@ def _duration(seconds: float) -> str:
     return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
+PROGRESS_DIR = ".progress"  # in the sweep folder while a multirun runs: one file per finished job
+
+
 class SweepProgress(Callback):
-    """One line per job: which job, how many left, elapsed time and an estimate of what is left."""
+    """One tqdm bar over a multirun's jobs: finished / total, elapsed time and an estimate of what
+    is left (a log line per job instead when stderr is not a terminal, e.g. a batch job's file).
+
+    The count is that of the sweep, not of one process: each finished job leaves a marker file
+    in ``<sweep dir>/.progress``, so under the joblib launcher, where jobs end in worker processes,
+    every worker's bar shows how many jobs of the whole sweep are done.
+    """
 
     def __init__(self) -> None:
-        self.total: int | None = None
-        self.started = time.perf_counter()
-        self.done = 0
+        self.bar = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        self.started = time.perf_counter()
         try:
-            self.total = count_jobs(config)
+            total = count_jobs(config)
         except Exception:  # noqa: BLE001 - progress is a courtesy, never a failure
-            self.total = None
+            total = None
+        folder = Path(config.hydra.sweep.dir) / PROGRESS_DIR
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "sweep.json").write_text(json.dumps({"total": total, "started": time.time()}))
+        self.bar = self._make_bar(total, time.time())
 
-    def on_job_start(self, config: DictConfig, **kwargs) -> None:
-        if config.hydra.mode is None or str(config.hydra.mode) != "RunMode.MULTIRUN":
-            return
-        elapsed = time.perf_counter() - self.started
-        of = f"/{self.total}" if self.total else ""
-        eta = ""
-        if self.done and self.total:
-            eta = f", about {_duration(elapsed / self.done * (self.total - self.done))} left"
-        overrides = " ".join(config.hydra.overrides.task)
-        log.info("job %d%s (%s) after %s%s", self.done + 1, of, overrides, _duration(elapsed), eta)
+    @staticmethod
+    def _make_bar(total: int | None, started: float):
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, desc="sweep", unit="job", smoothing=0, dynamic_ncols=True,
+                   disable=None, leave=True)
+        bar.start_t = started  # elapsed and ETA count from the start of the sweep
+        return bar
 
     def on_job_end(self, config: DictConfig, job_return, **kwargs) -> None:
-        self.done += 1
+        if config.hydra.mode is None or str(config.hydra.mode) != "RunMode.MULTIRUN":
+            return
+        folder = Path(config.hydra.sweep.dir) / PROGRESS_DIR
+        try:
+            (folder / f"job{config.hydra.job.num}").touch()
+            meta = json.loads((folder / "sweep.json").read_text())
+            done = sum(1 for p in folder.iterdir() if p.name.startswith("job"))
+        except (OSError, json.JSONDecodeError):
+            return  # a folder removed under us: no progress to show, the job itself is fine
+        if self.bar is None:  # a joblib worker: its own bar, the sweep's count
+            self.bar = self._make_bar(meta["total"], meta["started"])
+        self.bar.n = done
+        self.bar.set_postfix_str(" ".join(config.hydra.overrides.task)[:60], refresh=False)
+        self.bar.refresh()
+        if self.bar.disable:
+            elapsed = time.time() - meta["started"]
+            total = meta["total"]
+            eta = f", about {_duration(elapsed / done * (total - done))} left" if total else ""
+            log.info("sweep: %d%s jobs done after %s%s", done, f"/{total}" if total else "",
+                     _duration(elapsed), eta)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        shutil.rmtree(Path(config.hydra.sweep.dir) / PROGRESS_DIR, ignore_errors=True)
 
 
 class SweepSummary(Callback):

@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from architectures.layers import UnsupportedTask
 from harness.api import build_model, build_task
 from harness.config import CONF_DIR, register_resolvers, result_config
-from harness.loggers import make_logger
+from harness.loggers import make_logger, wandb_run_id
 from harness.objectives import tokens_in
 from harness.records import (
     CHECKPOINT_FILE, CONFIG_FILE, FAILED, METRICS_FILE, RECORD_FILE, atomic_write_text, config_hash,
@@ -224,7 +224,6 @@ def run_claimed(cfg: DictConfig, run_dir: Path, *, multirun: bool, world: World 
         torch.set_num_threads(cfg.trainer.threads)
     record = base_record(cfg, chash=chash, device=device)
     record["env"]["world_size"] = world.size
-    run_id = record["run_id"]
     started = time.perf_counter()
     logger, trainer, bar = None, None, None
     try:
@@ -236,7 +235,8 @@ def run_claimed(cfg: DictConfig, run_dir: Path, *, multirun: bool, world: World 
         record["params"] = sum(p.numel() for p in model.parameters())
         log.debug("%s on %s: %s parameters, %d steps on %s, into %s", cfg.model.name, cfg.task.name,
                   f"{record['params']:,}", cfg.trainer.steps, device, run_dir)
-        logger = make_logger(cfg, run_dir=run_dir, job_type="train", run_id=run_id) if world.is_main else NoLogger()
+        logger = make_logger(cfg, run_dir=run_dir, job_type="train",
+                             run_id=wandb_run_id(run_dir, chash)) if world.is_main else NoLogger()
         trainer = Trainer(model=model, task=task, trainer_cfg=cfg.trainer, seed=cfg.seed,
                           device=device, run_dir=run_dir, logger=logger, world=world)
         trainer.maybe_resume()
@@ -265,7 +265,12 @@ def run_claimed(cfg: DictConfig, run_dir: Path, *, multirun: bool, world: World 
         return record
     write_record_or_say_why(run_dir, record)
     if logger is not None:
-        logger.summary(wandb_summary(record))
+        last_val = trainer.state.last_val if trainer is not None else None
+        summary = wandb_summary(record, last_val=last_val)
+        tests = {k: v for k, v in summary.items() if k.startswith("test/")}
+        if tests and trainer is not None:
+            logger.log(tests, step=trainer.state.step)  # test values in the history too
+        logger.summary(summary)
         logger.finish(record["status"])
     return record
 
@@ -301,13 +306,29 @@ def launch_ranks(cfg: DictConfig, run_dir: Path) -> dict:
     return record
 
 
-def wandb_summary(record: dict) -> dict:
-    """The record's results as a flat W&B summary (read back by harness.wandb_runs)."""
-    summary = {k: v for k, v in record["metrics"].items() if v is not None}
-    summary.update({f"speed/{k}": v for k, v in record["speed"].items() if v is not None})
-    summary.update({f"memory/{k}": v for k, v in record["memory"].items() if v is not None})
-    summary.update({k: record[k] for k in ("status", "kind", "config_hash", "params", "wall_s")})
-    return summary
+def wandb_summary(record: dict, *, last_val: dict | None = None) -> dict:
+    """The record's results as a flat W&B summary, under the names of the run's history
+    (harness.loggers): read back by harness.wandb_runs.record_from_run.
+
+    Args:
+        record: the finished run's record.
+        last_val: the latest evaluation's ``loss`` and ``metric`` (``val/...`` in the summary).
+    """
+    metrics = record.get("metrics") or {}
+    metric = next((k[4:] for k in metrics if k.startswith("val_") and k != "val_loss"), None)
+    summary = {
+        "train/loss": metrics.get("final_train_loss"), "train/steps": metrics.get("steps"),
+        "best/step": metrics.get("best_step"),
+        **{f"test/{k[5:]}": v for k, v in metrics.items() if k.startswith("test_")},
+        **{f"speed/{k}": v for k, v in record["speed"].items()},
+        **{f"memory/{k}": v for k, v in record["memory"].items()},
+        **{k: record.get(k) for k in ("status", "kind", "run_id", "config_hash", "params", "wall_s")},
+    }
+    if metric is not None:
+        summary[f"best/val/{metric}"] = metrics[f"val_{metric}"]
+        if last_val is not None:
+            summary.update({"val/loss": last_val["loss"], f"val/{metric}": last_val["metric"]})
+    return {k: v for k, v in summary.items() if v is not None}
 
 
 def finish_metrics(trainer: Trainer, record: dict) -> None:

@@ -111,11 +111,16 @@ class TrainState:
     best_step: int | None = None
     best_weights: dict | None = None
     last_train_loss: float | None = None
+    last_val: dict | None = None  # the latest evaluation's loss and metric (not checkpointed)
     step_times_ms: list[float] = field(default_factory=list)
 
 
 class Trainer:
     """Trains one model on one task into ``run_dir`` (checkpoint.pt, metrics.jsonl).
+
+    ``metrics.jsonl`` gets a ``train`` line (loss, lr, tokens/s) every ``trainer.log_every``
+    steps and a ``val`` line at each evaluation; the logger gets the same values as
+    ``train/loss``, ``train/lr``, ``train/tokens_per_s``, ``val/loss``, ``val/<metric>``.
 
     Args:
         model, task: built from the config.
@@ -299,10 +304,19 @@ class Trainer:
         line = {"step": s.step, "split": "val", "loss": result["loss"], "metric_name": self.spec.metric,
                 "metric": result["metric"], "elapsed_s": elapsed_s, "tokens_per_s": tokens_per_s}
         self.write_metrics(line)
-        self.logger.log({"val/loss": result["loss"], f"val/{self.spec.metric}": result["metric"],
-                         "train/loss": s.last_train_loss, "tokens_per_s": tokens_per_s,
-                         "lr": self.scheduler.get_last_lr()[0]}, step=s.step)
+        s.last_val = {"loss": result["loss"], "metric": result["metric"]}
+        self.logger.log({"val/loss": result["loss"], f"val/{self.spec.metric}": result["metric"]},
+                        step=s.step)
         return result
+
+    def log_train(self, elapsed_s: float, tokens_per_s: float | None) -> None:
+        """The training loss, learning rate and speed at this step: metrics.jsonl and the logger."""
+        s = self.state
+        lr = self.scheduler.get_last_lr()[0]
+        self.write_metrics({"step": s.step, "split": "train", "loss": s.last_train_loss, "lr": lr,
+                            "elapsed_s": elapsed_s, "tokens_per_s": tokens_per_s})
+        self.logger.log({"train/loss": s.last_train_loss, "train/lr": lr,
+                         "train/tokens_per_s": tokens_per_s}, step=s.step)
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> float:
         with self.autocast():
@@ -345,6 +359,8 @@ class Trainer:
             elapsed = time.perf_counter() - start
             tokens_per_s = self.timer.summary(tokens_in(batch))["tokens_per_s"]
             evaluated = s.step % cfg.eval_every == 0 or s.step == cfg.steps
+            if s.step % cfg.log_every == 0 or s.step == cfg.steps:
+                self.log_train(elapsed, tokens_per_s)
             if evaluated:
                 last_val = self.validate(elapsed, tokens_per_s)["metric"]
                 self.save_checkpoint()

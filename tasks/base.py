@@ -255,6 +255,44 @@ def release_frames(exc: BaseException) -> None:
     gc.collect()
 
 
+def smallest_token_dtype(max_value: int) -> torch.dtype:
+    """The smallest dtype that stores ids ``0..max_value``: uint8 up to 255 (pixels, ListOps'
+    16 ids, class labels), else :func:`smallest_int_dtype` (byte tasks: byte + 1 reaches 256).
+
+    Only for arrays that never hold ``IGNORE_INDEX`` (inputs and class labels, not ``lm`` targets).
+    """
+    return torch.uint8 if 0 <= max_value <= torch.iinfo(torch.uint8).max else smallest_int_dtype(max_value)
+
+
+def progress(iterable=None, *, total: int | None = None, desc: str, unit: str = "it", **kwargs):
+    """A tqdm bar (counts, rate, ETA) for work that takes more than a few seconds: generating,
+    reading and tokenising data. On stderr, refreshed at most once a second, and switched off when
+    stderr is not a terminal (a batch job's output file gets the log line before it instead)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, unit=unit, mininterval=1.0, dynamic_ncols=True,
+                disable=None, **kwargs)
+
+
+def stored_bytes(splits: dict[str, dict[str, torch.Tensor]]) -> int:
+    """Bytes of every array of ``splits``: what the cache file holds, give or take a few KB."""
+    return sum(t.numel() * t.element_size() for arrays in splits.values() for t in arrays.values())
+
+
+def describe_storage(splits: dict[str, dict[str, torch.Tensor]]) -> str:
+    """One line for ``describe()``: the stored dtypes and the size of the cached arrays."""
+    first = next(iter(splits.values()), {})
+    dtypes = ", ".join(f"{k} {str(v.dtype).removeprefix('torch.')}" for k, v in first.items())
+    return f"  stored as {dtypes}; {format_bytes(stored_bytes(splits))} in memory and in the cache file"
+
+
+def format_bytes(n: int) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Create ``path`` through ``write(tmp)`` on a temporary file beside it, then a rename.
 
@@ -355,8 +393,10 @@ def cached_splits(
             aside = set_aside(path)
             log.warning("%s: unreadable data cache (%s: %s); moved to %s and generated again",
                         path, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "", aside.name)
+    log.info("%s: building the data once into %s", name, path)
     splits = build()
     atomic_write(path, lambda tmp: torch.save(splits, tmp))
+    log.info("%s: cached %s in %s", name, format_bytes(path.stat().st_size), path)
     return splits
 
 
@@ -435,6 +475,7 @@ def describe_lm_splits(header: list[str], splits: dict[str, dict[str, torch.Tens
             f"  {split}: {N} examples x {L} tokens, {scored.numel() / max(N, 1):.1f} scored per "
             f"example; {balance}"
         )
+    lines.append(describe_storage(splits))
     return "\n".join(lines)
 
 

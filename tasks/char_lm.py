@@ -28,7 +28,9 @@ from pathlib import Path
 
 import torch
 
-from tasks.base import ArrayDataset, TaskSpec, cached_splits, check_split, smallest_int_dtype
+from tasks.base import (
+    ArrayDataset, TaskSpec, cached_splits, check_split, format_bytes, smallest_int_dtype,
+)
 
 CORPUS_VERSION = 1  # part of the cache key: bump when generate_corpus changes its output
 ENWIK8_HELP = (
@@ -235,4 +237,7 @@ class CharLM:
             lines.append(
                 f"  {split}: {len(stream)} bytes, {n} windows, {n * self.seq_len} scored bytes"
             )
+        total = sum(len(s) for s in streams.values())
+        lines.append(f"  stored as one uint8 byte stream; {format_bytes(total)} in memory"
+                     + (" and in the cache file" if self.source == "generate" else ""))
         return "\n".join(lines)

@@ -144,7 +144,8 @@ class Image(FileTask):
         test_grey, test_labels = read_batch(root / TEST_FILE)
 
         def arrays(g: np.ndarray, y: np.ndarray) -> dict[str, torch.Tensor]:
-            return {"tokens": torch.from_numpy(g.astype(np.int16)), "label": torch.from_numpy(y.astype(np.int16))}
+            # grey levels 0-255 and labels 0-9 fit uint8 (the pad id 256 is never stored)
+            return {"tokens": torch.from_numpy(g.astype(np.uint8)), "label": torch.from_numpy(y.astype(np.uint8))}
 
         return {
             "train": arrays(grey[:n_train], labels[:n_train]),
@@ -156,7 +157,8 @@ class Image(FileTask):
         """The CIFAR-10 batches as grey levels, train/val split by ``val_fraction``, cached."""
         root = self.find_root()
         files = [root / n for n in (*TRAIN_FILES, TEST_FILE)]
-        params = dict(files=fingerprint(files), val_fraction=self.val_fraction, version=1)
+        params = dict(files=fingerprint(files), val_fraction=self.val_fraction,
+                      version=2)  # version 2: uint8 (version 1: int16)
         return cached_splits("image", params, lambda: self._build(root), self.cache_dir)
 
     def title(self) -> str:

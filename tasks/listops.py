@@ -34,12 +34,16 @@ to ``seq_len`` (LRA: 2000) and right-padded.
 from __future__ import annotations
 
 import csv
+import logging
 import random
 from pathlib import Path
 
 import torch
 
-from tasks.base import TaskSpec, atomic_write_dir, cache_key, cached_splits, default_cache_dir
+from tasks.base import (
+    TaskSpec, atomic_write_dir, cache_key, cached_splits, default_cache_dir, format_bytes, progress,
+    smallest_token_dtype,
+)
 from tasks.lra_io import FileTask, fingerprint, format_error, missing_data, pad_rows, resolve_source, shorten
 
 MIN, MAX, MED, SUM_MOD, END = "[MIN", "[MAX", "[MED", "[SM", "]"
@@ -51,6 +55,8 @@ TOKEN_ID = {tok: i for i, tok in enumerate(VOCAB)}
 PAD_ID = 0
 SPLITS = ("train", "val", "test")
 HEADER = ["Source", "Target"]
+TOKEN_DTYPE = smallest_token_dtype(len(VOCAB) - 1)  # uint8: 16 ids
+log = logging.getLogger(__name__)
 HOW_TO_GET = (
     "Download lra_release.gz from the Long Range Arena repository "
     "(github.com/google-research/long-range-arena), unpack it and point task.data_dir at "
@@ -158,18 +164,22 @@ def generate_listops(
     wanted = n_train + n_val + n_test
     trees: dict[Tree, None] = {}  # insertion-ordered set
     budget = 1000 * wanted + 1_000_000
+    bar = progress(total=wanted, desc="listops: drawing trees", unit="tree")
     for _ in range(budget):
         if len(trees) == wanted:
             break
         tree, length = generate_tree(rng, 1, max_depth, max_args)
-        if min_length < length < max_length:
-            trees.setdefault(tree)
+        if min_length < length < max_length and tree not in trees:
+            trees[tree] = None
+            bar.update()
     else:
+        bar.close()
         raise RuntimeError(
             f"listops: only {len(trees)} distinct trees of {wanted} after {budget} draws; "
             "widen task.min_length/max_length, raise task.max_depth, or ask for fewer examples"
         )
-    rows = [(to_source(t), evaluate(t)) for t in trees]
+    bar.close()
+    rows = [(to_source(t), evaluate(t)) for t in progress(trees, desc="listops: writing trees", unit="tree")]
     return {"train": rows[:n_train], "val": rows[n_train:n_train + n_val], "test": rows[n_train + n_val:]}
 
 
@@ -198,7 +208,9 @@ def decode_line(path: Path, line_no: int, raw: bytes) -> str:
 def read_listops_tsv(path: Path, seq_len: int) -> dict[str, torch.Tensor]:
     """Read one released ListOps TSV into ``tokens`` (N, seq_len) and ``label`` (N,)."""
     rows, labels = [], []
-    with open(path, "rb") as f:
+    bar = progress(total=path.stat().st_size, desc=f"listops: reading {path.name}", unit="B",
+                   unit_scale=True)
+    with open(path, "rb") as f, bar:
         lines = (decode_line(path, line_no, raw) for line_no, raw in enumerate(f, start=1))
         header = next(lines, "")
         if not header:
@@ -206,6 +218,7 @@ def read_listops_tsv(path: Path, seq_len: int) -> dict[str, torch.Tensor]:
         if header.rstrip("\r\n").split("\t") != HEADER:
             raise format_error(path, 1, "the header 'Source\\tTarget'", shorten(header.rstrip("\r\n")))
         for line_no, line in enumerate(lines, start=2):
+            bar.update(len(line))  # characters; bytes for this ASCII format
             fields = line.rstrip("\r\n").split("\t")
             if len(fields) != 2:
                 raise format_error(path, line_no, "2 tab-separated fields (Source, Target)",
@@ -222,7 +235,8 @@ def read_listops_tsv(path: Path, seq_len: int) -> dict[str, torch.Tensor]:
             labels.append(int(target))
     if not rows:
         raise format_error(path, 2, "at least one example after the header", "none")
-    return {"tokens": pad_rows(rows, seq_len, pad_id=PAD_ID), "label": torch.tensor(labels, dtype=torch.int16)}
+    return {"tokens": pad_rows(rows, seq_len, pad_id=PAD_ID, dtype=TOKEN_DTYPE),
+            "label": torch.tensor(labels, dtype=torch.uint8)}
 
 
 class ListOps(FileTask):
@@ -264,6 +278,8 @@ class ListOps(FileTask):
         if self.source == "generate":
             directory = self.cache_dir / f"listops-gen-{cache_key('listops-gen', self.generator_params)}"
             if not directory.exists():
+                log.info("listops: generating %d trees with LRA's generator into %s (LRA's size "
+                         "takes minutes)", sum(self.generator_params[f"n_{s}"] for s in SPLITS), directory)
                 write_generated(directory, generate_listops(**self.generator_params))
             return directory
         if self.data_dir is None:
@@ -278,9 +294,18 @@ class ListOps(FileTask):
         """The TSVs (released, or generated into the cache) tokenised at ``seq_len``, cached."""
         directory = self.tsv_dir()
         paths = {s: directory / f"basic_{s}.tsv" for s in SPLITS}
-        params = dict(files=fingerprint(list(paths.values())), seq_len=self.seq_len, version=1)
+        # version 2: tokens and labels stored as uint8 (version 1: int16)
+        params = dict(files=fingerprint(list(paths.values())), seq_len=self.seq_len, version=2)
         build = lambda: {s: read_listops_tsv(p, self.seq_len) for s, p in paths.items()}  # noqa: E731
         return cached_splits("listops", params, build, self.cache_dir)
 
     def title(self) -> str:
         return f"listops (source={self.source}, seq_len={self.seq_len}, vocab={len(VOCAB)})"
+
+    def describe(self) -> str:
+        """The shared summary, plus the size of the generated TSVs kept in the cache."""
+        text = super().describe()
+        if self.source == "generate":
+            tsv = sum(p.stat().st_size for p in self.tsv_dir().glob("basic_*.tsv"))
+            text += f"\n  generated TSVs: {format_bytes(tsv)} in {self.tsv_dir()}"
+        return text

@@ -17,7 +17,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from tasks.base import ArrayDataset, TaskSpec, check_split
+from tasks.base import ArrayDataset, TaskSpec, check_split, describe_storage
 
 log = logging.getLogger(__name__)
 
@@ -107,11 +107,14 @@ def fingerprint(paths: Sequence[str | Path]) -> str:
     return h.hexdigest()[:16]
 
 
-def pad_rows(rows: Sequence[Sequence[int] | np.ndarray], seq_len: int, *, pad_id: int) -> torch.Tensor:
-    """Right-pad (or cut) each row to ``seq_len``; returns an int16 tensor (N, seq_len)."""
-    out = np.full((len(rows), seq_len), pad_id, dtype=np.int16)
+def pad_rows(rows: Sequence[Sequence[int] | np.ndarray], seq_len: int, *, pad_id: int,
+             dtype: torch.dtype = torch.int16) -> torch.Tensor:
+    """Right-pad (or cut) each row to ``seq_len``; returns a ``dtype`` tensor (N, seq_len)
+    (int16 holds the byte tasks' ids 0-256; ListOps passes uint8, see base.smallest_token_dtype)."""
+    np_dtype = torch.empty((), dtype=dtype).numpy().dtype
+    out = np.full((len(rows), seq_len), pad_id, dtype=np_dtype)
     for i, row in enumerate(rows):
-        row = np.asarray(row[:seq_len], dtype=np.int16)
+        row = np.asarray(row[:seq_len], dtype=np_dtype)
         out[i, : len(row)] = row
     return torch.from_numpy(out)
 
@@ -149,6 +152,7 @@ def describe_splits(title: str, splits: dict[str, dict[str, torch.Tensor]], *, p
                 f"        {key}: length min {q[0]:.0f} / median {q[1]:.0f} / max {q[2]:.0f}, "
                 f"mean {lengths.mean():.1f}; {full:.1%} fill seq_len={seq_len}"
             )
+    lines.append(describe_storage(splits))
     return "\n".join(lines)
 
 

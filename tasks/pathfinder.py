@@ -39,7 +39,9 @@ import numpy as np
 import torch
 from PIL import Image as PILImage
 
-from tasks.base import TaskSpec, atomic_write_dir, cache_key, cached_splits, default_cache_dir
+from tasks.base import (
+    TaskSpec, atomic_write_dir, cache_key, cached_splits, default_cache_dir, describe_storage, progress,
+)
 from tasks.lra_io import FileTask, fingerprint, format_error, missing_data, resolve_source, shorten
 from tasks.pathfinder_draw import PathStyle, balanced_labels, draw_pathfinder
 
@@ -119,15 +121,16 @@ def read_level(level_dir: Path, resolution: int) -> tuple[np.ndarray, np.ndarray
     """Every image of a level, in metadata order: (pixels (N, R*R) uint8, labels (N,), skipped)."""
     pixels, labels = [], []
     skipped = {"empty_files": 0, "all_black": 0}
-    for meta in metadata_files(level_dir):
-        for line, folder, name, label in read_metadata(meta):
-            png = level_dir / folder / name
-            image = read_image(png, resolution, meta, line)
-            if image is None:
-                skipped["empty_files" if png.stat().st_size == 0 else "all_black"] += 1
-                continue
-            pixels.append(image)
-            labels.append(label)
+    entries = [(meta, row) for meta in metadata_files(level_dir) for row in read_metadata(meta)]
+    for meta, (line, folder, name, label) in progress(entries, desc=f"{level_dir.name}: reading",
+                                                      unit="image"):
+        png = level_dir / folder / name
+        image = read_image(png, resolution, meta, line)
+        if image is None:
+            skipped["empty_files" if png.stat().st_size == 0 else "all_black"] += 1
+            continue
+        pixels.append(image)
+        labels.append(label)
     if not pixels:
         raise format_error(level_dir / "metadata", None, "metadata lines naming non-empty images", "none")
     return np.stack(pixels), np.asarray(labels, dtype=np.int64), skipped
@@ -147,9 +150,12 @@ def write_generated(root: Path, style: PathStyle, level: str, sizes: dict[str, i
         (level_dir / "metadata").mkdir(parents=True)
         lines: dict[int, list[str]] = {}
         index = 0
+        bar = progress(total=sum(sizes.values()), desc=f"pathfinder{style.resolution}: drawing",
+                       unit="image")
         for split_id, split in enumerate(SPLITS):
             rng = np.random.default_rng([seed, split_id])
             for label in balanced_labels(rng, sizes[split]):
+                bar.update()
                 drawing = draw_pathfinder(rng, style, int(label))
                 batch, i = divmod(index, GENERATED_BATCH)
                 folder = level_dir / "imgs" / str(batch)
@@ -163,6 +169,7 @@ def write_generated(root: Path, style: PathStyle, level: str, sizes: dict[str, i
                     f"{style.paddle_width:g} {style.paddle_gap:g} 2"
                 )
                 index += 1
+        bar.close()
         for batch, batch_lines in lines.items():
             (level_dir / "metadata" / f"{batch}.npy").write_text("\n".join(batch_lines) + "\n")
 
@@ -244,8 +251,9 @@ class Pathfinder(FileTask):
         start = 0
         for split, size in zip(SPLITS, sizes):
             part = slice(start, start + size)
-            out[split] = {"tokens": torch.from_numpy(pixels[part].astype(np.int16)),
-                          "label": torch.from_numpy(labels[part].astype(np.int16))}
+            # grey levels 0-255 and labels 0/1 fit uint8 (the pad id 256 is never stored)
+            out[split] = {"tokens": torch.from_numpy(pixels[part].astype(np.uint8)),
+                          "label": torch.from_numpy(labels[part].astype(np.uint8))}
             start += size
         out["skipped"] = {k: torch.tensor([v]) for k, v in skipped.items()}
         return out
@@ -255,7 +263,8 @@ class Pathfinder(FileTask):
         level_dir = self.level_dir()
         files = metadata_files(level_dir) + sorted(p for p in (level_dir / "imgs").glob("*") if p.is_dir())
         params = dict(files=fingerprint(files), resolution=self.resolution, level=self.level,
-                      sizes=self.sizes if self.source == "generate" else "80/10/10", version=1)
+                      sizes=self.sizes if self.source == "generate" else "80/10/10",
+                      version=2)  # version 2: uint8 (version 1: int16)
         loaded = dict(cached_splits(self.name, params, lambda: self._build(level_dir), self.cache_dir))
         self.skipped = {k: int(v) for k, v in loaded.pop("skipped").items()}
         return loaded
@@ -279,4 +288,5 @@ class Pathfinder(FileTask):
                          f", non-black {ink.mean():.1%} ({per_label})")
         lines.append(f"  skipped: {self.skipped.get('empty_files', 0)} empty files, "
                      f"{self.skipped.get('all_black', 0)} all-black images")
+        lines.append(describe_storage(splits))
         return "\n".join(lines)

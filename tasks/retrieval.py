@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from tasks.base import TaskSpec, cached_splits, default_cache_dir
+from tasks.base import TaskSpec, cached_splits, default_cache_dir, progress
 from tasks.lra_io import FileTask, encode_bytes, fingerprint, format_error, missing_data, pad_rows, shorten
 
 PAD_ID = 0
@@ -47,8 +47,11 @@ def parse_label(text: bytes) -> int | None:
 def read_aan_tsv(path: Path, seq_len: int) -> dict[str, torch.Tensor]:
     """Read one AAN pairs file into ``tokens``, ``tokens2`` (N, seq_len) and ``label`` (N,)."""
     rows1, rows2, labels = [], [], []
-    with open(path, "rb") as f:
+    bar = progress(total=path.stat().st_size, desc=f"retrieval: reading {path.name}", unit="B",
+                   unit_scale=True)
+    with open(path, "rb") as f, bar:
         for line_no, line in enumerate(f, start=1):
+            bar.update(len(line))
             fields = line.rstrip(b"\r\n").split(b"\t")
             if len(fields) != 5:
                 raise format_error(path, line_no, "5 tab-separated fields (label, id1, id2, text1, text2)",

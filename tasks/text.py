@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from tasks.base import TaskSpec, cached_splits, default_cache_dir
+from tasks.base import TaskSpec, cached_splits, default_cache_dir, progress
 from tasks.lra_io import FileTask, encode_bytes, fingerprint, format_error, missing_data, pad_rows
 
 PAD_ID = 0
@@ -67,7 +67,7 @@ def list_reviews(root: Path, part: str) -> list[tuple[Path, int]]:
 def read_reviews(files: list[tuple[Path, int]], seq_len: int) -> dict[str, torch.Tensor]:
     """Bytes of each review, stripped as TFDS does, as ``tokens`` (N, seq_len) and ``label``."""
     rows = []
-    for path, _ in files:
+    for path, _ in progress(files, desc="text: reading reviews", unit="review"):
         text = path.read_bytes().strip()
         if not text:
             raise format_error(path, 1, "the text of a review", "an empty file")

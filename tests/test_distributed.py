@@ -35,8 +35,10 @@ def torchrun(*args: str) -> list[str]:
             "harness.train", *args]
 
 
-def losses(run_dir: Path) -> list[tuple[int, float]]:
-    return [(line["step"], line["loss"]) for line in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]
+def losses(run_dir: Path, split: str = "val") -> list[tuple[int, float]]:
+    """(step, loss) of the ``split`` lines of metrics.jsonl (train lines every trainer.log_every)."""
+    lines = map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+    return [(line["step"], line["loss"]) for line in lines if line["split"] == split]
 
 
 def record_of(run_dir: Path) -> dict:
@@ -46,9 +48,10 @@ def record_of(run_dir: Path) -> dict:
 
 
 def assert_same_run(a: Path, b: Path) -> None:
-    la, lb = losses(a), losses(b)
-    assert [s for s, _ in la] == [s for s, _ in lb]
-    assert max(abs(x - y) for (_, x), (_, y) in zip(la, lb)) < TOLERANCE
+    for split in ("train", "val"):
+        la, lb = losses(a, split), losses(b, split)
+        assert la and [s for s, _ in la] == [s for s, _ in lb]
+        assert max(abs(x - y) for (_, x), (_, y) in zip(la, lb)) < TOLERANCE
     ma, mb = record_of(a)["metrics"], record_of(b)["metrics"]
     assert abs(ma["final_train_loss"] - mb["final_train_loss"]) < TOLERANCE
     assert abs(ma["test_loss"] - mb["test_loss"]) < TOLERANCE

@@ -108,6 +108,11 @@ def test_generate_source_writes_tsv_and_caches(tmp_path):
     ids = [lo.TOKEN_ID[t] for t in lo.tokenize(source)]
     assert train[0]["tokens"][: len(ids)].tolist() == ids[:64] and int(train[0]["label"]) == int(target)
     assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith(".")]  # no temp left
+    # 16 ids and 10 labels are stored in one byte each, and describe() says so with the sizes
+    assert train.arrays["tokens"].dtype == train.arrays["label"].dtype == torch.uint8
+    text = task.describe()
+    assert "stored as tokens uint8, label uint8; 5.2 KB in memory" in text  # 80 x 64 + 80 bytes
+    assert "generated TSVs:" in text
     again = listops_task(tmp_path, source="generate", seq_len=64).dataset("train")
     assert torch.equal(again.arrays["tokens"], train.arrays["tokens"])
     other = listops_task(tmp_path, source="generate", seq_len=64, seed=1).dataset("train")
@@ -259,7 +264,7 @@ def test_image_reads_cifar_batches(tmp_path):
     assert train.arrays["label"].tolist() + val.arrays["label"].tolist() == all_labels  # file order
     assert test.arrays["label"].tolist() == made["test_batch"][1]
     assert test.arrays["tokens"].shape == (4, 1024) and test.arrays["tokens"][:, 0].tolist() == [76, 149, 29, 255]
-    expected = torch.from_numpy(to_grey(made["test_batch"][0]).astype(np.int16))
+    expected = torch.from_numpy(to_grey(made["test_batch"][0]))
     assert torch.equal(test.arrays["tokens"], expected)  # raster order, no padding
     assert task.spec.pad_id == 256 and int(train.arrays["tokens"].max()) <= 255
     assert "test        4 examples" in task.describe()

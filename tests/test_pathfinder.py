@@ -75,8 +75,8 @@ def test_loader_reads_official_layout(tmp_path):
     assert (len(train), len(val), len(test)) == (16, 2, 2)  # 80/10/10 of 20 kept images, in order
     tokens = torch.cat([d.arrays["tokens"] for d in (train, val, test)])
     labels = torch.cat([d.arrays["label"] for d in (train, val, test)])
-    assert tokens.shape == (20, 1024) and tokens.dtype == torch.int16
-    assert torch.equal(tokens, torch.from_numpy(np.stack([p.reshape(-1) for _, p in expected]).astype(np.int16)))
+    assert tokens.shape == (20, 1024) and tokens.dtype == torch.uint8
+    assert torch.equal(tokens, torch.from_numpy(np.stack([p.reshape(-1) for _, p in expected])))
     assert labels.tolist() == [y for y, _ in expected]
     assert t.spec.vocab_size == 257 and t.spec.pad_id == 256 and t.spec.n_outputs == 2
     text = t.describe()

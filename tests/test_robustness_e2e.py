@@ -51,8 +51,10 @@ def test_two_processes_on_one_run_folder_one_trains_the_other_leaves_it_alone(tm
     assert first.returncode == 0
     assert second.returncode != 0
     assert f"{run_dir} is in use by pid {first.pid}" in second.stderr
-    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [100, 200, 300], "one writer's lines, once each"
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines if line["split"] == "val"] == [100, 200, 300], "one writer's, once each"
+    train_steps = [line["step"] for line in lines if line["split"] == "train"]
+    assert train_steps == sorted(set(train_steps)), "no train line twice"
     assert record_of(run_dir)["status"] == "ok"
 
 

@@ -50,7 +50,8 @@ def test_a_failing_job_is_recorded_and_the_sweep_goes_on_then_reruns_skip(tmp_pa
     assert proc.returncode == 0, proc.stderr
     found = statuses(tmp_path / "results/sweeps/s")
     assert sorted(found.values()) == ["error", "ok", "ok", "ok"]
-    assert "job 1/4 (" in proc.stdout and "job 4/4 (" in proc.stdout, "one progress line per job"
+    # not a terminal: the bar gives way to one line per finished job, counted over the sweep
+    assert "sweep: 1/4 jobs done" in proc.stdout and "sweep: 4/4 jobs done" in proc.stdout
     assert "sweep summary: 4 records: 1 error, 3 ok" in proc.stdout
     assert "task.n_pairs=99 needs 99 distinct keys" in proc.stderr, "the failed job's message"
     again = sweep(tmp_path, "task.n_pairs=1,2,3,99", "sweep.name=s")
@@ -110,3 +111,32 @@ def test_optuna_sweeper_searches_the_learning_rate(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Best parameters" in proc.stdout + proc.stderr
     assert len(statuses(tmp_path / "results/sweeps/lr_search")) == 2
+
+
+def test_sweep_progress_counts_the_jobs_of_the_sweep_across_processes(tmp_path, caplog):
+    """Under joblib, jobs end in worker processes, each with its own callback object: the count
+    comes from the sweep folder, so each says how many of the whole sweep are done."""
+    import logging
+
+    from omegaconf import OmegaConf
+
+    from harness.sweep import PROGRESS_DIR, SweepProgress
+
+    def config(num: int):
+        return OmegaConf.create({"hydra": {
+            "mode": "RunMode.MULTIRUN", "sweep": {"dir": str(tmp_path)}, "job": {"num": num},
+            "overrides": {"task": [f"seed={num}"]}, "sweeper": {"params": None}}})
+
+    parent = SweepProgress()
+    start = OmegaConf.create({"hydra": {"mode": "RunMode.MULTIRUN", "sweep": {"dir": str(tmp_path)},
+                                        "overrides": {"task": ["seed=0,1,2"]}, "sweeper": {}}})
+    parent.on_multirun_start(start)
+    workers = [SweepProgress(), SweepProgress()]  # two processes: nothing shared in memory
+    with caplog.at_level(logging.INFO, logger="harness.sweep"):
+        workers[0].on_job_end(config(1), None)
+        workers[1].on_job_end(config(0), None)
+        workers[0].on_job_end(config(2), None)
+    assert [b.bar.n for b in workers] == [3, 2] and workers[0].bar.total == 3
+    assert "sweep: 3/3 jobs done" in caplog.text
+    parent.on_multirun_end(start)
+    assert not (tmp_path / PROGRESS_DIR).exists()
