@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from harness.measure import PeakMemory, StepTimer, autocast
-from harness.objectives import evaluate, loss_and_counts, tokens_in
+from harness.objectives import auxiliary_loss, evaluate, loss_and_counts, tokens_in
 from harness.records import CHECKPOINT_FILE, METRICS_FILE, atomic_torch_save
 
 
@@ -233,10 +233,13 @@ class Trainer:
         with self.autocast():
             logits = self.model(batch)
         loss, _, _ = loss_and_counts(logits, batch, self.spec)
+        aux = auxiliary_loss(self.model)
         if not torch.isfinite(loss):
             raise Diverged(f"training loss became {loss.item()} at step {self.state.step}")
+        if aux is not None and not torch.isfinite(aux):
+            raise Diverged(f"the model's auxiliary loss (aux_loss) became {aux.item()} at step {self.state.step}")
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss if aux is None else loss + aux).backward()
         if self.cfg.grad_clip:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.optimizer.step()
