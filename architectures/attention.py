@@ -96,6 +96,16 @@ class MultiHeadAttention(nn.Module):
         ``kpos`` (..., 1 or Lq, S), or None without ALiBi / T5."""
         return None if self.score_bias is None else self.score_bias(kpos - qpos)
 
+    def self_attention_bias(self, L: int, device) -> torch.Tensor | None:
+        """The (H, L, L) score bias of L tokens attending to each other, or None: a Toeplitz
+        matrix (entry (i, j) depends on j - i only), built from the bias of the 2L - 1 distances
+        so that the bias and its backward cost O(L) evaluations, not O(L^2) (T5's buckets)."""
+        if self.score_bias is None:
+            return None
+        values = self.score_bias(torch.arange(1 - L, L, device=device)[None])[:, 0]  # (H, 2L - 1): distance -(L-1) ..
+        # row i is values[L - 1 - i : 2L - 1 - i]: a sliding window of the flipped vector, flipped back
+        return values.flip(-1).unfold(-1, L, 1).flip(-1)  # (H, L, L), [h, i, j] = values[h, j - i + L - 1]
+
     def merge(self, y: torch.Tensor) -> torch.Tensor:
         B, H, L, hd = y.shape
         return self.out(y.transpose(1, 2).reshape(B, L, H * hd))  # (B, L, D)
@@ -104,8 +114,7 @@ class MultiHeadAttention(nn.Module):
         q, k, v = self.project(x)
         L = x.shape[1]
         dropout = self.dropout if self.training else 0.0
-        pos = torch.arange(L, device=x.device)
-        bias = self.relative_bias(pos[:, None], pos[None, :])  # (H, L, L) or None
+        bias = self.self_attention_bias(L, x.device)  # (H, L, L) or None
         if mask is None and bias is None:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=self.causal)
         else:

@@ -241,3 +241,28 @@ def test_transformer_extrapolates_without_a_table(positional):
     tokens = torch.randint(1, 20, (1, 3 * SPECS["lm"].seq_len))
     with torch.no_grad():
         assert torch.isfinite(model({"tokens": tokens})).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention fast path needs CUDA")
+@pytest.mark.parametrize("positional", ["alibi", "t5"])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("name", ["local", "longformer", "bigbird"])
+def test_flex_attention_with_a_bias_matches_portable_path(name, causal, positional):
+    """On CUDA the bias is a FlexAttention score_mod; it must equal the blocked path's bias."""
+    torch.manual_seed(0)
+    L, d = 200, 16 * H  # FlexAttention: head size >= 16
+    common = dict(causal=causal, n_heads=H, positional=positional)
+    mixer = {"local": lambda: LocalAttention(d, window=40, **common),
+             "longformer": lambda: LongformerAttention(d, window=40, n_global=3, **common),
+             "bigbird": lambda: BigBirdAttention(d, block_size=32, n_window_blocks=3, n_global_blocks=1,
+                                                 n_random_blocks=1, seed=0, **common)}[name]().cuda()
+    if positional == "t5":
+        with torch.no_grad():
+            mixer.score_bias.table.normal_()
+    x = torch.randn(B, L, d, device="cuda")
+    mask = (torch.arange(L, device="cuda") < torch.tensor([[L], [150]], device="cuda"))
+    fast = mixer(x, mask)
+    q, k, v = mixer.project(x)
+    portable = mixer.merge(mixer.attend(q, k, v, mask, 0.0))
+    real = mask[..., None]
+    torch.testing.assert_close(fast * real, portable * real, atol=2e-4, rtol=2e-4)
