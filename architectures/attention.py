@@ -3,6 +3,11 @@
 The fast path is ``torch.nn.functional.scaled_dot_product_attention``, which picks flash,
 memory-efficient, cuDNN or math kernels by itself. :func:`dense_attention` is the plain
 exact version: every efficient attention in this package is tested against it.
+
+Positions inside attention (``model.positional``, see :func:`architectures.layers.attention_positions`):
+``rope`` and ``xpos`` rotate queries and keys in :meth:`MultiHeadAttention.project`; ``alibi``
+and ``t5`` add a bias that depends on the key-minus-query distance to the scores. Every mixer
+built on :class:`MultiHeadAttention` (the sparse ones too) takes all four.
 """
 
 from __future__ import annotations
@@ -13,11 +18,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from architectures.layers import RotaryEmbedding
+from architectures.layers import attention_positions
 
 
 def dense_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None = None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Exact softmax attention with an explicit boolean mask; the reference implementation.
 
@@ -25,8 +31,11 @@ def dense_attention(
         q, k, v: (B, H, L, hd) / (B, H, S, hd).
         allowed: broadcastable to (B, H, L, S); True where query i may attend key j.
             A query with no allowed key outputs zeros (never NaN).
+        bias: broadcastable to (B, H, L, S); added to the scaled scores (ALiBi, T5).
     """
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, H, L, S)
+    if bias is not None:
+        scores = scores + bias
     if allowed is not None:
         scores = scores.masked_fill(~allowed, float("-inf"))
     weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)
@@ -53,12 +62,13 @@ class MultiHeadAttention(nn.Module):
         layer_idx: position of this layer in the stack (unused; part of the mixer contract).
         n_heads: number of heads; ``d_model`` must divide evenly.
         dropout: attention-weight dropout in training.
-        rope: rotate queries and keys by their positions (set by ``model.positional=rope``).
+        positional: ``none`` or a position inside attention, ``rope``, ``xpos``, ``alibi`` or
+            ``t5`` (set by ``model.positional``; the backbone passes only these).
     """
 
     def __init__(
         self, d_model: int, *, causal: bool, layer_idx: int = 0, n_heads: int, dropout: float = 0.0,
-        rope: bool = False,
+        positional: str = "none",
     ):
         super().__init__()
         if d_model % n_heads:
@@ -69,15 +79,32 @@ class MultiHeadAttention(nn.Module):
         self.dropout = dropout
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.out = nn.Linear(d_model, d_model)
-        self.rotary = RotaryEmbedding(d_model // n_heads) if rope else None
+        # rotary: a rotation of q and k (rope, xpos); score_bias: distance -> (H, Lq, S) bias (alibi, t5)
+        self.rotary, self.score_bias = attention_positions(
+            positional, head_dim=d_model // n_heads, n_heads=n_heads, causal=causal)
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Split x (B, L, D) into rotated q, k and v of shape (B, H, L, hd)."""
         B, L, D = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
         if self.rotary is not None:
-            q, k = self.rotary(q), self.rotary(k)
+            q, k = self.rotary(q, k)
         return q, k, v
+
+    def relative_bias(self, qpos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor | None:
+        """The score bias (..., H, Lq, S) of queries at ``qpos`` (..., Lq, 1) on keys at
+        ``kpos`` (..., 1 or Lq, S), or None without ALiBi / T5."""
+        return None if self.score_bias is None else self.score_bias(kpos - qpos)
+
+    def self_attention_bias(self, L: int, device) -> torch.Tensor | None:
+        """The (H, L, L) score bias of L tokens attending to each other, or None: a Toeplitz
+        matrix (entry (i, j) depends on j - i only), built from the bias of the 2L - 1 distances
+        so that the bias and its backward cost O(L) evaluations, not O(L^2) (T5's buckets)."""
+        if self.score_bias is None:
+            return None
+        values = self.score_bias(torch.arange(1 - L, L, device=device)[None])[:, 0]  # (H, 2L - 1): distance -(L-1) ..
+        # row i is values[L - 1 - i : 2L - 1 - i]: a sliding window of the flipped vector, flipped back
+        return values.flip(-1).unfold(-1, L, 1).flip(-1)  # (H, L, L), [h, i, j] = values[h, j - i + L - 1]
 
     def merge(self, y: torch.Tensor) -> torch.Tensor:
         B, H, L, hd = y.shape
@@ -87,13 +114,19 @@ class MultiHeadAttention(nn.Module):
         q, k, v = self.project(x)
         L = x.shape[1]
         dropout = self.dropout if self.training else 0.0
-        if mask is None:
+        bias = self.self_attention_bias(L, x.device)  # (H, L, L) or None
+        if mask is None and bias is None:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=self.causal)
         else:
             # padding is on the right, so with a causal mask every real query keeps >= 1 key;
             # a pad query attending nothing gets zeros from dense_attention's nan_to_num, and
             # here we let pads see themselves to keep SDPA free of all-masked rows.
             allowed = padding_and_causal_mask(mask, L, self.causal, x.device)
-            allowed = allowed | torch.eye(L, dtype=torch.bool, device=x.device)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout)
+            if mask is not None:
+                allowed = allowed | torch.eye(L, dtype=torch.bool, device=x.device)
+            attn_mask = allowed
+            if bias is not None:  # an additive mask: the bias where allowed, -inf elsewhere
+                bias = bias.to(q.dtype)[None]  # (1, H, L, L)
+                attn_mask = bias if allowed is None else bias.masked_fill(~allowed, float("-inf"))
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
         return self.merge(y)

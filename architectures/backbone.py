@@ -20,12 +20,14 @@ seq2seq    (B, Lt, n_outputs)
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable
 
 import torch
 import torch.nn as nn
 
 from architectures.layers import (
+    SCORE_POSITIONALS,
     ClassifierHead,
     FeedForward,
     PairHead,
@@ -38,7 +40,10 @@ from architectures.layers import (
 from architectures.reversible import reversible_stack
 from tasks.base import TaskSpec
 
-POSITIONALS = ("none", "sinusoidal", "learned", "rope")
+# none / sinusoidal / learned act on the embedding; the SCORE_POSITIONALS (rope, alibi, t5, xpos)
+# act inside attention and are handed to the mixer as ``positional=<name>``
+POSITIONALS = ("none", "sinusoidal", "learned", *SCORE_POSITIONALS)
+EMBEDDING_POSITIONALS = ("none", "sinusoidal", "learned")
 
 
 class Block(nn.Module):
@@ -87,7 +92,9 @@ class SequenceModel(nn.Module):
         d_ff: feed-forward width; 0 removes the feed-forward (e.g. for Mamba blocks).
         dropout: dropout on residual branches and embeddings.
         norm: ``layernorm`` or ``rmsnorm``.
-        positional: ``none``, ``sinusoidal``, ``learned`` or ``rope`` (passed to the mixer).
+        positional: ``none``, ``sinusoidal`` or ``learned`` on the embedding; ``rope``, ``alibi``,
+            ``t5`` or ``xpos`` inside attention (passed to the mixer, which must take a
+            ``positional`` argument: softmax attention does, kernelised and recurrent mixers not).
         pooling: ``mean``, ``cls`` or ``last`` for ``classify`` and ``pair``.
         tie_embeddings: share the input embedding with the ``lm`` output layer when sizes match.
         reversible: reversible residual blocks (:mod:`architectures.reversible`) that recompute
@@ -126,7 +133,10 @@ class SequenceModel(nn.Module):
         if positional == "learned":
             self.pos_embed = nn.Embedding(self.max_len, d_model)
         self.dropout = nn.Dropout(dropout)
-        extra = {"rope": True} if positional == "rope" else {}
+        extra = {}
+        if positional in SCORE_POSITIONALS:
+            check_takes_positional(mixer, positional)
+            extra = {"positional": positional}
         extra.update(input_length_kwargs(mixer, self.max_len))
         self.blocks = nn.ModuleList(
             Block(d_model, build_mixer(mixer, d_model, causal=spec.causal, layer_idx=i, **extra),
@@ -197,6 +207,23 @@ def input_length_kwargs(mixer: Callable[..., nn.Module], max_len: int) -> dict:
     packs source and target; lm tasks may be evaluated longer)."""
     keywords = getattr(mixer, "keywords", {})
     return {"max_len": max_len} if "max_len" in keywords and keywords["max_len"] is None else {}
+
+
+def check_takes_positional(mixer: Callable[..., nn.Module], positional: str) -> None:
+    """Refuse, before building anything, a score-level position for a mixer without scores."""
+    try:
+        params = inspect.signature(mixer).parameters
+    except (TypeError, ValueError):  # a callable without a signature: let the mixer decide
+        return
+    if "positional" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    name = getattr(getattr(mixer, "func", mixer), "__name__", repr(mixer))
+    raise ValueError(
+        f"model.positional={positional} acts on attention scores, and the mixer {name} has none "
+        f"(kernelised, projected or recurrent); use model.positional=one of {EMBEDDING_POSITIONALS} "
+        f"for this model, or one of {SCORE_POSITIONALS} with a softmax-attention model (transformer, "
+        "local, longformer, bigbird, sparse_transformer)"
+    )
 
 
 def build_mixer(mixer: Callable[..., nn.Module], d_model: int, **kwargs) -> nn.Module:

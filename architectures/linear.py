@@ -206,22 +206,13 @@ class LinearAttention(nn.Module):
         layer_idx: position in the stack (unused; part of the mixer contract).
         n_heads: number of heads; ``d_model`` must divide evenly.
         chunk_size: chunk length of the causal form (speed only; results are identical).
-        rope: not supported (rotations break the positivity of features); raises if set.
     """
 
-    def __init__(
-        self, d_model: int, *, causal: bool, layer_idx: int = 0, n_heads: int, chunk_size: int = 64,
-        rope: bool = False,
-    ):
+    def __init__(self, d_model: int, *, causal: bool, layer_idx: int = 0, n_heads: int, chunk_size: int = 64):
         super().__init__()
         if d_model % n_heads:
             raise ValueError(f"model.d_model={d_model} is not divisible by the head count {n_heads} "
                              "(size.n_heads for every model, model.mixer.n_heads for this one)")
-        if rope:
-            raise ValueError(
-                f"{type(self).__name__} does not support model.positional=rope; "
-                "use sinusoidal or learned positions"
-            )
         if chunk_size < 1:
             raise ValueError(f"model.mixer.chunk_size must be >= 1, got {chunk_size}")
         self.causal = causal
@@ -276,10 +267,9 @@ class PerformerAttention(LinearAttention):
 
     def __init__(
         self, d_model: int, *, causal: bool, layer_idx: int = 0, n_heads: int, n_features: int = 256,
-        redraw_every: int = 0, chunk_size: int = 64, rope: bool = False,
+        redraw_every: int = 0, chunk_size: int = 64,
     ):
-        super().__init__(d_model, causal=causal, layer_idx=layer_idx, n_heads=n_heads,
-                         chunk_size=chunk_size, rope=rope)
+        super().__init__(d_model, causal=causal, layer_idx=layer_idx, n_heads=n_heads, chunk_size=chunk_size)
         if n_features < 1 or redraw_every < 0:
             raise ValueError(
                 f"model.mixer.n_features must be >= 1 and redraw_every >= 0, got {n_features}, {redraw_every}"
@@ -329,12 +319,11 @@ class LinformerAttention(nn.Module):
             inputs behave as if zero-padded to it.
         k: projected length (the paper's default 256).
         dropout: attention-weight dropout in training.
-        rope: not supported (projected keys have no position); raises if set.
     """
 
     def __init__(
         self, d_model: int, *, causal: bool, layer_idx: int = 0, n_heads: int, seq_len: int, k: int = 256,
-        dropout: float = 0.0, rope: bool = False,
+        dropout: float = 0.0,
     ):
         super().__init__()
         if causal:
@@ -346,8 +335,6 @@ class LinformerAttention(nn.Module):
         if d_model % n_heads:
             raise ValueError(f"model.d_model={d_model} is not divisible by the head count {n_heads} "
                              "(size.n_heads for every model, model.mixer.n_heads for this one)")
-        if rope:
-            raise ValueError("linformer does not support model.positional=rope; use sinusoidal or learned")
         self.n_heads = n_heads
         self.seq_len = seq_len
         self.dropout = dropout

@@ -16,7 +16,9 @@ only some keys:
   mode a query block sees only blocks at or before it, and its random blocks come from the past.
 
 The portable path chunks queries into blocks, gathers only the key blocks each needs and runs
-SDPA on the blocks: O(L * window) time and memory, never an L x L mask. ``sliding_window_mask``, ``longformer_mask``
+SDPA on the blocks: O(L * window) time and memory, never an L x L mask. A score bias that
+depends on the key-minus-query distance (``model.positional=alibi|t5``) is computed for the
+gathered pairs only (``score_bias``), and on CUDA as a FlexAttention ``score_mod``. ``sliding_window_mask``, ``longformer_mask``
 and ``bigbird_mask`` build the equivalent dense masks for the exact reference,
 :func:`architectures.attention.dense_attention`. On CUDA the same patterns run as a compiled
 FlexAttention block mask (it has no CPU backward, so CPU never reaches it).
@@ -97,12 +99,16 @@ def bigbird_random_blocks(
 # ------------------------------------------------------------------------------ blocked kernels
 
 
-def attend(q, k, v, allowed: torch.Tensor, dropout: float = 0.0) -> torch.Tensor:
+def attend(q, k, v, allowed: torch.Tensor, dropout: float = 0.0, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax attention where ``allowed`` (broadcastable to (..., Lq, S)) is True, through SDPA,
     whose fused kernels keep no (Lq, S) weights for the backward pass. They would give NaN to a
-    query with no allowed key, so such a query sees every key and its output is zeroed."""
+    query with no allowed key, so such a query sees every key and its output is zeroed.
+    ``bias`` (broadcastable to (..., H, Lq, S)) is added to the scores where allowed."""
     has_key = allowed.any(-1, keepdim=True)
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed | ~has_key, dropout_p=dropout)
+    attn_mask = allowed | ~has_key
+    if bias is not None:
+        attn_mask = bias.to(q.dtype).masked_fill(~attn_mask, float("-inf"))
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
     return y * has_key
 
 
@@ -126,7 +132,8 @@ def gather_blocks(x: torch.Tensor, key_blocks: torch.Tensor, block_size: int) ->
     return picked.transpose(2, 3).reshape(B * nq, H, m * block_size, d)
 
 
-def attend_gathered(q, k, v, key_real, key_blocks, qpos, block_size, rule, dropout, extra=None) -> torch.Tensor:
+def attend_gathered(q, k, v, key_real, key_blocks, qpos, block_size, rule, dropout, extra=None,
+                    score_bias=None) -> torch.Tensor:
     """Attention of query blocks to the key blocks each one gathers.
 
     Args:
@@ -135,7 +142,10 @@ def attend_gathered(q, k, v, key_real, key_blocks, qpos, block_size, rule, dropo
         qpos: (nq, b, 1) the queries' token positions.
         rule: ``rule(qpos, kpos)``, which token pairs inside the gathered blocks are allowed.
         extra: optional ``(k_extra, v_extra, allowed_extra)``, (B, H, G, hd) twice and
-            (B, nq, b, G): keys every query block sees (Longformer's global tokens).
+            (B, nq, b, G): keys every query block sees (Longformer's global tokens), which sit
+            at positions 0 .. G - 1 unless ``extra_pos`` (G,) is given as a fourth element.
+        score_bias: optional ``score_bias(distance)``, key-minus-query distances (..., b, S) to
+            a bias (..., H, b, S) added to the scores (ALiBi, T5).
 
     Returns:
         (B, H, nq * b, hd)
@@ -147,25 +157,32 @@ def attend_gathered(q, k, v, key_real, key_blocks, qpos, block_size, rule, dropo
     real = key_real.view(B, -1, block_size)[batch, key_blocks.clamp(min=0)]  # (B, nq, m, bk)
     kpos = kpos.masked_fill((key_blocks[..., None] < 0) | ~real, -1).flatten(2)[:, :, None, :]  # (B, nq, 1, S)
     allowed = (kpos >= 0) & rule(qpos, kpos)  # (B, nq, b or 1, S); -1 marks a missing or pad key
+    bias = None if score_bias is None else score_bias(kpos - qpos)  # (B, nq, H, b, S)
     k_sel, v_sel = gather_blocks(k, key_blocks, block_size), gather_blocks(v, key_blocks, block_size)
     if extra is not None:
-        k_extra, v_extra, allowed_extra = extra
+        k_extra, v_extra, allowed_extra = extra[:3]
         G = k_extra.shape[2]
         k_sel = torch.cat([k_sel, k_extra[:, None].expand(-1, nq, -1, -1, -1).reshape(B * nq, H, G, hd)], 2)
         v_sel = torch.cat([v_sel, v_extra[:, None].expand(-1, nq, -1, -1, -1).reshape(B * nq, H, G, hd)], 2)
         allowed = torch.cat([allowed.expand(B, nq, b, -1), allowed_extra.expand(B, nq, b, G)], -1)
+        if bias is not None:
+            gpos = extra[3] if len(extra) > 3 else torch.arange(G, device=q.device)
+            g_bias = score_bias(gpos - qpos)  # (nq, H, b, G)
+            bias = torch.cat([bias, g_bias.expand(B, -1, -1, -1, -1)], -1)
     q_blocks = q.view(B, H, nq, b, hd).transpose(1, 2).reshape(B * nq, H, b, hd)
-    y = attend(q_blocks, k_sel, v_sel, allowed.flatten(0, 1)[:, None], dropout)  # (B * nq, H, b, hd)
+    bias = None if bias is None else bias.flatten(0, 1)  # (B * nq, H, b, S)
+    y = attend(q_blocks, k_sel, v_sel, allowed.flatten(0, 1)[:, None], dropout, bias)  # (B * nq, H, b, hd)
     return y.view(B, nq, H, b, hd).transpose(1, 2).reshape(B, H, nq * b, hd)
 
 
-def global_rows(q, k, v, key_real, causal: bool, dropout: float) -> torch.Tensor:
+def global_rows(q, k, v, key_real, causal: bool, dropout: float, score_bias=None) -> torch.Tensor:
     """The first G queries (B, H, G, hd) attend to every real key (every past one if causal)."""
     G, Lp = q.shape[2], k.shape[2]
     allowed = key_real[:, None, None, :]  # (B, 1, 1, Lp)
+    distance = torch.arange(Lp, device=q.device) - torch.arange(G, device=q.device)[:, None]  # (G, Lp)
     if causal:
-        allowed = allowed & (torch.arange(Lp, device=q.device) <= torch.arange(G, device=q.device)[:, None])
-    return attend(q, k, v, allowed, dropout)
+        allowed = allowed & (distance <= 0)
+    return attend(q, k, v, allowed, dropout, None if score_bias is None else score_bias(distance))
 
 
 def window_block_size(window: int, L: int) -> int:
@@ -176,13 +193,13 @@ def window_block_size(window: int, L: int) -> int:
 
 def sliding_window_attention(
     q, k, v, *, window: int, causal: bool, key_real: torch.Tensor | None = None, n_global: int = 0,
-    dropout: float = 0.0,
+    dropout: float = 0.0, score_bias=None,
 ) -> torch.Tensor:
     """Blocked sliding-window attention, plus Longformer's global tokens when ``n_global > 0``.
 
     q, k, v (B, H, L, hd) and key_real (B, L) (True at real tokens, or None) -> (B, H, L, hd).
     Equals ``dense_attention`` with ``longformer_mask(L, window, n_global, causal) & key_real``
-    in O(L * window) time and memory.
+    in O(L * window) time and memory; ``score_bias`` as in :func:`attend_gathered`.
     """
     B, _, L, _ = q.shape
     b = window_block_size(window, L)
@@ -201,17 +218,18 @@ def sliding_window_attention(
         g_allowed = key_real[:, None, None, :G] & ~in_window(qpos, gpos, window, causal)  # (B, nb, b, G)
         extra = (k[:, :, :G], v[:, :, :G], g_allowed & (gpos <= qpos) if causal else g_allowed)
     y = attend_gathered(q, k, v, key_real, blocks, qpos, b, lambda i, j: in_window(i, j, window, causal),
-                        dropout, extra)[:, :, :L]
+                        dropout, extra, score_bias)[:, :, :L]
     if G:
-        y = torch.cat([global_rows(q[:, :, :G], k, v, key_real, causal, dropout), y[:, :, G:]], 2)
+        y = torch.cat([global_rows(q[:, :, :G], k, v, key_real, causal, dropout, score_bias), y[:, :, G:]], 2)
     return y
 
 
 def bigbird_attention(
     q, k, v, *, block_size: int, n_window_blocks: int, n_global_blocks: int, random_blocks: torch.Tensor,
-    causal: bool, key_real: torch.Tensor | None = None, dropout: float = 0.0,
+    causal: bool, key_real: torch.Tensor | None = None, dropout: float = 0.0, score_bias=None,
 ) -> torch.Tensor:
-    """Blocked BigBird attention; equals ``dense_attention`` with :func:`bigbird_mask`.
+    """Blocked BigBird attention; equals ``dense_attention`` with :func:`bigbird_mask` (and the
+    ``score_bias`` of the distances, as in :func:`attend_gathered`).
 
     q, k, v (B, H, L, hd), key_real (B, L) or None and each example's random key blocks
     ``random_blocks`` (B, ceil(L / block_size), r), -1 = none -> (B, H, L, hd). Global query
@@ -238,8 +256,9 @@ def bigbird_attention(
     blocks = blocks.masked_fill(((blocks[..., :, None] == blocks[..., None, :]) & earlier).any(-1), -1)
     qpos = torch.arange(g * b, nb * b, device=q.device).view(nb - g, b, 1)
     y = attend_gathered(q[:, :, g * b:], k, v, key_real, blocks, qpos, b,
-                        (lambda i, j: j <= i) if causal else (lambda i, j: j >= 0), dropout)
-    y = torch.cat([global_rows(q[:, :, : g * b], k, v, key_real, causal, dropout), y], 2)
+                        (lambda i, j: j <= i) if causal else (lambda i, j: j >= 0), dropout,
+                        score_bias=score_bias)
+    y = torch.cat([global_rows(q[:, :, : g * b], k, v, key_real, causal, dropout, score_bias), y], 2)
     return y[:, :, :L]
 
 
@@ -253,14 +272,23 @@ def compiled_flex_attention():
     return torch.compile(flex_attention)
 
 
-def flex_sparse_attention(q, k, v, mask_mod) -> torch.Tensor:
-    """FlexAttention with a block mask from ``mask_mod(b, h, q_idx, kv_idx)``; CUDA only."""
+def flex_sparse_attention(q, k, v, mask_mod, score_bias=None) -> torch.Tensor:
+    """FlexAttention with a block mask from ``mask_mod(b, h, q_idx, kv_idx)``; CUDA only.
+    ``score_bias`` (distance -> (..., H, Lq, S) bias) becomes a ``score_mod`` reading a
+    (H, 2L - 1) table of every distance."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     B, _, L, _ = q.shape
     # compiled, the mask is evaluated block by block instead of as one L x L tensor
     block_mask = create_block_mask(mask_mod, B, None, L, L, device=q.device, _compile=True)
-    return compiled_flex_attention()(q, k, v, block_mask=block_mask)
+    score_mod = None
+    if score_bias is not None:
+        table = score_bias(torch.arange(1 - L, L, device=q.device)[None])[:, 0].to(q.dtype)  # (H, 2L - 1)
+
+        def score_mod(score, b, h, i, j):
+            return score + table[h, j - i + L - 1]
+
+    return compiled_flex_attention()(q, k, v, score_mod=score_mod, block_mask=block_mask)
 
 
 # ----------------------------------------------------------------------------------- the mixers
@@ -272,6 +300,8 @@ class SparseAttention(MultiHeadAttention):
     ``mask_mod`` (:meth:`mask_mod`)."""
 
     def attend(self, q, k, v, key_real: torch.Tensor | None, dropout: float) -> torch.Tensor:
+        """(B, H, L, hd) three times, key_real (B, L) or None -> (B, H, L, hd); adds
+        ``self.score_bias`` of the distances to the scores when set (ALiBi, T5)."""
         raise NotImplementedError
 
     def mask_mod(self, key_real: torch.Tensor):
@@ -282,7 +312,7 @@ class SparseAttention(MultiHeadAttention):
         dropout = self.dropout if self.training else 0.0
         if x.is_cuda and dropout == 0.0:  # FlexAttention has no attention dropout
             key_real = mask if mask is not None else torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
-            y = flex_sparse_attention(q, k, v, self.mask_mod(key_real))
+            y = flex_sparse_attention(q, k, v, self.mask_mod(key_real), self.score_bias)
         else:
             y = self.attend(q, k, v, mask, dropout)
         return self.merge(y)
@@ -298,14 +328,15 @@ class LocalAttention(SparseAttention):
         n_heads: number of heads.
         window: keys per query: causal ``i - window < j <= i``; bidirectional ``|i - j| <= window // 2``.
         dropout: attention-weight dropout in training.
-        rope: rotate queries and keys by their positions.
+        positional: ``none``, or ``rope``, ``xpos``, ``alibi`` or ``t5`` (see :class:`MultiHeadAttention`).
     """
 
     def __init__(
         self, d_model: int, *, causal: bool, layer_idx: int = 0, n_heads: int, window: int,
-        dropout: float = 0.0, rope: bool = False,
+        dropout: float = 0.0, positional: str = "none",
     ):
-        super().__init__(d_model, causal=causal, layer_idx=layer_idx, n_heads=n_heads, dropout=dropout, rope=rope)
+        super().__init__(d_model, causal=causal, layer_idx=layer_idx, n_heads=n_heads, dropout=dropout,
+                         positional=positional)
         if window < 1:
             raise ValueError(f"model.mixer.window must be at least 1, got {window}")
         self.window = window
@@ -313,7 +344,7 @@ class LocalAttention(SparseAttention):
 
     def attend(self, q, k, v, key_real, dropout):
         return sliding_window_attention(q, k, v, window=self.window, causal=self.causal, key_real=key_real,
-                                        n_global=self.n_global, dropout=dropout)
+                                        n_global=self.n_global, dropout=dropout, score_bias=self.score_bias)
 
     def mask_mod(self, key_real):
         window, n_global, causal = self.window, self.n_global, self.causal
@@ -331,10 +362,10 @@ class LongformerAttention(LocalAttention):
 
     def __init__(
         self, d_model: int, *, causal: bool, layer_idx: int = 0, n_heads: int, window: int, n_global: int,
-        dropout: float = 0.0, rope: bool = False,
+        dropout: float = 0.0, positional: str = "none",
     ):
         super().__init__(d_model, causal=causal, layer_idx=layer_idx, n_heads=n_heads, window=window,
-                         dropout=dropout, rope=rope)
+                         dropout=dropout, positional=positional)
         if n_global < 0:
             raise ValueError(f"model.mixer.n_global must be >= 0, got {n_global}")
         self.n_global = n_global
@@ -344,7 +375,7 @@ class BigBirdAttention(SparseAttention):
     """Block-sparse window + global + random attention, the ``bigbird`` mixer.
 
     Args:
-        d_model, causal, n_heads, dropout, rope: as :class:`LocalAttention`.
+        d_model, causal, n_heads, dropout, positional: as :class:`LocalAttention`.
         layer_idx: position in the stack; with ``seed`` it fixes this layer's random blocks.
         block_size: tokens per block.
         n_window_blocks: odd number of blocks around (and including) the query block.
@@ -356,9 +387,10 @@ class BigBirdAttention(SparseAttention):
     def __init__(
         self, d_model: int, *, causal: bool, layer_idx: int = 0, n_heads: int, block_size: int,
         n_window_blocks: int, n_global_blocks: int, n_random_blocks: int, seed: int, dropout: float = 0.0,
-        rope: bool = False,
+        positional: str = "none",
     ):
-        super().__init__(d_model, causal=causal, layer_idx=layer_idx, n_heads=n_heads, dropout=dropout, rope=rope)
+        super().__init__(d_model, causal=causal, layer_idx=layer_idx, n_heads=n_heads, dropout=dropout,
+                         positional=positional)
         if block_size < 1:
             raise ValueError(f"model.mixer.block_size must be at least 1, got {block_size}")
         if n_window_blocks < 1 or n_window_blocks % 2 == 0:
@@ -393,7 +425,7 @@ class BigBirdAttention(SparseAttention):
         return bigbird_attention(
             q, k, v, block_size=self.block_size, n_window_blocks=self.n_window_blocks,
             n_global_blocks=self.n_global_blocks, random_blocks=self.random_blocks(key_real, B, L),
-            causal=self.causal, key_real=key_real, dropout=dropout)
+            causal=self.causal, key_real=key_real, dropout=dropout, score_bias=self.score_bias)
 
     def mask_mod(self, key_real):
         B, L = key_real.shape

@@ -184,10 +184,13 @@ class XLBlock(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(
-        self, x: torch.Tensor, mem: torch.Tensor | None, allowed: torch.Tensor, distances: torch.Tensor
+        self, x: torch.Tensor, mem: torch.Tensor | None, allowed: torch.Tensor, distances: torch.Tensor,
+        older: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Args: x (B, L, D) the block input, L a multiple of seg_len; mem (B, M0, D) memory from a
-        previous call (detached) or None; allowed (n, S, W + S) :func:`segment_mask`."""
+        previous call (detached) or None; allowed (n, S, W + S) :func:`segment_mask`, or
+        (n, S, P + W + S) with ``older`` (B * n, P, D): context rows before each segment's memory
+        (the Compressive Transformer's compressed memory), normed and attended like memory."""
         B, L, D = x.shape
         S, W = self.seg_len, self.mem_len
         n = L // S
@@ -202,6 +205,8 @@ class XLBlock(nn.Module):
             windows = past[:, M0 : M0 + (n - 1) * S + W].unfold(1, W, S)  # (B, n, D, W)
             windows = windows.transpose(2, 3).reshape(B * n, W, D)  # (B*n, W, D)
             context = torch.cat([self.norm1(windows), h], dim=1)  # (B*n, W + S, D)
+        if older is not None:
+            context = torch.cat([self.norm1(older), context], dim=1)  # (B*n, P + W + S, D)
         y = self.attn(h, context, allowed, distances).view(B, L, D)
         x = x + self.dropout(y)
         return x + self.dropout(self.ffn(self.norm2(x)))

@@ -50,7 +50,7 @@ def address_space_bytes() -> int:
 def measure(job: dict) -> dict:
     from architectures.layers import UnsupportedTask
     from harness.config import instantiate_without_name
-    from harness.objectives import loss_and_counts, tokens_in
+    from harness.objectives import auxiliary_loss, loss_and_counts, tokens_in
     from tasks.base import TaskSpec, random_batch
 
     baseline = current_rss_bytes()  # after imports: torch and the harness are not the model's
@@ -75,6 +75,8 @@ def measure(job: dict) -> dict:
     def step() -> None:
         with autocast(device, job["precision"]):
             loss, _, _ = loss_and_counts(model(batch), batch, spec)
+            aux = auxiliary_loss(model)  # a model's own loss is part of its training step
+            loss = loss if aux is None else loss + aux
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -26,6 +26,9 @@ Fields:
 - ``key``: the config column a trend runs along (``seq_len``, ``config.model.mem_len`` ...).
 - ``tolerance``: for ``falls_with``, how much one step may rise (display units, default 0).
 - ``quantity`` (``time`` | ``memory``) and ``value`` for ``exponent_below``.
+- ``test_factor``: for ``better`` and ``solves``, compare the extra test length ``test_factor``
+  times the training length (``metrics.test_<metric>_len<L>``, length extrapolation) instead
+  of the test metric at the training length.
 
 A claim is "not run" when our records do not hold the runs it needs; "holds" or "differs"
 always comes with the numbers it was decided on.
@@ -150,6 +153,22 @@ def _summary(df, claim, side, by=()) -> pd.DataFrame:
     cells = summarize(runs, by=by) if len(runs) else pd.DataFrame()
     if len(cells) and claim.get("seq_len") is not None:
         cells = cells[cells["seq_len"] == claim["seq_len"]]
+    if len(cells) and claim.get("test_factor") is not None:
+        cells = _at_test_factor(cells, claim["test_factor"])
+    return cells
+
+
+def _at_test_factor(cells: pd.DataFrame, factor) -> pd.DataFrame:
+    """Cells whose ``mean`` is the test metric at ``factor`` x the training length; a cell not
+    tested there gets status "not tested" (never decided)."""
+    cells = cells.copy()
+    means, statuses = [], []
+    for _, row in cells.iterrows():
+        column = f"test_{row['metric']}_len{int(round(row['seq_len'] * factor))}"
+        value = row[column] if column in row.index else float("nan")
+        means.append(value)
+        statuses.append(row["status"] if row["status"] != "ok" or pd.notna(value) else "not tested")
+    cells["mean"], cells["status"] = means, statuses
     return cells
 
 
@@ -202,6 +221,8 @@ def _check_two_sided(df, claim) -> tuple[str, str]:
         numbers.append(f"L={_key(p['seq_len'])}: {a['label']} {_cell(ra)} vs "
                        f"{b['label']} {_cell(rb)}")
     text = "; ".join(numbers)
+    if "test_factor" in claim:
+        text = f"tested at {claim['test_factor']}x the training length: " + text
     if "threshold" in claim:
         text += f" (threshold {claim['threshold']})"
     return _verdict(results), text

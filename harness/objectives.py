@@ -43,6 +43,13 @@ def loss_and_counts(
     return loss, correct.sum(), scored.sum()
 
 
+def auxiliary_loss(model) -> torch.Tensor | None:
+    """A model's own training loss beside the task's, left by its last forward in ``aux_loss``
+    (e.g. the Compressive Transformer's attention-reconstruction loss), or None. The trainer adds
+    it to the task loss; the recorded train loss is the task loss alone."""
+    return getattr(model, "aux_loss", None)
+
+
 def metric_value(metric: str, *, loss_sum: float, correct: int, count: int) -> float:
     """The task metric from summed loss (nats), correct predictions and scored positions."""
     if count == 0:

@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from harness.measure import PeakMemory, StepTimer, autocast
 from harness.distributed import World, all_sum, gather
-from harness.objectives import evaluate, loss_and_counts, metric_value, tokens_in
+from harness.objectives import auxiliary_loss, evaluate, loss_and_counts, metric_value, tokens_in
 from harness.records import CHECKPOINT_FILE, METRICS_FILE, atomic_torch_save, atomic_write_text
 from tasks.base import disk_full_error, set_aside
 
@@ -322,6 +322,7 @@ class Trainer:
         with self.autocast():
             logits = self.step_model(batch)
         loss, _, scored = loss_and_counts(logits, batch, self.spec)
+        aux = auxiliary_loss(self.model)
         if self.world.distributed:
             # the mean over the global batch: each rank's loss weighted by its share of the scored
             # positions (DDP then averages the gradients, hence the world size)
@@ -332,8 +333,10 @@ class Trainer:
             reported = loss.detach()
         if not torch.isfinite(reported):
             raise Diverged(f"training loss became {reported.item()} at step {self.state.step}")
+        if aux is not None and not torch.isfinite(aux):
+            raise Diverged(f"the model's auxiliary loss (aux_loss) became {aux.item()} at step {self.state.step}")
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss if aux is None else loss + aux).backward()
         if self.cfg.grad_clip:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.optimizer.step()

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 
 import pytest
 import torch
+from hydra.utils import get_class
 from omegaconf import OmegaConf
 
-from architectures.layers import UnsupportedTask
+from architectures.layers import SCORE_POSITIONALS, UnsupportedTask
 from harness.api import compose_config
 from harness.config import CONF_DIR, instantiate_without_name
 from tasks.base import TaskSpec, random_batch
@@ -22,13 +24,22 @@ from tasks.base import TaskSpec, random_batch
 MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
 TASKS = sorted(p.stem for p in (CONF_DIR / "task").glob("*.yaml"))
 
+
+def takes_score_positions(model_name: str) -> bool:
+    """Whether the model's mixer takes ``positional`` (rope, alibi, t5, xpos): softmax attention."""
+    target = OmegaConf.select(OmegaConf.load(CONF_DIR / "model" / f"{model_name}.yaml"), "mixer._target_")
+    return target is not None and "positional" in inspect.signature(get_class(target)).parameters
+
+
+SCORE_MODELS = [m for m in MODELS if takes_score_positions(m)]
+
 # Tiny sizes: the shared ones through `size` (what every model reads unless its yaml fixes a
 # size), and these keys wherever a model yaml sets them itself.
 TINY_SIZE = ["size.d_model=32", "size.n_layers=2", "size.n_heads=2"]
 TINY_MODEL = {"d_model": 32, "d_hidden": 32, "n_layers": 2, "d_ff": 64, "d_state": 8,
               "mixer.n_heads": 2, "n_heads": 2, "seg_len": 16, "mem_len": 16,
               "mixer.block_size": 8, "mixer.window": 16, "mixer.w": 16, "mixer.n_features": 32, "mixer.k": 16,
-              "mixer.chunk_size": 8, "mixer.d_state": 8, "mixer.chunk_len": 8}
+              "mixer.chunk_size": 8, "mixer.d_state": 8, "mixer.chunk_len": 8, "mixer.stride": 8, "mixer.c": 2}
 TINY_TASK = {"n_train": 16, "n_val": 8, "n_test": 8}  # seq_len kept: some tasks fix it
 
 # Hand-made specs for the invariance tests (no data needed).
@@ -69,8 +80,8 @@ def tiny_task(task_name: str) -> list[str]:
     return [f"task={task_name}", *tiny_overrides("task", task_name, TINY_TASK)]
 
 
-def build_for_spec(model_name: str, spec: TaskSpec) -> torch.nn.Module:
-    cfg = composed(*tiny_model(model_name), "task=mqar", f"task.seq_len={spec.seq_len}")
+def build_for_spec(model_name: str, spec: TaskSpec, *overrides: str) -> torch.nn.Module:
+    cfg = composed(*tiny_model(model_name), "task=mqar", f"task.seq_len={spec.seq_len}", *overrides)
     torch.manual_seed(0)
     return instantiate_without_name(cfg.model, spec=spec).eval()
 
@@ -137,11 +148,11 @@ def test_batch_independence(model_name, kind):
 
 @pytest.mark.parametrize("model_name", MODELS)
 @pytest.mark.parametrize("kind", ["classify", "pair"])
-def test_padding_invariance(model_name, kind):
+def test_padding_invariance(model_name, kind, overrides=()):
     """Extra pad tokens on the right do not change a prediction."""
     spec = SPECS[kind]
     try:
-        model = build_for_spec(model_name, spec)
+        model = build_for_spec(model_name, spec, *overrides)
     except UnsupportedTask:
         return
     short = random_batch(spec, 2, seed=2, seq_len=24, padded=True)
@@ -152,11 +163,11 @@ def test_padding_invariance(model_name, kind):
 
 
 @pytest.mark.parametrize("model_name", MODELS)
-def test_causality_lm(model_name):
+def test_causality_lm(model_name, overrides=()):
     """Changing token t leaves every output before t unchanged."""
     spec = SPECS["lm"]
     try:
-        model = build_for_spec(model_name, spec)
+        model = build_for_spec(model_name, spec, *overrides)
     except UnsupportedTask:
         return
     batch = random_batch(spec, 2, seed=3)
@@ -185,6 +196,15 @@ def test_causality_seq2seq(model_name):
         a, b = model(batch), model(changed)
     # logits at j predict target[j] from target[:j]: positions <= j are unaffected
     torch.testing.assert_close(a[:, : j + 1], b[:, : j + 1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("positional", SCORE_POSITIONALS)
+@pytest.mark.parametrize("model_name", SCORE_MODELS)
+def test_causality_and_padding_with_score_positions(model_name, positional):
+    """The same invariances with every position inside attention, for every softmax mixer."""
+    assert {"transformer", "sparse_transformer"} <= set(SCORE_MODELS)
+    test_causality_lm(model_name, overrides=(f"model.positional={positional}",))
+    test_padding_invariance(model_name, "classify", overrides=(f"model.positional={positional}",))
 
 
 def test_the_api_build_docstring_example_runs():

@@ -166,7 +166,7 @@ def test_an_excluded_model_leaves_the_axis_and_an_unknown_name_is_an_error():
 
 def test_full_and_cpu_variants_share_the_study():
     for study in ("bahdanau_length_curve", "mamba_induction_heads", "mamba_selective_copying",
-                  "txl_memory", "zoology_mqar"):
+                  "txl_memory", "zoology_mqar", "position_extrapolation"):
         full, _ = compose_with_hydra(study)
         cpu, _ = compose_with_hydra(f"{study}_cpu")
         assert full.hydra.runtime.choices.study == cpu.hydra.runtime.choices.study == study
@@ -267,3 +267,29 @@ def test_mamba_and_zoology_claims_load_and_are_scoped_to_both_variants():
         assert claims
         for claim in claims:
             assert set(claim["where"]["config.sweep.name"]) == {study, f"{study}_cpu"}
+
+
+def test_position_extrapolation_sweeps_every_positional_on_one_model():
+    for experiment, train_len in [("position_extrapolation", 256), ("position_extrapolation_cpu", 32)]:
+        _, axes = compose_with_hydra(experiment)
+        assert set(axes["model.positional"]) == {"sinusoidal", "learned", "rope", "xpos", "alibi", "t5"}
+        assert axes["seed"] == ["0", "1", "2"] and axes["model"] == ["transformer"]
+        cfgs = swept(experiment)
+        for c in cfgs:  # the same model for every option; tested at 2x .. 32x the training length
+            assert (c.model.name, c.task.name, c.task.seq_len) == ("transformer", "induction_heads", train_len)
+            assert (c.model.d_model, c.model.n_layers, c.model.d_ff, c.model.mixer.n_heads) == (64, 2, 0, 4)
+            assert [n // train_len for n in c.task.eval_seq_lens] == [2, 4, 8, 16, 32]
+        assert {c.model.positional for c in cfgs} == set(axes["model.positional"])
+    claims = load_claims(PUBLISHED / "claims_position_extrapolation.yaml")
+    for claim in claims:
+        assert set(claim["where"]["config.sweep.name"]) == {"position_extrapolation", "position_extrapolation_cpu"}
+
+
+def test_position_extrapolation_builds_every_option_at_the_longest_test_length():
+    import torch
+
+    for positional in ("sinusoidal", "learned", "rope", "xpos", "alibi", "t5"):
+        built = build(["experiment=position_extrapolation_cpu", f"model.positional={positional}"])
+        tokens = torch.randint(1, 15, (1, max(built.task.spec.eval_seq_lens)))
+        with torch.no_grad():
+            assert built.model({"tokens": tokens}).shape[1] == tokens.shape[1]
