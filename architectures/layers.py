@@ -223,6 +223,14 @@ def attention_positions(
                      f"got {positional!r}")
 
 
+def refuse_score_bias(positional: str, mixer: str, *, allowed: tuple[str, ...] = ("rope", "xpos")) -> None:
+    """For a mixer that can rotate queries and keys but adds no bias to its scores (its attention
+    is not the dense or blocked one that :func:`attention_positions`' biases plug into)."""
+    if positional not in ("none", "sinusoidal", "learned", *allowed):
+        raise ValueError(f"model.positional={positional} is not available for {mixer}; use one of none, "
+                         f"sinusoidal, learned, {', '.join(allowed)}")
+
+
 def pool(x: torch.Tensor, mask: torch.Tensor | None, how: str) -> torch.Tensor:
     """Pool (B, L, D) to (B, D) over real tokens only.
 

@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from architectures.layers import RotaryEmbedding
+from architectures.layers import RotaryEmbedding, refuse_score_bias
 
 SELF_SCORE = -1e5  # added to a query's own score: it attends to itself only when nothing else is allowed
 
@@ -172,12 +172,13 @@ class LSHAttention(nn.Module):
         n_hashes: hashing rounds (paper: 1 to 8).
         seed: seed of the random rotations.
         dropout: attention-weight dropout in training.
-        rope: rotate the shared queries/keys by their positions.
+        positional: ``rope`` rotates the shared queries/keys by their positions (a score bias or
+            xPos's different scaling of queries and keys cannot act on a shared projection).
     """
 
     def __init__(
         self, d_model: int, *, causal: bool, layer_idx: int = 0, n_heads: int, chunk_len: int, n_buckets: int,
-        n_hashes: int, seed: int = 0, dropout: float = 0.0, rope: bool = False,
+        n_hashes: int, seed: int = 0, dropout: float = 0.0, positional: str = "none",
     ):
         super().__init__()
         if d_model % n_heads:
@@ -186,13 +187,14 @@ class LSHAttention(nn.Module):
             raise ValueError(f"model.mixer.n_buckets must be even and >= 2 (argmax over [xR; -xR]), got {n_buckets}")
         if chunk_len < 1 or n_hashes < 1:
             raise ValueError(f"model.mixer.chunk_len and n_hashes must be >= 1, got {chunk_len} and {n_hashes}")
+        refuse_score_bias(positional, "reformer (shared query-key LSH attention)", allowed=("rope",))
         self.causal, self.n_heads, self.dropout = causal, n_heads, dropout
         self.chunk_len = chunk_len
         hd = d_model // n_heads
         self.qk = nn.Linear(d_model, d_model)  # shared query-key projection
         self.v = nn.Linear(d_model, d_model)
         self.out = nn.Linear(d_model, d_model)
-        self.rotary = RotaryEmbedding(hd) if rope else None
+        self.rotary = RotaryEmbedding(hd) if positional == "rope" else None
         generator = torch.Generator().manual_seed(seed * 1_000_003 + layer_idx)
         self.register_buffer("rotations", torch.randn(n_hashes, hd, n_buckets // 2, generator=generator),
                              persistent=False)
@@ -202,7 +204,7 @@ class LSHAttention(nn.Module):
         qk = self.qk(x).view(B, L, self.n_heads, -1).transpose(1, 2)  # (B, H, L, hd)
         v = self.v(x).view(B, L, self.n_heads, -1).transpose(1, 2)
         if self.rotary is not None:
-            qk = self.rotary(qk)
+            qk = self.rotary.rotate(qk)
         buckets = lsh_buckets(qk.detach(), self.rotations, mask)  # (B, H, R, L)
         y = lsh_attention(qk, v, buckets, chunk_len=self.chunk_len, causal=self.causal, key_real=mask,
                           dropout=self.dropout if self.training else 0.0)

@@ -37,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from architectures.attention import MultiHeadAttention, dense_attention
-from architectures.layers import UnsupportedTask
+from architectures.layers import UnsupportedTask, refuse_score_bias
 from architectures.sparse import attend
 
 
@@ -127,7 +127,9 @@ class SinkhornAttention(MultiHeadAttention):
     """Sparse Sinkhorn attention: (B, L, D) -> (B, L, D) (see the module docstring).
 
     Args:
-        d_model, causal, n_heads, dropout, rope: as :class:`MultiHeadAttention`.
+        d_model, causal, n_heads, dropout: as :class:`MultiHeadAttention`.
+        positional: ``rope`` or ``xpos`` (rotations, as :class:`MultiHeadAttention`); the sorted
+            blocks' scores take no distance bias.
         layer_idx: position in the stack (unused).
         block_size: tokens per block.
         max_blocks: the sorting network's outputs: the most blocks a sequence may have.
@@ -137,13 +139,15 @@ class SinkhornAttention(MultiHeadAttention):
 
     def __init__(
         self, d_model: int, *, causal: bool, layer_idx: int = 0, n_heads: int, block_size: int, max_blocks: int,
-        sinkhorn_iters: int, temperature: float, dropout: float = 0.0, rope: bool = False,
+        sinkhorn_iters: int, temperature: float, dropout: float = 0.0, positional: str = "none",
     ):
         if causal and sinkhorn_iters > 0:
             raise UnsupportedTask(
                 "causal Sinkhorn balancing normalises each column over later query blocks, so a block's sort "
                 "would see the future; set model.mixer.sinkhorn_iters=0 for the causal softmax sort")
-        super().__init__(d_model, causal=causal, layer_idx=layer_idx, n_heads=n_heads, dropout=dropout, rope=rope)
+        refuse_score_bias(positional, "sinkhorn (attention over sorted blocks)")
+        super().__init__(d_model, causal=causal, layer_idx=layer_idx, n_heads=n_heads, dropout=dropout,
+                         positional=positional)
         if block_size < 1 or max_blocks < 1 or sinkhorn_iters < 0 or temperature <= 0:
             raise ValueError("model.mixer: block_size and max_blocks must be >= 1, sinkhorn_iters >= 0 and "
                              f"temperature > 0; got {block_size}, {max_blocks}, {sinkhorn_iters}, {temperature}")

@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from architectures.attention import padding_and_causal_mask
-from architectures.layers import RotaryEmbedding
+from architectures.layers import attention_positions, refuse_score_bias
 
 MODES = ("dense", "random")
 
@@ -57,12 +57,13 @@ class SynthesizerAttention(nn.Module):
         k: rank of the factorised random matrix.
         dot_product: add the dot-product logits (the paper's "+V" mixtures; LRA's rows).
         dropout: attention-weight dropout in training.
-        rope: rotate queries and keys (only meaningful with ``dot_product``).
+        positional: ``rope`` or ``xpos`` rotate queries and keys (only with ``dot_product``).
     """
 
     def __init__(
         self, d_model: int, *, causal: bool, layer_idx: int = 0, n_heads: int, mode: str, max_len: int,
-        factorized: bool = False, k: int = 32, dot_product: bool = False, dropout: float = 0.0, rope: bool = False,
+        factorized: bool = False, k: int = 32, dot_product: bool = False, dropout: float = 0.0,
+        positional: str = "none",
     ):
         super().__init__()
         if mode not in MODES:
@@ -72,9 +73,8 @@ class SynthesizerAttention(nn.Module):
                              f"with mode={mode!r} set factorized=false")
         if d_model % n_heads:
             raise ValueError(f"model.d_model={d_model} is not divisible by model.mixer.n_heads={n_heads}")
-        if rope and not dot_product:
-            raise ValueError("model.positional=rope rotates queries and keys, which a synthesizer without "
-                             "model.mixer.dot_product=true does not have; pick another model.positional")
+        refuse_score_bias(positional, "synthesizer", allowed=("rope", "xpos") if dot_product else ())
+        rotary, _ = attention_positions(positional, head_dim=d_model // n_heads, n_heads=n_heads, causal=causal)
         self.causal, self.n_heads, self.mode, self.max_len = causal, n_heads, mode, max_len
         self.factorized, self.dot_product, self.dropout = factorized, dot_product, dropout
         hd = d_model // n_heads
@@ -82,7 +82,7 @@ class SynthesizerAttention(nn.Module):
         self.out = nn.Linear(d_model, d_model)
         if dot_product:
             self.qk = nn.Linear(d_model, 2 * d_model)
-        self.rotary = RotaryEmbedding(hd) if rope else None
+        self.rotary = rotary
         if mode == "dense":
             # per head: hd -> hd -> max_len, applied to the token's head slice of a d_model projection
             self.dense_in = nn.Linear(d_model, d_model)
@@ -114,7 +114,7 @@ class SynthesizerAttention(nn.Module):
         if self.dot_product:
             q, k = self.qk(x).view(B, L, 2, self.n_heads, -1).permute(2, 0, 3, 1, 4)  # (B, H, L, hd) each
             if self.rotary is not None:
-                q, k = self.rotary(q), self.rotary(k)
+                q, k = self.rotary(q, k)
             logits = logits + q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, H, L, L)
         v = self.v(x).view(B, L, self.n_heads, -1).transpose(1, 2)  # (B, H, L, hd)
         allowed = padding_and_causal_mask(mask, L, self.causal, x.device)
