@@ -38,7 +38,7 @@ def test_the_wheel_carries_every_config_and_published_file(wheel):
     assert published and published <= names, sorted(published - names)
 
 
-def test_the_installed_wheel_trains_and_reports_from_another_folder(wheel, tmp_path):
+def test_the_installed_wheel_trains_from_another_folder(wheel, tmp_path):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     python = venv / "bin" / "python"
@@ -60,7 +60,3 @@ def test_the_installed_wheel_trains_and_reports_from_another_folder(wheel, tmp_p
                            capture_output=True, text=True, timeout=300)
     assert train.returncode == 0, train.stderr
     assert json.loads((elsewhere / "run" / "record.json").read_text())["status"] == "ok"
-    report = subprocess.run([str(venv / "bin" / "arena-report"), "run", "--out", "report"], cwd=elsewhere, env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert report.returncode == 0, report.stderr
-    assert (elsewhere / "report").is_dir() and any((elsewhere / "report").iterdir())

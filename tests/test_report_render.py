@@ -181,10 +181,15 @@ def test_html_report_renders_in_chromium_with_every_table_and_figure(tmp_path):
 
 
 def test_one_distinct_colour_per_model_in_every_figure():
-    from harness.plots import known_models, model_colours
+    from harness.plots import KELLY, known_models, model_colours, model_markers
 
-    everyone = model_colours()
-    assert len(set(everyone.values())) == len(everyone) >= len(known_models())
+    everyone, markers = model_colours(), model_markers()
+    assert len(everyone) >= len(known_models())
+    # every model is told apart: by colour alone for as many models as the palette has colours,
+    # by colour and marker beyond that
+    assert len({(everyone[m], markers[m]) for m in everyone}) == len(everyone)
+    first = known_models()[:len(KELLY)]
+    assert len({everyone[m] for m in first}) == len(first)
     # a model's colour does not depend on which others a figure shows
     assert model_colours(["transformer"])["transformer"] == everyone["transformer"]
     assert model_colours(["mamba", "published-only"])["mamba"] == everyone["mamba"]
