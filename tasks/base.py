@@ -293,6 +293,14 @@ def format_bytes(n: int) -> str:
     return f"{n} B"
 
 
+def raise_if_disk_full(path: Path, exc: BaseException) -> None:
+    """Raise :class:`DiskFull` naming ``path`` in place of ``exc`` when the disk is full."""
+    full = disk_full_error(path, exc)
+    if full is not None:
+        release_frames(exc)
+        raise full from None
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Create ``path`` through ``write(tmp)`` on a temporary file beside it, then a rename.
 
@@ -313,11 +321,8 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         os.chmod(tmp, file_mode())  # mkstemp made it 0600
         os.replace(tmp, path)
     except Exception as exc:
-        full = disk_full_error(path, exc)
-        if full is None:
-            raise
-        release_frames(exc)
-        raise full from None
+        raise_if_disk_full(path, exc)
+        raise
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -344,11 +349,8 @@ def atomic_write_dir(path: str | Path, write: Callable[[Path], None]) -> Path:
             if not path.exists():
                 raise
     except Exception as exc:
-        full = disk_full_error(path, exc)
-        if full is None:
-            raise
-        release_frames(exc)
-        raise full from None
+        raise_if_disk_full(path, exc)
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
