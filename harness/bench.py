@@ -42,7 +42,7 @@ from harness.distributed import world_from_env
 from harness.loggers import make_logger, wandb_run_id
 from harness.measure import check_precision
 from harness.records import (
-    config_hash, environment, new_record, now_iso, pick_device, read_record, unusable_config_record, write_record,
+    config_hash, environment, new_record, now_iso, pick_device, unusable_config_record, write_record,
 )
 from harness.run_folder import FolderBusy, claim, make_room_for
 from harness.validation import check_config
@@ -102,7 +102,7 @@ def bench_job(cfg: DictConfig, device: torch.device) -> dict:
 TEMP_PREFIX = "arena-bench-"
 
 
-def remove_dead_benches_temps() -> None:
+def remove_dead_bench_temps() -> None:
     """Remove the job folders that killed arena-bench processes left in the temp directory
     (``arena-bench-<pid>-*``, whose process is gone)."""
     for folder in Path(tempfile.gettempdir()).glob(f"{TEMP_PREFIX}*"):
@@ -114,7 +114,7 @@ def remove_dead_benches_temps() -> None:
 def run_worker(job: dict, timeout_s: float) -> dict:
     """Measure ``job`` in a fresh Python process; crashes and timeouts become results. The worker
     dies with this process (harness.bench_worker.die_with_parent) and removes the job folder."""
-    remove_dead_benches_temps()
+    remove_dead_bench_temps()
     with tempfile.TemporaryDirectory(prefix=f"{TEMP_PREFIX}{os.getpid()}-") as tmp:
         job_path, out_path = Path(tmp) / "job.json", Path(tmp) / "out.json"
         job_path.write_text(json.dumps({**job, "parent_pid": os.getpid()}))
@@ -163,8 +163,7 @@ def run_bench_claimed(cfg: DictConfig, run_dir: Path) -> dict:
     # measurement does, so the device measured on is part of a bench record's hash.
     result = {**result_config(cfg), "measured_on": str(device)}
     chash = config_hash(result)
-    make_room_for(run_dir, chash, result)
-    existing = read_record(run_dir)
+    existing = make_room_for(run_dir, chash, result)
     if existing and existing["status"] in ("ok", "unsupported") and not cfg.force:
         log.info("skip %s: already measured (force=true remeasures)", run_dir)
         return existing

@@ -71,10 +71,9 @@ def claim(run_dir: Path) -> Iterator[None]:
         handle.close()  # releases the lock; the file stays (removing it would race a waiting claim)
 
 
-def held_config_hash(run_dir: Path) -> tuple[str | None, dict | None]:
+def held_config_hash(run_dir: Path, record: dict | None) -> tuple[str | None, dict | None]:
     """The ``config_hash`` of the run ``run_dir`` holds and that run's resolved config: from its
-    record, or from ``config.yaml`` when it never finished; ``(None, None)`` when it holds none."""
-    record = read_record(run_dir)
+    ``record``, or from ``config.yaml`` when it never finished; ``(None, None)`` when it holds none."""
     if record is not None:
         return record.get("config_hash"), record.get("config")
     path = run_dir / CONFIG_FILE
@@ -129,8 +128,12 @@ def set_aside_superseded(run_dir: Path, held: str, old_config: dict | None, new_
     return aside
 
 
-def make_room_for(run_dir: Path, chash: str, new_config: dict) -> None:
-    """Set aside whatever ``run_dir`` holds of a configuration other than ``chash``."""
-    held, old_config = held_config_hash(run_dir)
+def make_room_for(run_dir: Path, chash: str, new_config: dict) -> dict | None:
+    """Set aside whatever ``run_dir`` holds of a configuration other than ``chash``; returns the
+    record of a run of ``chash`` the folder holds (read once here, for the caller's skip check)."""
+    record = read_record(run_dir)
+    held, old_config = held_config_hash(run_dir, record)
     if held is not None and held != chash:
         set_aside_superseded(run_dir, held, old_config, new_config)
+        return None
+    return record

@@ -160,15 +160,14 @@ def write_record_or_say_why(run_dir: Path, record: dict) -> None:
         log.debug("why", exc_info=exc)
 
 
-def should_skip(cfg: DictConfig, run_dir: Path, chash: str, multirun: bool) -> dict | None:
-    """The existing record when this job needs no rerun (same config already done). The folder
-    has already been cleared of any other configuration's run (harness.run_folder)."""
+def should_skip(cfg: DictConfig, run_dir: Path, existing: dict | None, multirun: bool) -> dict | None:
+    """``existing`` (the folder's record of this same config, harness.run_folder.make_room_for)
+    when this job needs no rerun."""
     if cfg.force:
         # a forced rerun starts from scratch: no resuming from the finished run's checkpoint
         (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
         (run_dir / METRICS_FILE).unlink(missing_ok=True)
         return None
-    existing = read_record(run_dir)
     if existing is None:
         return None
     if existing["status"] in ("ok", "unsupported"):
@@ -196,8 +195,7 @@ def prepare_folder(cfg: DictConfig, run_dir: Path, chash: str, result: dict, mul
     of a finished run of this configuration when it needs no rerun."""
     for leftover in run_dir.glob(".*.tmp"):  # a write cut short by a kill (the folder is ours)
         leftover.unlink(missing_ok=True)
-    make_room_for(run_dir, chash, result)
-    return should_skip(cfg, run_dir, chash, multirun)
+    return should_skip(cfg, run_dir, make_room_for(run_dir, chash, result), multirun)
 
 
 def run_claimed(cfg: DictConfig, run_dir: Path, *, multirun: bool, world: World = World()) -> dict:

@@ -273,7 +273,8 @@ class Trainer:
             log.warning("%s: line(s) %s are not metric lines; moved to %s, its %d good line(s) kept",
                         path, ", ".join(map(str, bad[:5])) + (" ..." if len(bad) > 5 else ""),
                         aside.name, len(kept))
-        atomic_write_text(path, "".join(line + "\n" for line in kept))
+        if bad or len(kept) < len(raw_lines):  # rewrite only when a line goes
+            atomic_write_text(path, "".join(line + "\n" for line in kept))
 
     def write_metrics(self, line: dict) -> None:
         if not self.world.is_main:
