@@ -2,9 +2,9 @@
 chosen lengths, fitted time and memory exponents, peak memory, and the settings it was measured
 under (machine, threads, batch, allocator, compile, activation checkpointing, commit).
 
-    arena-bench -m experiment=efficiency_cpu                    # the sweep (about 15 min on 2 cores)
-    python bench/efficiency_table.py results/sweeps/efficiency_cpu
-    python bench/efficiency_table.py results/sweeps/efficiency_cpu --at 4096,8192 --csv table.csv
+    arena-bench -m experiment=speed_scaling_cpu                    # the sweep (about 15 min on 2 cores)
+    python bench/efficiency_table.py results/sweeps/speed_scaling_cpu
+    python bench/efficiency_table.py results/sweeps/speed_scaling_cpu --at 4096,8192 --csv table.csv
     python bench/efficiency_table.py --run                      # the sweep, then the table
 
 Speed-ups are steps per second over the Transformer's at the same length, within the sweep; the
@@ -99,17 +99,17 @@ def markdown(table: pd.DataFrame, at: list[int]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("folders", nargs="*", default=["results/sweeps/efficiency_cpu"],
-                        help="sweep folders with bench records (default: results/sweeps/efficiency_cpu)")
+    parser.add_argument("folders", nargs="*", default=["results/sweeps/speed_scaling_cpu"],
+                        help="sweep folders with bench records (default: results/sweeps/speed_scaling_cpu)")
     parser.add_argument("--at", default="4096,8192", help="lengths for the speed-up and memory columns")
     parser.add_argument("--csv", help="also write the table here")
     parser.add_argument("--run", action="store_true",
-                        help="run `arena-bench -m experiment=efficiency_cpu` first")
+                        help="run `arena-bench -m experiment=speed_scaling_cpu` first")
     args = parser.parse_args(argv)
     at = [int(n) for n in args.at.split(",")]
     if args.run:
         arena_bench = Path(sys.executable).with_name("arena-bench")
-        subprocess.run([str(arena_bench), "-m", "experiment=efficiency_cpu"], check=True,
+        subprocess.run([str(arena_bench), "-m", "experiment=speed_scaling_cpu"], check=True,
                        env={**os.environ, "WANDB_MODE": os.environ.get("WANDB_MODE", "offline")})
     missing = [f for f in args.folders if not Path(f).is_dir()]
     if missing:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import cli, cli_env
+from conftest import ROOT, cli, cli_env
 
 from harness.claims import evaluate_claims, load_claims
 from harness.report import (
@@ -431,3 +431,25 @@ def test_cli_of_this_checkout_prints_tables_on_stdout_and_warnings_on_stderr(rep
     assert "Accuracy" in proc.stdout and "OOM" in proc.stdout and "report: " in proc.stdout
     assert "WARNING [harness.report]" in proc.stderr and "missing" in proc.stderr
     assert "Accuracy" not in proc.stderr
+
+
+def test_the_readme_efficiency_table_script(tmp_path, capsys):
+    """bench/efficiency_table.py: one row per model, speed-up at the lengths asked for, the
+    exponents of the shared fit, an OOM shown as such, and the settings above the table."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("efficiency_table", ROOT / "bench" / "efficiency_table.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    bench_sweep(tmp_path, lengths=(1024, 2048, 4096, 8192))
+    make(tmp_path, kind="bench", model="performer", task="text", seq_len=8192, batch_size=32, status="oom")
+    script.main([str(tmp_path), "--at", "4096,8192", "--csv", str(tmp_path / "t.csv")])
+    out = capsys.readouterr().out
+    assert "machine: testcpu" in out and "batch: 32" in out
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in out.splitlines() if line.startswith("| ") and "model" not in line}
+    assert rows["linear_transformer"][2] == "1.25 (8.0x)"      # 8192: 800 ms vs 6400 ms
+    assert rows["linear_transformer"][-2] == "1.00" and rows["transformer"][-2] == "2.00"
+    assert rows["performer"][2] == "OOM"
+    assert list(pd.read_csv(tmp_path / "t.csv")["model"])[0] == "linear_transformer"
+    with pytest.raises(SystemExit, match="no such folder"):
+        script.main([str(tmp_path / "missing")])

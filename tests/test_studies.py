@@ -77,7 +77,7 @@ def heads(model_cfg) -> int | None:
 # The studies that sweep every model: 13 to 65 (model, task) jobs each, 2-10 s of composing
 # each, so their job-by-job checks are in the slow tier (the fast tier composes one job of each).
 ALL_MODELS_STUDIES = ("quickstart", "quickstart_speed", "lra_table1", "lra_table1_mini",
-                      "lra_speed", "lra_speed_cpu")
+                      "lra_speed", "lra_speed_cpu", "speed_scaling_cpu")
 
 
 def tiered(experiments) -> list:
