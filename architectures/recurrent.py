@@ -1,4 +1,5 @@
-"""The LSTM family: `lstm`, `lstm_bahdanau` and `lstm_luong` (one model, ``attention`` knob).
+"""The LSTM family: `lstm`, `lstm_bahdanau`, `lstm_luong` and `lstm_attn_readout` (one model,
+``attention`` knob).
 
 These keep their own backbone (embedding -> torch.nn.LSTM -> task head) rather than the shared
 mixer blocks, but map a task batch to logits exactly like :class:`architectures.backbone.SequenceModel`.
@@ -12,13 +13,18 @@ classify   BiLSTM over the real tokens (packed, so padding changes nothing), poo
            ``cls`` as in :func:`architectures.layers.pool`, or ``attention`` = attention over
            the BiLSTM states with the final state as query, then ``tanh(W_c [context; final])``).
 pair       the same encoder on both sequences, LRA's :class:`architectures.layers.PairHead`.
-lm         unidirectional LSTM. With attention, step t also attends over its own states
-           h_1..h_t (all queries at once under a causal mask) and predicts from
-           ``tanh(W_c [context_t; h_t])``. :meth:`RecurrentModel.step` runs it token by token.
+lm         unidirectional LSTM. With the read-out (``attention=readout``), step t also attends
+           over its own states h_1..h_t (all queries at once under a causal mask) and predicts
+           from ``tanh(W_c [context_t; h_t])``. :meth:`RecurrentModel.step` runs it token by token.
 seq2seq    BiLSTM encoder and an LSTM decoder from :mod:`architectures.recurrent_attention`:
-           RNNenc (no attention, fixed summary), RNNsearch (Bahdanau) or Luong's decoder.
-           :meth:`RecurrentModel.generate` decodes greedily.
+           RNNenc (no attention, fixed summary), RNNsearch (Bahdanau) or Luong's decoder
+           (global, local-m or local-p). :meth:`RecurrentModel.generate` decodes greedily.
 =========  =====================================================================================
+
+The names mean the papers' models: ``lstm_bahdanau`` and ``lstm_luong`` are encoder-decoders and
+run ``seq2seq`` tasks only (elsewhere they are recorded as ``unsupported``); the LSTM with an
+attention read-out over its own states, or attention pooling, is ``lstm_attn_readout``, and it has
+no decoder, so it does not run ``seq2seq``.
 
 Attention weights of the last forward pass are kept, detached, in ``model.last_attention``:
 classify (B, L); pair (B, 2, L); lm (B, L, L); seq2seq (B, Lt, Ls); None without attention.
@@ -40,7 +46,8 @@ from architectures.recurrent_attention import (
 )
 from tasks.base import TaskSpec
 
-ATTENTIONS = ("none", "bahdanau", "luong")
+ATTENTIONS = ("none", "bahdanau", "luong", "readout")
+DECODER_ATTENTIONS = ("bahdanau", "luong")  # the papers' encoder-decoders: seq2seq only
 POOLINGS = ("final", "attention", "mean", "last", "cls")
 
 
@@ -53,10 +60,15 @@ class RecurrentModel(nn.Module):
         d_hidden: LSTM size per direction; also the attention hidden size of additive scores.
         n_layers: LSTM layers of the encoder (and of the seq2seq decoder).
         dropout: on embeddings, between LSTM layers and before the output layer.
-        attention: ``none``, ``bahdanau`` (query = previous decoder state, additive score) or
-            ``luong`` (query = current decoder state, ``score``, input feeding).
-        score: Luong's ``dot``, ``general`` or ``concat``; only with ``attention=luong``.
+        attention: ``none``, ``bahdanau`` (seq2seq: query = previous decoder state, additive
+            score), ``luong`` (seq2seq: query = current decoder state, ``score``, input feeding)
+            or ``readout`` (lm: causal attention over the LSTM's own states; classify/pair:
+            attention pooling).
+        score: Luong's ``dot``, ``general`` or ``concat`` with ``attention=luong``; the read-out's
+            ``additive``, ``dot`` or ``general`` with ``attention=readout``.
         pooling: how ``classify``/``pair`` reduce the BiLSTM states (see the module docstring).
+        alignment: Luong's ``global``, ``local-m`` or ``local-p`` attention (``attention=luong``).
+        window: D, the half-width of Luong's local window.
     """
 
     def __init__(
@@ -70,16 +82,30 @@ class RecurrentModel(nn.Module):
         attention: str = "none",
         score: str | None = None,
         pooling: str = "final",
+        alignment: str = "global",
+        window: int = 10,
     ):
         super().__init__()
         if attention not in ATTENTIONS:
             raise ValueError(f"model.attention must be one of {ATTENTIONS}, got {attention!r}")
-        if score is not None and attention != "luong":
-            raise ValueError(f"model.score={score!r} is Luong's; set model.attention=luong or model.score=null")
+        if score is not None and attention not in ("luong", "readout"):
+            raise ValueError(f"model.score={score!r} is Luong's or the read-out's; set model.attention=luong "
+                             f"or readout, or model.score=null")
+        if alignment != "global" and attention != "luong":
+            raise ValueError(f"model.alignment={alignment!r} is Luong's local attention; set model.attention=luong")
+        if attention in DECODER_ATTENTIONS and spec.kind != "seq2seq":
+            raise UnsupportedTask(
+                f"attention={attention} is the paper's encoder-decoder and runs seq2seq tasks only, not "
+                f"{spec.kind!r}; the LSTM with an attention read-out over its own states (lm) or attention "
+                f"pooling (classify, pair) is the model lstm_attn_readout"
+            )
+        if attention == "readout" and spec.kind == "seq2seq":
+            raise UnsupportedTask("attention=readout (lstm_attn_readout) has no decoder; the seq2seq models "
+                                  "are lstm (RNNenc), lstm_bahdanau (RNNsearch) and lstm_luong")
         if pooling not in POOLINGS:
             raise ValueError(f"model.pooling must be one of {POOLINGS}, got {pooling!r}")
         if pooling == "attention" and attention == "none":
-            raise ValueError("model.pooling=attention needs model.attention=bahdanau or luong")
+            raise ValueError("model.pooling=attention needs model.attention=readout (the model lstm_attn_readout)")
         if spec.kind == "seq2seq" and spec.n_outputs > spec.vocab_size:
             raise UnsupportedTask(
                 f"the LSTM encoder-decoder shares one embedding for source and target, but the task's "
@@ -114,7 +140,7 @@ class RecurrentModel(nn.Module):
             elif attention == "bahdanau":
                 self.decoder = BahdanauDecoder(d_memory=d_enc, **sizes)
             else:
-                self.decoder = LuongDecoder(d_memory=d_enc, score=score, **sizes)
+                self.decoder = LuongDecoder(d_memory=d_enc, score=score, alignment=alignment, window=window, **sizes)
 
     def encode(self, tokens: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens (B, L) -> LSTM states (B, L, d_enc), zero at padding, and final state (B, d_enc).

@@ -20,7 +20,12 @@ agree. What differs is the paper:
 * :class:`BahdanauDecoder` (RNNsearch): attends from the PREVIOUS state s_{i-1}, then
   ``s_i = LSTM([E y_{i-1}; c_i], s_{i-1})``, output from ``[s_i; c_i; E y_{i-1}]``.
 * :class:`LuongDecoder`: ``h_t = LSTM([E y_{t-1}; h~_{t-1}], h_{t-1})`` (input feeding), attends
-  from the CURRENT state h_t, ``h~_t = tanh(W_c [c_t; h_t])``, output from ``h~_t``.
+  from the CURRENT state h_t, ``h~_t = tanh(W_c [c_t; h_t])``, output from ``h~_t``; over every
+  source position (``global``) or a window of 2D+1 around an aligned position p_t (``local-m``:
+  p_t = t; ``local-p``: p_t predicted from h_t, weights scaled by a Gaussian around it).
+
+The causal read-out over an LSTM's own states (``lstm_attn_readout`` on ``lm``) and attention
+pooling (on ``classify``/``pair``) use the same scores (``model.attention=readout``).
 
 The attentional decoders loop over target steps in Python (the query of step i depends on
 step i-1); the encoder never does.
@@ -32,6 +37,8 @@ import torch
 import torch.nn as nn
 
 LUONG_SCORES = ("dot", "general", "concat")
+READOUT_SCORES = ("additive", "dot", "general")
+LUONG_ALIGNMENTS = ("global", "local-m", "local-p")
 
 State = tuple[torch.Tensor, torch.Tensor]  # (h, c), each (n_layers, B, H)
 
@@ -74,9 +81,15 @@ class BilinearScore(nn.Module):
 
 
 def make_score(attention: str, score: str | None, d_query: int, d_key: int, *, d_attn: int) -> nn.Module:
-    """The score of ``model.attention`` (``bahdanau`` or ``luong``) and ``model.score``."""
+    """The score of ``model.attention`` (``bahdanau``, ``luong`` or ``readout``) and ``model.score``."""
     if attention == "bahdanau":
         return AdditiveScore(d_query, d_key, d_attn=d_attn)
+    if attention == "readout":
+        if score not in READOUT_SCORES:
+            raise ValueError(f"model.score must be one of {READOUT_SCORES} for the attention read-out, got {score!r}")
+        if score == "additive":
+            return AdditiveScore(d_query, d_key, d_attn=d_attn)
+        return BilinearScore(d_query, d_key, general=score == "general")
     if score not in LUONG_SCORES:
         raise ValueError(f"model.score must be one of {LUONG_SCORES} for luong attention, got {score!r}")
     if score == "concat":
@@ -221,7 +234,20 @@ class BahdanauDecoder(nn.Module):
 
 
 class LuongDecoder(nn.Module):
-    """Luong's global-attention decoder with input feeding.
+    """Luong's attentional decoder with input feeding: global or local attention.
+
+    Local attention (Luong et al. 2015, section 3.2) reads the source positions s with
+    |s - p_t| <= D around an aligned position p_t:
+
+    * ``local-m`` (monotonic): p_t = t, the target step, kept within the source (a window past the
+      source's end would be empty; the paper's sentences are of similar length);
+    * ``local-p`` (predictive): p_t = S * sigmoid(v_p^T tanh(W_p h_t)) with S the source length
+      (here the last position, S = length - 1, as positions count from 0), and the softmax weights
+      in the window multiplied by exp(-(s - p_t)^2 / (2 sigma^2)), sigma = D / 2, not renormalised
+      (as the paper's equation 10).
+
+    The scores are computed at every position and masked to the window: the same weights as the
+    paper's, not its saving in computation.
 
     Args:
         d_model: target embedding size.
@@ -231,13 +257,22 @@ class LuongDecoder(nn.Module):
         n_outputs: output vocabulary.
         score: ``dot``, ``general`` or ``concat``.
         dropout: between layers and on h~ before the output layer.
+        alignment: ``global``, ``local-m`` or ``local-p``.
+        window: D, the half-width of the local window (the paper: 10).
     """
 
     def __init__(
-        self, *, d_model: int, d_memory: int, d_hidden: int, n_layers: int, n_outputs: int, score: str, dropout: float
+        self, *, d_model: int, d_memory: int, d_hidden: int, n_layers: int, n_outputs: int, score: str, dropout: float,
+        alignment: str = "global", window: int = 10,
     ):
         super().__init__()
+        if alignment not in LUONG_ALIGNMENTS:
+            raise ValueError(f"model.alignment must be one of {LUONG_ALIGNMENTS}, got {alignment!r}")
+        if alignment != "global" and (not isinstance(window, int) or window < 1):
+            raise ValueError(f"model.window (D of Luong's local attention) must be a positive integer, got {window!r}")
         self.n_layers = n_layers
+        self.alignment = alignment
+        self.window = window
         self.init = nn.Linear(d_memory, n_layers * d_hidden)
         # Luong's encoder states have the decoder's size (needed by ``dot``): project ours to it
         self.bridge = nn.Linear(d_memory, d_hidden, bias=False)
@@ -246,20 +281,40 @@ class LuongDecoder(nn.Module):
         self.combine = nn.Linear(2 * d_hidden, d_hidden, bias=False)  # W_c
         self.out = nn.Linear(d_hidden, n_outputs)  # W_s
         self.dropout = nn.Dropout(dropout)
+        if alignment == "local-p":
+            self.W_p = nn.Linear(d_hidden, d_hidden, bias=False)
+            self.v_p = nn.Linear(d_hidden, 1, bias=False)
 
     def start(self, memory: torch.Tensor, memory_mask: torch.Tensor, final: torch.Tensor) -> tuple:
         lstm_state = initial_state(self.init, final, self.n_layers)
         feed = torch.zeros_like(lstm_state[0][-1])  # h~_0 = 0
         memory = self.bridge(memory)  # (B, Ls, H)
-        return lstm_state, feed, memory, self.score.keys(memory), memory_mask
+        return lstm_state, feed, memory, self.score.keys(memory), memory_mask, 0
+
+    def aligned_position(self, h: torch.Tensor, mask: torch.Tensor, t: int) -> torch.Tensor:
+        """p_t (B,) of local attention at target step t (0-based) from the query h_t (B, H)."""
+        last = (mask.sum(1) - 1).clamp_min(0).to(h.dtype)  # the source's last position, (B,)
+        if self.alignment == "local-m":
+            return last.clamp_max(float(t))
+        return last * torch.sigmoid(self.v_p(torch.tanh(self.W_p(h)))).squeeze(-1)
 
     def step(self, emb: torch.Tensor, state: tuple) -> tuple[torch.Tensor, tuple, torch.Tensor]:
         """emb (B, D) of y_{t-1} -> logits (B, V) for y_t, new state, weights (B, Ls)."""
-        lstm_state, feed, memory, keys, mask = state
+        lstm_state, feed, memory, keys, mask, t = state
         h, lstm_state = self.cell(torch.cat([emb, feed], -1), lstm_state)  # h_t: (B, H)
-        context, weights = attend(self.score, h[:, None], keys, memory, mask[:, None])  # (B, 1, dm), (B, 1, Ls)
-        h_tilde = torch.tanh(self.combine(torch.cat([context[:, 0], h], -1)))  # (B, H)
-        return self.out(self.dropout(h_tilde)), (lstm_state, h_tilde, memory, keys, mask), weights[:, 0]
+        allowed, gaussian = mask, None
+        if self.alignment != "global":
+            p = self.aligned_position(h, mask, t)  # (B,)
+            distance = torch.arange(mask.shape[1], device=h.device, dtype=h.dtype)[None] - p[:, None]  # (B, Ls)
+            allowed = mask & (distance.abs() <= self.window)
+            if self.alignment == "local-p":
+                sigma = self.window / 2
+                gaussian = torch.exp(-distance.square() / (2 * sigma**2))  # (B, Ls)
+        _, weights = attend(self.score, h[:, None], keys, memory, allowed[:, None])  # (B, 1, Ls)
+        weights = weights[:, 0] if gaussian is None else weights[:, 0] * gaussian  # (B, Ls)
+        context = (weights[:, None] @ memory)[:, 0]  # (B, H)
+        h_tilde = torch.tanh(self.combine(torch.cat([context, h], -1)))  # (B, H)
+        return self.out(self.dropout(h_tilde)), (lstm_state, h_tilde, memory, keys, mask, t + 1), weights
 
     def forward(self, emb: torch.Tensor, state: tuple) -> tuple[torch.Tensor, tuple, torch.Tensor]:
         return unroll(self.step, emb, state)

@@ -1,11 +1,13 @@
-"""The LSTM family (`lstm`, `lstm_bahdanau`, `lstm_luong`): attention weights, greedy decoding,
-token-by-token steps, causality, padding and batch independence, and building from yaml."""
+"""The LSTM family (`lstm`, `lstm_bahdanau`, `lstm_luong`, `lstm_attn_readout`): attention weights
+(global and Luong's local windows), greedy decoding, token-by-token steps, causality, padding and
+batch independence, the papers' models on seq2seq only, and building from yaml."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from architectures.layers import UnsupportedTask
 from architectures.recurrent import RecurrentModel
 from architectures.recurrent_attention import AdditiveScore, BilinearScore
 from tasks.base import TaskSpec
@@ -13,10 +15,22 @@ from tasks.base import TaskSpec
 V, L, LT = 13, 9, 6
 PAD, BOS, SEP = 0, 1, 2
 
-# (attention, score): the plain LSTM, Bahdanau, and Luong with each of its scores
+# (attention, score) on seq2seq: RNNenc, RNNsearch, and Luong's decoder with each of its scores
 CONFIGS = [("none", None), ("bahdanau", None), ("luong", "dot"), ("luong", "general"), ("luong", "concat")]
-ATTENTIVE = CONFIGS[1:]
 IDS = [a if s is None else f"{a}-{s}" for a, s in CONFIGS]
+# ... and on the kinds without a decoder: the plain LSTM and the read-out with each of its scores
+READOUT = [("none", None), ("readout", "additive"), ("readout", "dot"), ("readout", "general")]
+READOUT_IDS = [a if s is None else f"{a}-{s}" for a, s in READOUT]
+
+
+def cases(kinds, *, attentive: bool = False) -> list:
+    """(kind, attention, score) for each kind with the configurations that run it."""
+    out = []
+    for kind in kinds:
+        configs = CONFIGS if kind == "seq2seq" else READOUT
+        for attention, score in configs[1:] if attentive else configs:
+            out.append(pytest.param(kind, attention, score, id=f"{kind}-{attention}" + (f"-{score}" if score else "")))
+    return out
 
 
 def spec_for(kind: str) -> TaskSpec:
@@ -25,11 +39,12 @@ def spec_for(kind: str) -> TaskSpec:
     return TaskSpec(kind=kind, vocab_size=V, n_outputs=V if kind == "lm" else 3, seq_len=L)
 
 
-def make_model(kind: str, attention: str, score: str | None, *, n_layers: int = 1, pooling: str | None = None):
+def make_model(kind: str, attention: str, score: str | None, *, n_layers: int = 1, pooling: str | None = None,
+               **kwargs):
     torch.manual_seed(0)
-    pooling = pooling or ("final" if attention == "none" else "attention")
+    pooling = pooling or ("attention" if attention == "readout" else "final")
     model = RecurrentModel(spec=spec_for(kind), d_model=8, d_hidden=8, n_layers=n_layers,
-                           attention=attention, score=score, pooling=pooling)
+                           attention=attention, score=score, pooling=pooling, **kwargs)
     return model.eval()
 
 
@@ -61,8 +76,7 @@ def run(model, batch):
 # --- attention weights ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("attention,score", ATTENTIVE, ids=IDS[1:])
-@pytest.mark.parametrize("kind", ["classify", "pair", "seq2seq"])
+@pytest.mark.parametrize("kind,attention,score", cases(["classify", "pair", "seq2seq"], attentive=True))
 def test_attention_weights_sum_to_one_and_skip_padding(kind, attention, score):
     model = make_model(kind, attention, score)
     batch = make_batch(kind)
@@ -80,7 +94,7 @@ def test_attention_weights_sum_to_one_and_skip_padding(kind, attention, score):
     assert torch.all(w[real] > 0)
 
 
-@pytest.mark.parametrize("attention,score", ATTENTIVE, ids=IDS[1:])
+@pytest.mark.parametrize("attention,score", READOUT[1:], ids=READOUT_IDS[1:])
 def test_lm_attention_is_causal_and_normalised(attention, score):
     model = make_model("lm", attention, score)
     run(model, make_batch("lm"))
@@ -124,6 +138,47 @@ def test_seq2seq_query_is_previous_or_current_state(attention, score, first_chan
     assert not torch.allclose(w1[:, first_changed], w0[:, first_changed])
 
 
+# --- Luong's local attention --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("window", [1, 2])
+def test_luong_local_m_reads_the_window_around_the_target_step(window):
+    """local-m: p_t = t (kept within the source); weights only at |s - p_t| <= D, summing to one."""
+    model = make_model("seq2seq", "luong", "general", alignment="local-m", window=window)
+    batch = make_batch("seq2seq")
+    run(model, batch)
+    w = model.last_attention  # (B, Lt, Ls)
+    last = (batch["source"] != PAD).sum(1) - 1  # (B,)
+    p = torch.arange(LT)[None].minimum(last[:, None])  # (B, Lt)
+    inside = ((torch.arange(L)[None, None] - p[..., None]).abs() <= window) & (batch["source"] != PAD)[:, None]
+    assert torch.all(w[~inside] == 0) and torch.all(w[inside] > 0)
+    torch.testing.assert_close(w.sum(-1), torch.ones(w.shape[:-1]))
+
+
+def test_luong_local_p_is_the_window_softmax_times_a_gaussian():
+    """local-p at the first step, recomputed from the paper's equations 9 and 10: p_t = S sigmoid(v_p^T
+    tanh(W_p h_t)), softmax over the window, times exp(-(s - p_t)^2 / (2 (D/2)^2)); and p_t learns."""
+    D = 2
+    model = make_model("seq2seq", "luong", "general", alignment="local-p", window=D)
+    source = make_batch("seq2seq")["source"]
+    dec = model.decoder
+    state = model.start_decoder(source)
+    emb = model.embed(torch.full_like(source[:, 0], BOS))
+    _, _, weights = dec.step(emb, state)
+    lstm_state, feed, memory, keys, mask, _ = state
+    h, _ = dec.cell(torch.cat([emb, feed], -1), lstm_state)
+    last = (mask.sum(1) - 1).float()
+    p = last * torch.sigmoid(dec.v_p(torch.tanh(dec.W_p(h)))).squeeze(-1)  # (B,)
+    distance = torch.arange(L)[None] - p[:, None]  # (B, Ls)
+    window = mask & (distance.abs() <= D)
+    softmax = torch.softmax(dec.score(h[:, None], keys)[:, 0].masked_fill(~window, float("-inf")), -1)
+    torch.testing.assert_close(weights, softmax * torch.exp(-distance.square() / (2 * (D / 2) ** 2)))
+    assert torch.all((p >= 0) & (p <= last))
+    model.train()
+    model(make_batch("seq2seq")).sum().backward()
+    assert dec.v_p.weight.grad.abs().sum() > 0 and dec.W_p.weight.grad.abs().sum() > 0
+
+
 # --- seq2seq decoding ---------------------------------------------------------------------------
 
 
@@ -155,7 +210,7 @@ def test_seq2seq_teacher_forcing_never_reads_the_token_it_predicts(attention, sc
 # --- language modelling -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("attention,score", CONFIGS, ids=IDS)
+@pytest.mark.parametrize("attention,score", READOUT, ids=READOUT_IDS)
 def test_lm_step_equals_forward(attention, score):
     model = make_model("lm", attention, score, n_layers=2)
     tokens = make_batch("lm")["tokens"]
@@ -168,7 +223,7 @@ def test_lm_step_equals_forward(attention, score):
     torch.testing.assert_close(torch.stack(outs, 1), ref, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("attention,score", CONFIGS, ids=IDS)
+@pytest.mark.parametrize("attention,score", READOUT, ids=READOUT_IDS)
 def test_lm_is_causal(attention, score):
     model = make_model("lm", attention, score)
     tokens = make_batch("lm")["tokens"]
@@ -184,8 +239,7 @@ def test_lm_is_causal(attention, score):
 # --- padding and batch independence -------------------------------------------------------------
 
 
-@pytest.mark.parametrize("attention,score", CONFIGS, ids=IDS)
-@pytest.mark.parametrize("kind", ["classify", "pair", "seq2seq"])
+@pytest.mark.parametrize("kind,attention,score", cases(["classify", "pair", "seq2seq"]))
 def test_padding_changes_nothing(kind, attention, score):
     model = make_model(kind, attention, score)
     batch = make_batch(kind)
@@ -203,8 +257,7 @@ def test_plain_poolings_are_padding_invariant(pooling):
     torch.testing.assert_close(run(model, wider), ref, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("attention,score", CONFIGS, ids=IDS)
-@pytest.mark.parametrize("kind", ["classify", "pair", "lm", "seq2seq"])
+@pytest.mark.parametrize("kind,attention,score", cases(["classify", "pair", "lm", "seq2seq"]))
 def test_batch_independence(kind, attention, score):
     model = make_model(kind, attention, score)
     batch = make_batch(kind)
@@ -217,7 +270,7 @@ def test_batch_independence(kind, attention, score):
 # --- configuration ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["lstm", "lstm_bahdanau", "lstm_luong"])
+@pytest.mark.parametrize("name", ["lstm", "lstm_attn_readout"])
 def test_builds_from_yaml(name, tmp_path):
     from harness.api import build
 
@@ -231,14 +284,37 @@ def test_builds_from_yaml(name, tmp_path):
     assert built.model.embed.weight.grad.abs().sum() > 0
 
 
+def test_the_papers_models_are_encoder_decoders():
+    """lstm_bahdanau and lstm_luong run seq2seq only; the read-out runs everything else."""
+    for kind in ("lm", "classify", "pair"):
+        for attention in ("bahdanau", "luong"):
+            with pytest.raises(UnsupportedTask, match="seq2seq tasks only.*lstm_attn_readout"):
+                RecurrentModel(spec=spec_for(kind), d_model=8, d_hidden=8, n_layers=1, attention=attention,
+                               score="dot" if attention == "luong" else None)
+    with pytest.raises(UnsupportedTask, match="no decoder"):
+        RecurrentModel(spec=spec_for("seq2seq"), d_model=8, d_hidden=8, n_layers=1, attention="readout",
+                       score="additive")
+
+
 def test_config_errors_name_the_key():
     spec = spec_for("classify")
+    s2s = spec_for("seq2seq")
+    with pytest.raises(ValueError, match="model.alignment"):
+        RecurrentModel(spec=s2s, d_model=8, d_hidden=8, n_layers=1, attention="bahdanau", alignment="local-m")
+    with pytest.raises(ValueError, match="model.alignment must be one of"):
+        RecurrentModel(spec=s2s, d_model=8, d_hidden=8, n_layers=1, attention="luong", score="dot", alignment="local")
+    with pytest.raises(ValueError, match="model.window"):
+        RecurrentModel(spec=s2s, d_model=8, d_hidden=8, n_layers=1, attention="luong", score="dot",
+                       alignment="local-p", window=0)
+    with pytest.raises(ValueError, match="model.score must be one of.*read-out"):
+        RecurrentModel(spec=spec, d_model=8, d_hidden=8, n_layers=1, attention="readout", score="concat",
+                       pooling="attention")
     with pytest.raises(ValueError, match="model.attention"):
         RecurrentModel(spec=spec, d_model=8, d_hidden=8, n_layers=1, attention="luong-ish")
     with pytest.raises(ValueError, match="model.score"):
         RecurrentModel(spec=spec, d_model=8, d_hidden=8, n_layers=1, attention="bahdanau", score="dot")
     with pytest.raises(ValueError, match="model.score"):
-        RecurrentModel(spec=spec, d_model=8, d_hidden=8, n_layers=1, attention="luong", score=None, pooling="attention")
+        RecurrentModel(spec=spec, d_model=8, d_hidden=8, n_layers=1, attention="readout", score=None, pooling="attention")
     with pytest.raises(ValueError, match="model.pooling=attention"):
         RecurrentModel(spec=spec, d_model=8, d_hidden=8, n_layers=1, attention="none", pooling="attention")
     with pytest.raises(ValueError, match="step\\(\\) runs causal"):
