@@ -43,6 +43,7 @@ from tasks.base import TaskSpec
 # none / sinusoidal / learned act on the embedding; the SCORE_POSITIONALS (rope, alibi, t5, xpos)
 # act inside attention and are handed to the mixer as ``positional=<name>``
 POSITIONALS = ("none", "sinusoidal", "learned", *SCORE_POSITIONALS)
+POOLINGS = ("mean", "cls", "last", "cls_token")  # cls: the first token; cls_token: a prepended learned one
 EMBEDDING_POSITIONALS = ("none", "sinusoidal", "learned")
 
 
@@ -95,7 +96,9 @@ class SequenceModel(nn.Module):
         positional: ``none``, ``sinusoidal`` or ``learned`` on the embedding; ``rope``, ``alibi``,
             ``t5`` or ``xpos`` inside attention (passed to the mixer, which must take a
             ``positional`` argument: softmax attention does, kernelised and recurrent mixers not).
-        pooling: ``mean``, ``cls`` or ``last`` for ``classify`` and ``pair``.
+        pooling: ``mean``, ``cls`` (the first token) or ``last`` for ``classify`` and ``pair``; or
+            ``cls_token``: a learned vector (zeros at init) prepended to the embedded tokens before
+            the positions are added, and pooled from the top (LRA's ``classifier_pool='CLS'``).
         tie_embeddings: share the input embedding with the ``lm`` output layer when sizes match.
         reversible: reversible residual blocks (:mod:`architectures.reversible`) that recompute
             their activations in the backward pass instead of keeping them.
@@ -119,6 +122,8 @@ class SequenceModel(nn.Module):
         super().__init__()
         if positional not in POSITIONALS:
             raise ValueError(f"model.positional must be one of {POSITIONALS}, got {positional!r}")
+        if pooling not in POOLINGS:
+            raise ValueError(f"model.pooling must be one of {POOLINGS}, got {pooling!r}")
         if spec.kind == "seq2seq" and spec.sep_id is None:
             raise UnsupportedTask("a decoder-only model needs the task's sep_id for seq2seq")
         if reversible and d_ff <= 0:
@@ -129,7 +134,10 @@ class SequenceModel(nn.Module):
         self.pooling = pooling
         self.positional = positional
         self.embed = nn.Embedding(spec.vocab_size, d_model)
-        self.max_len = input_length(spec)
+        # LRA's CLS token: zeros at init (lra_benchmarks/models/transformer/transformer.py)
+        self.cls = nn.Parameter(torch.zeros(1, 1, d_model)) \
+            if pooling == "cls_token" and spec.kind in ("classify", "pair") else None
+        self.max_len = input_length(spec) + (self.cls is not None)
         if positional == "learned":
             self.pos_embed = nn.Embedding(self.max_len, d_model)
         self.dropout = nn.Dropout(dropout)
@@ -154,9 +162,12 @@ class SequenceModel(nn.Module):
                 self.head.weight = self.embed.weight
 
     def encode(self, tokens: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """Tokens (B, L) -> final hidden states (B, L, D)."""
-        L = tokens.shape[1]
+        """Tokens (B, L) -> final hidden states (B, L, D), or (B, 1 + L, D) with a CLS token
+        first (``mask`` then covers it too: :meth:`padding_mask`)."""
         x = self.embed(tokens)  # (B, L, D)
+        if self.cls is not None:
+            x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1)  # (B, 1 + L, D)
+        L = x.shape[1]
         if self.positional == "sinusoidal":
             x = x + sinusoidal_positions(L, x.shape[-1]).to(x)
         elif self.positional == "learned":
@@ -175,6 +186,8 @@ class SequenceModel(nn.Module):
         if self.spec.kind == "lm":
             return None
         mask = tokens != self.spec.pad_id
+        if self.cls is not None:  # the CLS token is real (LRA copies the first token's mask, always real)
+            mask = torch.cat([torch.ones_like(mask[:, :1]), mask], 1)  # (B, 1 + L)
         # no mask at all when nothing is padded (images, Pathfinder): lets SDPA use its fused kernels
         return None if bool(mask.all()) else mask
 
@@ -192,12 +205,13 @@ class SequenceModel(nn.Module):
         h = self.encode(tokens, mask)
         if kind == "lm":
             return self.head(h)  # (B, L, V)
-        pooled = pool(h, mask, self.pooling)
+        pooling = "cls" if self.cls is not None else self.pooling  # the CLS token is first
+        pooled = pool(h, mask, pooling)
         if kind == "classify":
             return self.head(pooled)
         tokens2 = batch["tokens2"]
         mask2 = self.padding_mask(tokens2)
-        pooled2 = pool(self.encode(tokens2, mask2), mask2, self.pooling)
+        pooled2 = pool(self.encode(tokens2, mask2), mask2, pooling)
         return self.head(pooled, pooled2)
 
 

@@ -162,6 +162,23 @@ def test_padding_invariance(model_name, kind, overrides=()):
         torch.testing.assert_close(model(short), model(longer), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("positional", ["sinusoidal", "learned"])
+def test_a_cls_token_is_prepended_and_pooled(positional):
+    """model.pooling=cls_token (LRA's CLS token): padding still changes nothing, learned positions
+    cover the extra token, and the prediction reads the token (changing it changes the output)."""
+    overrides = ("model.pooling=cls_token", f"model.positional={positional}")
+    for kind in ("classify", "pair"):
+        test_padding_invariance("transformer", kind, overrides=overrides)
+    model = build_for_spec("transformer", SPECS["classify"], *overrides)
+    batch = random_batch(SPECS["classify"], 2, seed=3, padded=True)
+    with torch.no_grad():
+        before = model(batch)
+        model.cls.add_(torch.randn_like(model.cls))  # (a uniform shift would vanish in LayerNorm)
+        assert not torch.allclose(model(batch), before)
+    with pytest.raises(ValueError, match="model.pooling must be one of"):
+        build_for_spec("transformer", SPECS["classify"], "model.pooling=CLS")
+
+
 @pytest.mark.parametrize("model_name", MODELS)
 def test_causality_lm(model_name, overrides=()):
     """Changing token t leaves every output before t unchanged."""
