@@ -263,11 +263,43 @@ def kernel_convolution(u: torch.Tensor, K: torch.Tensor, *, bidirectional: bool)
     return torch.fft.irfft(torch.fft.rfft(u, n=2 * L) * torch.fft.rfft(K, n=2 * L), n=2 * L)[..., :L]
 
 
+S4D_INITS = ("lin", "inv", "legs")
+
+
+def s4d_init(init: str, N: int) -> torch.Tensor:
+    """The imaginary parts of A (N/2,) of S4D's inits, as the S4 repository's ``dplr`` builds them
+    (src/models/sequence/kernels/dplr.py; an S4D run there is ``model.layer.mode=diag
+    model.layer.init=diag-<init>``). The real part is -1/2 for all three; for mode n = 0 .. N/2 - 1
+
+    * ``lin``: pi n;
+    * ``inv``: (N / pi) (N / (2n + 1) - 1);
+    * ``legs``: the eigenvalues of HiPPO-LegS's normal part S = A + P P^T (-1/2 plus a skew
+      matrix; P_n = (n + 1/2)^(1/2)), one of each conjugate pair.
+
+    B is 1 for every init, ``dplr``'s default ``B_init='constant'`` (the configs do not set it).
+    """
+    if init not in S4D_INITS:
+        raise ValueError(f"model.mixer.init must be one of {S4D_INITS}, got {init!r}")
+    n = torch.arange(N // 2, dtype=torch.float64)
+    if init == "lin":
+        return (math.pi * n).float()
+    if init == "inv":
+        return (N / math.pi * (N / (2 * n + 1) - 1)).float()
+    k = torch.arange(N, dtype=torch.float64)
+    r = (2 * k + 1).sqrt()
+    A = -torch.tril(r[:, None] * r[None, :], -1) - torch.diag(k + 1)  # HiPPO-LegS
+    P = (k + 0.5).sqrt()
+    skew = A + P[:, None] * P[None, :] + 0.5 * torch.eye(N, dtype=torch.float64)  # S + 1/2 I: skew-symmetric
+    lam = torch.linalg.eigvalsh(-1j * skew.to(torch.complex128))  # skew v = i lam v
+    return lam[lam > 0].float()  # one eigenvalue of each conjugate pair
+
+
 class S4DKernel(nn.Module):
-    """S4D's convolution kernel (Gu et al. 2022), S4D-Lin init, ZOH discretisation.
+    """S4D's convolution kernel (Gu et al. 2022), S4D-Lin, -Inv or -LegS init, ZOH discretisation.
 
     With n = d_state / 2 complex modes (each stands for a conjugate pair, hence the 2 Re below),
-    A_n = -exp(log_A_real) + i A_imag = -0.5 + i pi n at init, dt = exp(log_dt):
+    A_n = -exp(log_A_real) + i A_imag (-0.5 + i pi n at init under S4D-Lin; :func:`s4d_init`),
+    dt = exp(log_dt):
 
         K[l] = 2 Re( sum_n C_n (exp(dt A_n) - 1) / A_n * exp(dt A_n l) ),  l = 0 .. L-1.
 
@@ -281,16 +313,19 @@ class S4DKernel(nn.Module):
         channels: independent kernels sharing A and dt (2 for a bidirectional layer).
         dt_min, dt_max: log_dt is drawn uniformly in [log dt_min, log dt_max].
         ssm_lr: learning rate of A and dt (marked with ``_optim``, no weight decay), as in S4.
+        init: ``lin``, ``inv`` or ``legs`` (:func:`s4d_init`); B = 1, folded into C.
     """
 
-    def __init__(self, d_model: int, *, d_state: int, channels: int, dt_min: float, dt_max: float, ssm_lr: float):
+    def __init__(self, d_model: int, *, d_state: int, channels: int, dt_min: float, dt_max: float, ssm_lr: float,
+                 init: str = "lin"):
         super().__init__()
         if d_state % 2:
             raise ValueError(f"model.mixer.d_state must be even (conjugate pairs), got {d_state}")
         H, n = d_model, d_state // 2
+        A_imag = s4d_init(init, d_state)
         self.log_dt = nn.Parameter(torch.rand(H) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
         self.log_A_real = nn.Parameter(torch.full((H, n), math.log(0.5)))
-        self.A_imag = nn.Parameter(math.pi * torch.arange(n, dtype=torch.float32).repeat(H, 1))
+        self.A_imag = nn.Parameter(A_imag.repeat(H, 1))
         self.C = nn.Parameter(torch.view_as_real(torch.randn(channels, H, n, dtype=torch.cfloat)))  # (c, H, n, 2)
         for p in (self.log_dt, self.log_A_real, self.A_imag):
             p._optim = {"lr": ssm_lr, "weight_decay": 0.0}
@@ -340,16 +375,17 @@ class S4D(nn.Module):
         ssm_lr: learning rate of A and dt.
         bidirectional: use a backward kernel too when ``causal`` is False.
         dropout: dropout after the GELU.
+        init: S4D-Lin, -Inv or -LegS (``lin``, ``inv``, ``legs``; :func:`s4d_init`).
     """
 
     def __init__(
         self, d_model: int, *, causal: bool, layer_idx: int = 0, d_state: int, dt_min: float, dt_max: float,
-        ssm_lr: float, bidirectional: bool, dropout: float = 0.0,
+        ssm_lr: float, bidirectional: bool, dropout: float = 0.0, init: str = "lin",
     ):
         super().__init__()
         self.bidirectional = bidirectional and not causal
         self.kernel = S4DKernel(d_model, d_state=d_state, channels=2 if self.bidirectional else 1,
-                                dt_min=dt_min, dt_max=dt_max, ssm_lr=ssm_lr)
+                                dt_min=dt_min, dt_max=dt_max, ssm_lr=ssm_lr, init=init)
         self.D = nn.Parameter(torch.randn(d_model))
         self.dropout = nn.Dropout(dropout)
         self.output_linear = nn.Linear(d_model, 2 * d_model)  # then GLU back to d_model

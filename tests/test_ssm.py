@@ -1,6 +1,7 @@
 """State-space mixers: the selective scan against a sequential recurrence, S4D's kernel against its
 recurrence, step() against forward, causality and padding invariance, and building from yaml."""
 
+import math
 from functools import partial
 
 import pytest
@@ -9,7 +10,7 @@ import torch.nn.functional as F
 
 from architectures.backbone import SequenceModel
 from architectures.mamba import Mamba, reverse_within_length
-from architectures.ssm import S4D, selective_scan, selective_scan_reference, selective_scan_torch
+from architectures.ssm import S4D, s4d_init, selective_scan, selective_scan_reference, selective_scan_torch
 from harness.api import build
 from tasks.base import TaskSpec
 
@@ -133,8 +134,9 @@ def test_selective_scan_cuda_matches_portable_path():
 # --------------------------------------------------------------------------- S4D
 
 
-def test_s4d_kernel_equals_its_recurrence():
-    layer = S4D(6, causal=False, bidirectional=True, **S4D_KW)
+@pytest.mark.parametrize("init", ["lin", "inv", "legs"])
+def test_s4d_kernel_equals_its_recurrence(init):
+    layer = S4D(6, causal=False, bidirectional=True, init=init, **S4D_KW)
     L = 70
     with torch.no_grad():
         K = layer.kernel(L)  # (2, H, L)
@@ -146,6 +148,26 @@ def test_s4d_kernel_equals_its_recurrence():
             want.append(2 * (C_eff * x).sum(-1).real)
             x = torch.exp(dtA) * x
         torch.testing.assert_close(K, torch.stack(want, -1), rtol=1e-4, atol=1e-5)
+
+
+def test_s4d_inits_are_the_s4_repositorys():
+    """S4D-Lin and -Inv by their formulas; S4D-LegS's modes are eigenvalues of HiPPO-LegS's normal
+    part (-1/2 + i lam, one per conjugate pair); Inv approximates LegS's fastest modes."""
+    N = 16
+    n = torch.arange(N // 2, dtype=torch.float32)
+    torch.testing.assert_close(s4d_init("lin", N), math.pi * n)
+    torch.testing.assert_close(s4d_init("inv", N), N / math.pi * (N / (2 * n + 1) - 1))
+    lam = s4d_init("legs", N)
+    k = torch.arange(N, dtype=torch.float64)
+    r = (2 * k + 1).sqrt()
+    S = -torch.tril(r[:, None] * r[None, :], -1) - torch.diag(k + 1) + (k + 0.5).sqrt()[:, None] * (k + 0.5).sqrt()[None]
+    eig = torch.linalg.eigvals(S)
+    assert torch.allclose(eig.real, torch.full_like(eig.real, -0.5), atol=1e-6)  # normal part: real -1/2
+    torch.testing.assert_close(lam.double().sort().values, eig.imag[eig.imag > 0].sort().values, rtol=1e-5, atol=1e-6)
+    big_legs, big_inv = s4d_init("legs", 64).sort().values, s4d_init("inv", 64).sort().values
+    assert ((big_legs[-4:] - big_inv[-4:]).abs() / big_legs[-4:]).max() < 0.1  # the fastest modes
+    with pytest.raises(ValueError, match="model.mixer.init must be one of"):
+        s4d_init("legt", N)
 
 
 def test_s4d_bidirectional_convolution_is_the_two_sided_sum():
