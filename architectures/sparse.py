@@ -4,7 +4,9 @@ Multi-head softmax attention (:class:`MultiHeadAttention`'s projections) where a
 only some keys:
 
 * ``local``: a sliding window of ``window`` keys. Causal: keys ``i - window < j <= i``.
-  Bidirectional: ``|i - j| <= window // 2`` (``window // 2`` on each side plus itself).
+  Bidirectional: ``i - (window - window // 2 - 1) <= j <= i + window // 2``, i.e. ``window // 2``
+  keys after the query and the rest before it and itself, as LRA's released Longformer builds
+  its window (symmetric for an odd window).
 * ``longformer`` (Beltagy et al. 2020): the window plus ``n_global`` global tokens (the first
   positions) that attend to every key and are attended by every query. In causal mode a global
   token, like every query, sees only the past.
@@ -41,7 +43,9 @@ def in_window(i: torch.Tensor, j: torch.Tensor, window: int, causal: bool) -> to
     """True where key position ``j`` lies in query position ``i``'s window (broadcasting)."""
     if causal:
         return (j <= i) & (j > i - window)
-    return (i - j).abs() <= window // 2
+    # LRA's Longformer window (_build_sliding_window_mask): window // 2 keys after the query, the
+    # rest before it and itself, so exactly ``window`` keys (an odd window is symmetric)
+    return (j - i <= window // 2) & (i - j <= window - window // 2 - 1)
 
 
 def sliding_window_mask(L: int, window: int, causal: bool, device=None) -> torch.Tensor:
@@ -326,7 +330,8 @@ class LocalAttention(SparseAttention):
         causal: attend only to the past (and the present).
         layer_idx: position in the stack (unused).
         n_heads: number of heads.
-        window: keys per query: causal ``i - window < j <= i``; bidirectional ``|i - j| <= window // 2``.
+        window: keys per query: causal ``i - window < j <= i``; bidirectional
+            ``i - (window - window // 2 - 1) <= j <= i + window // 2``.
         dropout: attention-weight dropout in training.
         positional: ``none``, or ``rope``, ``xpos``, ``alibi`` or ``t5`` (see :class:`MultiHeadAttention`).
     """

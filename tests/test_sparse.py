@@ -156,10 +156,11 @@ def test_local_with_window_covering_the_sequence_is_full_attention(causal):
     torch.testing.assert_close(local(x, mask) * real, full(x, mask) * real, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("causal", [True, False])
-def test_local_receptive_field_of_a_stack(causal):
-    """Changing token t moves exactly the outputs within n_layers windows of t."""
-    n_layers, window, L, t = 3, 5, 60, 30
+@pytest.mark.parametrize("causal,window", [(True, 5), (False, 5), (False, 6)])
+def test_local_receptive_field_of_a_stack(causal, window):
+    """Changing token t moves exactly the outputs within n_layers windows of t (an even window
+    reaches window // 2 after a query and one less before it, so t reaches further back)."""
+    n_layers, L, t = 3, 60, 30
     kind = "lm" if causal else "classify"
     spec = TaskSpec(kind=kind, vocab_size=11, n_outputs=11, seq_len=L)
     torch.manual_seed(0)
@@ -170,9 +171,23 @@ def test_local_receptive_field_of_a_stack(causal):
     changed[0, t] = tokens[0, t] % 10 + 1
     moved = (model.encode(tokens, None) - model.encode(changed, None)).abs().amax(-1)[0] > 1e-6  # (L,)
     pos = torch.arange(L)
-    reach = n_layers * (window - 1) if causal else n_layers * (window // 2)
-    expected = (pos >= t) & (pos <= t + reach) if causal else (pos - t).abs() <= reach
-    assert torch.equal(moved, expected), (moved.nonzero().flatten().tolist(), reach)
+    if causal:
+        expected = (pos >= t) & (pos <= t + n_layers * (window - 1))
+    else:  # query p reads keys p - (window - window // 2 - 1) .. p + window // 2
+        expected = (pos >= t - n_layers * (window // 2)) & (pos <= t + n_layers * (window - window // 2 - 1))
+    assert torch.equal(moved, expected), moved.nonzero().flatten().tolist()
+
+
+@pytest.mark.parametrize("window", [4, 5, 512])
+def test_a_window_has_window_keys_as_lras_longformer_builds_it(window):
+    """Bidirectional: window // 2 keys after the query, the rest before it and itself (LRA's
+    _build_sliding_window_mask: right_size = window // 2, left_size = window - right_size)."""
+    L = 2 * window + 3
+    allowed = sliding_window_mask(L, window, causal=False)
+    i = L // 2
+    keys = allowed[i].nonzero().flatten() - i
+    right = window // 2
+    assert keys.tolist() == list(range(-(window - right - 1), right + 1)) and len(keys) == window
 
 
 @pytest.mark.parametrize("name", ["local", "longformer", "bigbird"])
