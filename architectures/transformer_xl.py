@@ -273,8 +273,8 @@ class TransformerXL(nn.Module):
         clamp_len: distances beyond it share the embedding of ``clamp_len``; <= 0 never clamps.
         same_length: every query attends to the same number of keys, its last ``mem_len``.
         eval_seg_len, eval_mem_len, eval_clamp_len, eval_same_length: the same, in eval mode
-            (``model.eval()``); None keeps the training value. ``eval_mem_len`` applies only to a
-            model with memory: ``mem_len = 0`` (the ablation) evaluates without memory too.
+            (``model.eval()``); None keeps the training value. They apply only to a model with
+            memory: ``mem_len = 0`` (the ablation) evaluates with its training lengths.
         stream: ``lm`` only: carry the memory from one call to the next (detached), one memory for
             training and one for evaluation, the latter emptied at every switch to eval mode: the
             paper's training over consecutive segments of ``batch_size`` streams. The caller must
@@ -321,9 +321,11 @@ class TransformerXL(nn.Module):
         self.pooling = pooling
         self.stream = stream
         self.train_lengths = Lengths(seg_len, mem_len, clamp_len, same_length)
-        self.eval_lengths = Lengths(
+        # without memory (the ablation) the evaluation lengths would only shorten the context:
+        # the reference's train.py keeps it (ext_len) where it lengthens mem_len for a model with memory
+        self.eval_lengths = self.train_lengths if mem_len == 0 else Lengths(
             seg_len if eval_seg_len is None else eval_seg_len,
-            mem_len if eval_mem_len is None or mem_len == 0 else eval_mem_len,
+            mem_len if eval_mem_len is None else eval_mem_len,
             clamp_len if eval_clamp_len is None else eval_clamp_len,
             same_length if eval_same_length is None else eval_same_length,
         )

@@ -357,8 +357,9 @@ def test_evaluation_lengths_apply_in_eval_mode_only():
         assert len(model.last_mems) == 2 and model.last_mems[0].shape[1] == 6
         model.train()
         torch.testing.assert_close(model({"tokens": tokens}), trained_like({"tokens": tokens}))
-    # the no-memory ablation evaluates without memory whatever eval_mem_len says
-    assert make(mem_len=0, eval_mem_len=8).eval().mem_len == 0
+    # the no-memory ablation evaluates with its training lengths whatever the eval_* keys say
+    ablation = make(seg_len=4, mem_len=0, **lengths).eval()
+    assert (ablation.seg_len, ablation.mem_len, ablation.clamp_len, ablation.same_length) == (4, 0, -1, False)
 
 
 def test_stream_mode_carries_memory_across_calls_like_one_concatenated_stream():
