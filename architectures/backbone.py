@@ -4,7 +4,8 @@ final norm and the task head.
 Architectures plug in only their sequence mixer, built as
 ``mixer(d_model, causal=..., layer_idx=i)`` from a Hydra ``_partial_`` config, with the
 contract ``forward(x (B, L, D), mask (B, L) bool or None) -> (B, L, D)``; ``mask`` is True at
-real tokens. The model maps a task batch (see :mod:`tasks.base`) to logits:
+real tokens. A mixer class may also declare ``init_model(model, *, n_layers, d_ff)``, called once
+the whole model is built (heads tied): the model-level init of its official code. The model maps a task batch (see :mod:`tasks.base`) to logits:
 
 =========  =====================
 kind       logits
@@ -160,6 +161,11 @@ class SequenceModel(nn.Module):
             self.head = nn.Linear(d_model, spec.n_outputs, bias=False)
             if tie_embeddings and spec.n_outputs == spec.vocab_size:
                 self.head.weight = self.embed.weight
+        # a mixer family may re-initialise the whole model as its official code does (after tying,
+        # as there): ``MixerClass.init_model(model, n_layers=..., d_ff=...)``, e.g. Mamba's _init_weights
+        init_model = getattr(getattr(mixer, "func", mixer), "init_model", None)
+        if init_model is not None:
+            init_model(self, n_layers=n_layers, d_ff=d_ff)
 
     def encode(self, tokens: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """Tokens (B, L) -> final hidden states (B, L, D), or (B, 1 + L, D) with a CLS token

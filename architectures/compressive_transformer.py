@@ -99,6 +99,12 @@ class CompressiveTransformer(TransformerXL):
                 f"a compressed memory needs model.mem_len > 0 and model.compression_rate={compression_rate} "
                 f"dividing model.seg_len={S} and model.mem_len={W} (positions leave the memory a segment at a time)"
             )
+        t = self.train_lengths
+        if cmem_len and (t.clamp_len > 0 or t.same_length or self.eval_lengths != t):
+            raise ValueError(
+                "a compressed memory (model.cmem_len > 0) reads with one set of lengths and no distance clamp: "
+                "leave model.clamp_len <= 0, model.same_length false and model.eval_* null (Transformer-XL's "
+                "evaluation lengths are for model=transformer_xl)")
         self.cmem_len, self.rate, self.reconstruction_weight = cmem_len, compression_rate, reconstruction_weight
         self.aux_loss: torch.Tensor | None = None
         if cmem_len:

@@ -7,6 +7,14 @@
     y = selective_scan(x, dt, A = -exp(A_log), B, C, D, z, delta_softplus)   (y *= SiLU(z) inside)
     out = out_proj(y)
 
+Model-level init (:meth:`Mamba.init_model`, which the shared backbone calls once the model is
+built): state-spaces/mamba ``mamba_ssm/models/mixer_seq_simple.py`` ``_init_weights``, applied to
+the whole model as ``MixerModel`` and ``MambaLMHeadModel`` do: embeddings N(0, 0.02), every Linear
+bias zeroed except dt_proj's (marked ``_no_reinit`` there and here), and each residual branch's
+output projection re-drawn with PyTorch's default and divided by sqrt(n_residuals_per_layer *
+n_layers) (GPT-2's scheme; 1 residual per layer without feed-forward, 2 with). The yaml ties the
+embedding to the LM head (``tie_embeddings: true`` as ``MambaConfig``).
+
 The block is causal, as in the paper. With ``bidirectional: true`` on a non-causal task
 (classify/pair) the same block (same weights) also runs on each sequence reversed within its
 real length, and the two outputs are summed. Either way right padding cannot reach real tokens:
@@ -21,6 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from architectures.layers import FeedForward
 from architectures.ssm import selective_scan
 
 
@@ -80,11 +89,35 @@ class Mamba(nn.Module):
         dt = dt.clamp(min=dt_init_floor)
         with torch.no_grad():
             self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
+        self.dt_proj.bias._no_reinit = True  # init_model keeps it (mamba_simple.py marks it so)
         # S4D-real init: A_n = -(n + 1), stored as log for positivity
         self.A_log = nn.Parameter(torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(E, 1))
         self.D = nn.Parameter(torch.ones(E))
         self.A_log._optim = {"weight_decay": 0.0}
         self.D._optim = {"weight_decay": 0.0}
+
+    @staticmethod
+    def init_model(model: nn.Module, *, n_layers: int, d_ff: int, initializer_range: float = 0.02) -> None:
+        """The official model-level init (mixer_seq_simple.py ``_init_weights``, see the module docstring).
+
+        Args:
+            model: the whole model, built and tied.
+            n_layers: number of blocks (the n_layer of the 1/sqrt rescale).
+            d_ff: feed-forward width; 0 (Mamba's blocks) means one residual branch per block.
+            initializer_range: std of the embeddings (0.02).
+        """
+        n_residuals = 1 if d_ff == 0 else 2  # the official n_residuals_per_layer
+        for module in model.modules():
+            if isinstance(module, nn.Linear) and module.bias is not None and not getattr(module.bias, "_no_reinit", False):
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=initializer_range)
+            # the official names: out_proj (the mixer's output) and fc2 (its MLP's output, our FeedForward.down)
+            out = module.out_proj if isinstance(module, Mamba) else module.down if isinstance(module, FeedForward) else None
+            if out is not None:
+                nn.init.kaiming_uniform_(out.weight, a=math.sqrt(5))  # PyTorch's Linear default, drawn again
+                with torch.no_grad():
+                    out.weight /= math.sqrt(n_residuals * n_layers)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         y = self.scan(x)

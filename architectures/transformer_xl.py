@@ -10,7 +10,8 @@ Two ideas on top of a causal Transformer:
   ablation: segments are processed independently.
 * **Relative positional attention.** No absolute positions anywhere; the score of query i
   on key j is ``(q_i + u) . k_j + (q_i + v) . W_r R[i - j]``, with R the sinusoidal embedding
-  of the distance and u, v learned per-head biases (the paper's terms (a)+(c) and (b)+(d)).
+  of the distance and u, v learned per-head biases (the paper's terms (a)+(c) and (b)+(d)),
+  one pair shared by all layers as in the reference (``untie_r: true`` gives each layer its own).
   The second term is computed for all distances at once and aligned with :func:`rel_shift`.
 
 Which window a query sees: query t of segment s attends to keys p with
@@ -31,7 +32,9 @@ Task kinds (same outside contract as :class:`architectures.backbone.SequenceMode
 * ``lm``: one call reads the whole (B, L) batch as L / seg_len segments; memory starts empty
   unless ``mems`` is given. After every ``lm`` call ``self.last_mems`` holds the detached
   memory, so contiguous streaming (char_lm, as in the paper's training and evaluation) is
-  ``model(batch, mems=model.last_mems)`` on consecutive chunks of one stream.
+  ``model(batch, mems=model.last_mems)`` on consecutive chunks of one stream. ``stream=True``
+  does that inside the model, call after call (the trainer then feeds each batch row the next
+  window of its own stream: the paper's training and evaluation).
 * ``classify`` / ``pair``: the sequence is read the same way, causally within
   ``[memory; segment]`` as in the paper (a bidirectional segment would not be Transformer-XL
   any more), and the final hidden states are pooled over real tokens (``mean``/``cls``/
@@ -39,6 +42,11 @@ Task kinds (same outside contract as :class:`architectures.backbone.SequenceMode
   trailing all-pad columns of a batch are dropped before reading. ``cls`` pools token 0,
   which under causal attention has seen only itself; prefer ``last`` or ``mean``.
 * ``seq2seq``: a prefix LM on ``source + [sep] + target[:-1]`` (:func:`prefix_lm_layout`).
+
+Training and evaluation lengths: as the reference's ``reset_length`` around ``evaluate``, eval mode
+(``model.eval()``) reads with ``eval_seg_len``, ``eval_mem_len``, ``eval_clamp_len`` and
+``eval_same_length`` (kimiyoung/transformer-xl ``pytorch/run_enwik8_base.sh eval``: tgt_len 80,
+mem_len 2100, clamp_len 820, same_length), training mode with the training ones.
 
 Deviations from the reference code, all to share the backbone's pieces: pre-norm blocks (the
 reference's ``pre_lnorm`` option) with ``make_norm``, the shared GELU ``FeedForward``, a plain
@@ -48,6 +56,7 @@ embedding without the sqrt(d_model) scale, and u, v initialised N(0, 0.02) like 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -82,30 +91,44 @@ def rel_shift(x: torch.Tensor) -> torch.Tensor:
     return padded[:, :, 1:].reshape(B, H, S, K)  # (B, H, S, K)
 
 
-def window_mask(L: int, seg_len: int, mem_len: int, device=None) -> torch.Tensor:
+def window_mask(L: int, seg_len: int, mem_len: int, same_length: bool = False, device=None) -> torch.Tensor:
     """(L, L) bool: True where query t may attend key p under segment recurrence.
 
     The plain full-length description of what the segment loop computes: key p is visible
-    from query t in segment ``s = t // seg_len`` iff ``s * seg_len - mem_len <= p <= t``.
+    from query t in segment ``s = t // seg_len`` iff ``s * seg_len - mem_len <= p <= t``; with
+    ``same_length`` (and ``mem_len > 0``) also ``t - p < mem_len``: every query sees the same
+    number of keys, its last ``mem_len`` positions, wherever it sits in its segment.
     """
     t = torch.arange(L, device=device)[:, None]
     p = torch.arange(L, device=device)[None, :]
     first = (t // seg_len) * seg_len - mem_len
-    return (p <= t) & (p >= first)
+    allowed = (p <= t) & (p >= first)
+    if same_length and mem_len > 0:
+        allowed = allowed & (t - p < mem_len)
+    return allowed
 
 
-def segment_mask(n_segments: int, seg_len: int, mem_len: int, mem_given: int, device=None) -> torch.Tensor:
+def segment_mask(
+    n_segments: int, seg_len: int, mem_len: int, mem_given: int, same_length: bool = False, device=None
+) -> torch.Tensor:
     """(n, S, W + S) bool: which of [W memory slots; S segment tokens] each query of each segment sees.
 
     Memory slot j of segment s holds position ``s * seg_len - mem_len + j`` (counted from this
     call's first token); it exists if that is not before the ``mem_given`` positions of memory
-    handed in from a previous call. Within the segment, attention is causal.
+    handed in from a previous call. Within the segment, attention is causal. ``same_length``
+    (the reference's flag, with ``mem_len > 0``) keeps only keys at distance < W: query i sits at
+    context index W + i, so context index c is kept iff ``W + i - c < W``, i.e. ``c > i``.
     """
     S, W = seg_len, mem_len
     slot = torch.arange(n_segments, device=device)[:, None] * S - W + torch.arange(W, device=device)  # (n, W)
     memory_ok = (slot >= -mem_given)[:, None, :].expand(n_segments, S, W)
     causal = torch.ones(S, S, dtype=torch.bool, device=device).tril().expand(n_segments, S, S)
-    return torch.cat([memory_ok, causal], dim=-1)  # (n, S, W + S)
+    allowed = torch.cat([memory_ok, causal], dim=-1)  # (n, S, W + S)
+    if same_length and W > 0:
+        i = torch.arange(S, device=device)[:, None]  # (S, 1)
+        c = torch.arange(W + S, device=device)[None, :]  # (1, W + S)
+        allowed = allowed & (c > i)
+    return allowed
 
 
 class RelativeAttention(nn.Module):
@@ -114,7 +137,10 @@ class RelativeAttention(nn.Module):
     Args:
         d_model: model width.
         n_heads: number of heads; ``d_model`` must divide evenly.
-        dropout: attention-weight dropout in training.
+        dropout: attention-weight dropout in training (the reference's ``dropatt``).
+
+    ``u`` and ``v`` are this layer's own; :class:`TransformerXL` replaces them with one pair shared
+    by every layer unless ``untie_r`` (the reference's ``r_w_bias``, ``r_r_bias``).
     """
 
     def __init__(self, d_model: int, *, n_heads: int, dropout: float = 0.0):
@@ -172,13 +198,14 @@ class XLBlock(nn.Module):
     """
 
     def __init__(
-        self, d_model: int, *, n_heads: int, d_ff: int, dropout: float, norm: str, seg_len: int, mem_len: int
+        self, d_model: int, *, n_heads: int, d_ff: int, dropout: float, norm: str, seg_len: int, mem_len: int,
+        dropatt: float = 0.0,
     ):
         super().__init__()
-        self.seg_len = seg_len
+        self.seg_len = seg_len  # the model sets both for training or evaluation (TransformerXL.train)
         self.mem_len = mem_len
         self.norm1 = make_norm(norm, d_model)
-        self.attn = RelativeAttention(d_model, n_heads=n_heads, dropout=dropout)
+        self.attn = RelativeAttention(d_model, n_heads=n_heads, dropout=dropatt)
         self.norm2 = make_norm(norm, d_model)
         self.ffn = FeedForward(d_model, d_ff=d_ff, dropout=dropout)
         self.dropout = nn.Dropout(dropout)
@@ -212,6 +239,21 @@ class XLBlock(nn.Module):
         return x + self.dropout(self.ffn(self.norm2(x)))
 
 
+@dataclass(frozen=True)
+class Lengths:
+    """The lengths a Transformer-XL reads with (the reference's ``reset_length`` plus its masks).
+
+    ``seg_len`` (the reference's ``tgt_len``), ``mem_len``, ``clamp_len`` (distances beyond it use
+    the embedding of ``clamp_len``; <= 0: no clamp) and ``same_length`` (every query sees its last
+    ``mem_len`` positions; see :func:`segment_mask`).
+    """
+
+    seg_len: int
+    mem_len: int
+    clamp_len: int
+    same_length: bool
+
+
 class TransformerXL(nn.Module):
     """Transformer-XL with its own segment-recurrent backbone and the shared task heads.
 
@@ -221,9 +263,22 @@ class TransformerXL(nn.Module):
         n_layers: number of blocks.
         n_heads: attention heads per block.
         d_ff: feed-forward width.
-        dropout: dropout on embeddings, residual branches and attention weights.
+        dropout: dropout on embeddings and residual branches (the reference's ``dropout``).
+        dropatt: dropout on the attention weights (the reference's ``dropatt``; 0.0 in its
+            enwik8/text8 scripts and the default of its ``train.py``).
+        untie_r: one pair of biases u, v per layer; False (the reference) shares one pair across
+            all layers (``r_w_bias``, ``r_r_bias`` of ``MemTransformerLM``).
         seg_len: tokens per segment (the paper's ``tgt_len``).
         mem_len: cached positions per layer; 0 turns recurrence off.
+        clamp_len: distances beyond it share the embedding of ``clamp_len``; <= 0 never clamps.
+        same_length: every query attends to the same number of keys, its last ``mem_len``.
+        eval_seg_len, eval_mem_len, eval_clamp_len, eval_same_length: the same, in eval mode
+            (``model.eval()``); None keeps the training value. They apply only to a model with
+            memory: ``mem_len = 0`` (the ablation) evaluates with its training lengths.
+        stream: ``lm`` only: carry the memory from one call to the next (detached), one memory for
+            training and one for evaluation, the latter emptied at every switch to eval mode: the
+            paper's training over consecutive segments of ``batch_size`` streams. The caller must
+            feed consecutive batches (the trainer's stream order, :meth:`tasks.char_lm.CharLM.stream_indices`).
         pooling: ``mean``, ``cls`` or ``last`` for ``classify`` and ``pair``.
         norm: ``layernorm`` or ``rmsnorm``.
     """
@@ -237,32 +292,57 @@ class TransformerXL(nn.Module):
         n_heads: int,
         d_ff: int,
         dropout: float = 0.0,
+        dropatt: float = 0.0,
+        untie_r: bool = False,
         seg_len: int,
         mem_len: int,
+        clamp_len: int = -1,
+        same_length: bool = False,
+        eval_seg_len: int | None = None,
+        eval_mem_len: int | None = None,
+        eval_clamp_len: int | None = None,
+        eval_same_length: bool | None = None,
+        stream: bool = False,
         pooling: str = "mean",
         norm: str = "layernorm",
     ):
         super().__init__()
-        if seg_len < 1:
-            raise ValueError(f"model.seg_len must be >= 1, got {seg_len}")
-        if mem_len < 0:
-            raise ValueError(f"model.mem_len must be >= 0 (0 turns recurrence off), got {mem_len}")
+        for key, value in (("seg_len", seg_len), ("eval_seg_len", eval_seg_len)):
+            if value is not None and value < 1:
+                raise ValueError(f"model.{key} must be >= 1, got {value}")
+        for key, value in (("mem_len", mem_len), ("eval_mem_len", eval_mem_len)):
+            if value is not None and value < 0:
+                raise ValueError(f"model.{key} must be >= 0 (0 turns recurrence off), got {value}")
         if pooling not in ("mean", "cls", "last"):
             raise ValueError(f"model.pooling must be 'mean', 'cls' or 'last', got {pooling!r}")
         if spec.kind == "seq2seq" and spec.sep_id is None:
             raise UnsupportedTask("transformer_xl runs seq2seq as a prefix LM and needs the task's sep_id")
         self.spec = spec
-        self.seg_len = seg_len
-        self.mem_len = mem_len
         self.pooling = pooling
+        self.stream = stream
+        self.train_lengths = Lengths(seg_len, mem_len, clamp_len, same_length)
+        # without memory (the ablation) the evaluation lengths would only shorten the context:
+        # the reference's train.py keeps it (ext_len) where it lengthens mem_len for a model with memory
+        self.eval_lengths = self.train_lengths if mem_len == 0 else Lengths(
+            seg_len if eval_seg_len is None else eval_seg_len,
+            mem_len if eval_mem_len is None else eval_mem_len,
+            clamp_len if eval_clamp_len is None else eval_clamp_len,
+            same_length if eval_same_length is None else eval_same_length,
+        )
         self.embed = nn.Embedding(spec.vocab_size, d_model)
         # a query sees at most mem_len + seg_len keys: one table of distances serves every segment
-        self.register_buffer("distances", sinusoidal_positions(seg_len + mem_len, d_model), persistent=False)
+        longest = max(n.seg_len + n.mem_len for n in (self.train_lengths, self.eval_lengths))
+        self.register_buffer("distances", sinusoidal_positions(longest, d_model), persistent=False)
         self.dropout = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(
-            XLBlock(d_model, n_heads=n_heads, d_ff=d_ff, dropout=dropout, norm=norm, seg_len=seg_len, mem_len=mem_len)
+            XLBlock(d_model, n_heads=n_heads, d_ff=d_ff, dropout=dropout, dropatt=dropatt, norm=norm,
+                    seg_len=seg_len, mem_len=mem_len)
             for _ in range(n_layers)
         )
+        if not untie_r:  # the reference: one u (r_w_bias) and one v (r_r_bias) for all layers
+            for block in self.blocks[1:]:
+                block.attn.u = self.blocks[0].attn.u
+                block.attn.v = self.blocks[0].attn.v
         self.norm = make_norm(norm, d_model)
         if spec.kind == "classify":
             self.head = ClassifierHead(d_model, spec.n_outputs)
@@ -271,7 +351,43 @@ class TransformerXL(nn.Module):
         else:
             self.head = nn.Linear(d_model, spec.n_outputs, bias=False)
         self.last_mems: list[torch.Tensor] | None = None
+        self.carried: dict[bool, list | None] = {True: None, False: None}  # stream memory, by self.training
+        self.use_lengths(self.train_lengths)
 
+    # -- training and evaluation lengths, carried memory ---------------------------------------
+    def use_lengths(self, lengths: Lengths) -> None:
+        self.seg_len, self.mem_len = lengths.seg_len, lengths.mem_len
+        self.clamp_len, self.same_length = lengths.clamp_len, lengths.same_length
+        for block in self.blocks:
+            block.seg_len, block.mem_len = lengths.seg_len, lengths.mem_len
+
+    def train(self, mode: bool = True):
+        """Switch dropout and the lengths (training or ``eval_*``, as the reference's
+        ``reset_length`` around its ``evaluate``); entering eval mode empties the evaluation memory."""
+        super().train(mode)
+        self.use_lengths(self.train_lengths if mode else self.eval_lengths)
+        if not mode:
+            self.carried[False] = None
+        return self
+
+    def reset_memory(self) -> None:
+        """Forget the carried memories (stream mode): the next call starts with an empty memory."""
+        self.carried = {True: None, False: None}
+
+    def carried_memory(self, batch_size: int) -> list | None:
+        """The memory the previous call of this mode left, if it was on the same batch size."""
+        mems = self.carried[self.training]
+        if mems is None or _batch_of(mems[0]) != batch_size:
+            return None
+        return mems
+
+    def distance_table(self, K: int) -> torch.Tensor:
+        """(K, D): row d embeds distance min(d, clamp_len) (the reference clamps ``pos_seq``)."""
+        if self.clamp_len <= 0 or self.clamp_len >= K - 1:
+            return self.distances[:K]
+        return self.distances[torch.arange(K, device=self.distances.device).clamp(max=self.clamp_len)]
+
+    # -- reading -------------------------------------------------------------------------------
     def encode(
         self, tokens: torch.Tensor, mems: list[torch.Tensor] | None = None
     ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
@@ -302,14 +418,15 @@ class TransformerXL(nn.Module):
         x = self.dropout(self.embed(tokens))  # (B, L, D)
         # round up to whole segments; the zero tail lies in the future of every real token
         x = F.pad(x, (0, 0, 0, n * S - L))  # (B, n*S, D)
-        allowed = segment_mask(n, S, W, 0 if mems is None else mems[0].shape[1], device=x.device)
+        allowed = segment_mask(n, S, W, 0 if mems is None else mems[0].shape[1], self.same_length, device=x.device)
+        distances = self.distance_table(S + W)  # (S + W, D)
         new_mems = []
         for i, block in enumerate(self.blocks):
             mem = None if mems is None else mems[i]
             if W > 0:
                 entered = x[:, :L] if mem is None else torch.cat([mem, x[:, :L]], dim=1)
                 new_mems.append(entered[:, -W:].detach())
-            x = block(x, mem, allowed, self.distances)
+            x = block(x, mem, allowed, distances)
         return self.norm(x[:, :L]), (new_mems if W > 0 else None)
 
     def pooled(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -327,11 +444,17 @@ class TransformerXL(nn.Module):
         Args:
             batch: the task's batch dict.
             mems: ``lm`` only: memory carried over from the previous chunk of the same streams
-                (``model.last_mems``); None starts with an empty memory.
+                (``model.last_mems``); None starts with an empty memory, or in stream mode with
+                the memory the previous call of this mode left.
         """
         kind = self.spec.kind
         if kind == "lm":
-            h, self.last_mems = self.encode(batch["tokens"], mems)
+            tokens = batch["tokens"]
+            if mems is None and self.stream:
+                mems = self.carried_memory(tokens.shape[0])
+            h, self.last_mems = self.encode(tokens, mems)
+            if self.stream:
+                self.carried[self.training] = self.last_mems
             return self.head(h)  # (B, L, V)
         if mems is not None:
             raise ValueError(f"mems can only be carried across batches for lm tasks, not {kind}")
@@ -346,3 +469,8 @@ class TransformerXL(nn.Module):
         if kind == "classify":
             return self.head(pooled)
         return self.head(pooled, self.pooled(batch["tokens2"]))
+
+
+def _batch_of(memory) -> int:
+    """Batch size of one layer's carried memory (a tensor, or the Compressive Transformer's pair)."""
+    return (memory[0] if isinstance(memory, (tuple, list)) else memory).shape[0]

@@ -150,6 +150,7 @@ class Trainer:
         self.logger = logger
         self.train_set = task.dataset("train")
         self.val_set = task.dataset("val")
+        self.stream = self.check_stream(model, task)
         self.optimizer = torch.optim.AdamW(
             param_groups(model, lr=trainer_cfg.lr, weight_decay=trainer_cfg.weight_decay),
             lr=trainer_cfg.lr, betas=tuple(trainer_cfg.betas),
@@ -165,6 +166,45 @@ class Trainer:
         self.resumed_from: int | None = None
 
     # -- data -------------------------------------------------------------------------------
+    @staticmethod
+    def check_stream(model, task) -> bool:
+        """True for a model that carries its memory from one batch to the next (``model.stream``,
+        Transformer-XL on ``lm``): the data then comes in the task's stream order."""
+        if not (getattr(model, "stream", False) and task.spec.kind == "lm"):
+            return False
+        if not hasattr(task, "stream_indices"):
+            raise ValueError(
+                f"model.stream=true carries the memory from one batch to the next, which needs a task whose "
+                f"windows are consecutive pieces of one text (task=char_lm); task {type(task).__name__} has no "
+                "stream order: set model.stream=false")
+        return True
+
+    def train_indices(self, step: int) -> torch.Tensor:
+        """This rank's rows of the training batch at ``step``: a seeded shuffle, or in stream mode
+        row r the next window of stream r (the model's memory emptied when the streams start over).
+        The carried memory is not checkpointed: a resumed stream run starts it empty at its step."""
+        n, size = len(self.train_set), self.cfg.batch_size
+        if self.stream:
+            idx = self.task.stream_indices(step, n_windows=n, batch_size=size)
+            if int(idx[0]) == 0:  # every stream back at its first window: no memory from the streams' ends
+                self.model.reset_memory()
+        else:
+            idx = batch_indices(step, n_examples=n, batch_size=size, seed=self.seed)
+        share = size // self.world.size
+        return idx[self.world.rank * share:(self.world.rank + 1) * share]  # this rank's part of the batch
+
+    def stream_eval_batches(self, dataset, limit: int | None, size: int):
+        """Stream order over a whole split (its first ``limit`` batches): each rank scores its share
+        of the streams; the model empties its evaluation memory when evaluation starts."""
+        if size % self.world.size:
+            raise ValueError(f"stream evaluation splits the {size} streams of a batch among {self.world.size} "
+                             "processes: set trainer.eval_batch_size to a multiple of the process count")
+        n_batches = len(dataset) // size
+        share = size // self.world.size
+        for step in range(n_batches if limit is None else min(limit, n_batches)):
+            idx = self.task.stream_indices(step, n_windows=len(dataset), batch_size=size)
+            yield dataset[idx[self.world.rank * share:(self.world.rank + 1) * share]]
+
     def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device, non_blocking=True).long() if not v.is_floating_point()
                 else v.to(self.device) for k, v in batch.items()}
@@ -173,6 +213,9 @@ class Trainer:
         """Batches over the whole split, or over a fixed random subset of ``limit`` batches (the
         same subset at every evaluation; a split stored in label order must not bias it)."""
         size = self.cfg.eval_batch_size or self.cfg.batch_size
+        if self.stream:
+            yield from self.stream_eval_batches(dataset, limit, size)
+            return
         order = torch.arange(len(dataset))
         if limit is not None and limit * size < len(dataset):
             order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:limit * size]
@@ -352,10 +395,7 @@ class Trainer:
         self.model.train()
         last_val = None
         while s.step < cfg.steps:
-            idx = batch_indices(s.step, n_examples=len(self.train_set), batch_size=cfg.batch_size, seed=self.seed)
-            share = cfg.batch_size // self.world.size
-            idx = idx[self.world.rank * share:(self.world.rank + 1) * share]  # this rank's part of the batch
-            batch = self.to_device(self.train_set[idx])
+            batch = self.to_device(self.train_set[self.train_indices(s.step)])
             self.timer.start()
             s.last_train_loss = self.train_step(batch)
             self.timer.stop()

@@ -19,6 +19,14 @@ Worked example (seq_len = 4, split bytes ``b"hello world"``)::
 
     tokens   h  e  l  l      o  _  w  o
     targets  e  l  l  o      _  w  o  r
+
+Stream order (:func:`stream_indices`, for a model that carries memory across batches, e.g.
+``model=transformer_xl model.stream=true``): the windows, in text order, are cut into
+``batch_size`` streams of ``n // batch_size`` consecutive windows; row r of the batch at step s
+is window s of stream r (modulo the stream length), so each row continues the previous batch's
+row in the text. This is the reference's ``LMOrderedIterator`` (kimiyoung/transformer-xl
+``pytorch/data_utils.py``: the corpus viewed as ``(batch_size, -1)``, batch i the columns
+``[i * tgt_len, (i + 1) * tgt_len)``), with a tail of fewer than ``batch_size`` windows dropped.
 """
 
 from __future__ import annotations
@@ -141,6 +149,21 @@ def windows(stream: torch.Tensor, seq_len: int) -> dict[str, torch.Tensor]:
     return {"tokens": tokens, "targets": targets}
 
 
+def stream_indices(step: int, *, n_windows: int, batch_size: int) -> torch.Tensor:
+    """Window indices (batch_size,) of the batch at ``step`` in stream order (module docstring).
+
+    Row r is window ``r * per_stream + step % per_stream``, ``per_stream = n_windows // batch_size``;
+    the streams start over (row r back at its first window) every ``per_stream`` steps.
+    """
+    per_stream = n_windows // batch_size
+    if per_stream == 0:
+        raise ValueError(
+            f"char_lm stream order: a batch of {batch_size} streams needs at least {batch_size} windows, the "
+            f"split has {n_windows}; lower trainer.batch_size (trainer.eval_batch_size for val/test) or task.seq_len"
+        )
+    return torch.arange(batch_size) * per_stream + step % per_stream
+
+
 class CharLM:
     """Byte-level language modelling as an ``lm`` task, metric ``bpc``.
 
@@ -220,6 +243,11 @@ class CharLM:
         stream = self._load()[split]
         self._check_length(split, stream, seq_len)
         return ArrayDataset(windows(stream, seq_len))
+
+    def stream_indices(self, step: int, *, n_windows: int, batch_size: int) -> torch.Tensor:
+        """Stream order over a split's windows (:func:`stream_indices`): the windows are consecutive
+        pieces of one text, so a model may carry its memory from one batch to the next."""
+        return stream_indices(step, n_windows=n_windows, batch_size=batch_size)
 
     def describe(self) -> str:
         streams = self._load()

@@ -196,12 +196,18 @@ def test_txl_memory_sizes():
     for experiment in ("txl_memory", "txl_memory_cpu"):
         cfgs = swept(experiment)
         assert sorted(c.model.mem_len for c in cfgs)[0] == 0 and max(c.model.mem_len for c in cfgs) > 0
-        for c in cfgs:  # memory only helps within a sequence: at least 4 segments per sequence
-            assert c.model.name == "transformer_xl" and c.task.name == "char_lm"
-            assert c.task.seq_len % c.model.seg_len == 0 and c.task.seq_len // c.model.seg_len >= 4
+        for c in cfgs:  # the paper's setting: memory carried across consecutive batches of streams
+            assert c.model.name == "transformer_xl" and c.task.name == "char_lm" and c.model.stream
+            assert c.task.seq_len % c.model.seg_len == 0
     full = compose_config(["experiment=txl_memory", "task.path=/data/enwik8"])
     assert (full.model.n_layers, full.model.d_model, full.model.n_heads, full.model.d_ff) == (12, 512, 8, 2048)
-    assert full.model.seg_len == full.model.mem_len == 512
+    assert full.model.seg_len == full.model.mem_len == full.task.seq_len == 512
+    # run_enwik8_base.sh: dropatt 0.0, shared u/v (MemTransformerLM), eval tgt_len 80 mem_len 2100
+    # clamp_len 820 same_length; train.py: 10 evaluation streams
+    m = full.model
+    assert (m.dropout, m.dropatt, m.untie_r) == (0.1, 0.0, False)
+    assert (m.eval_seg_len, m.eval_mem_len, m.eval_clamp_len, m.eval_same_length) == (80, 2100, 820, True)
+    assert full.trainer.eval_batch_size == 10
     cpu = compose_config(["experiment=txl_memory_cpu"])
     assert (cpu.task.source, cpu.task.path, cpu.model.d_model) == ("generate", None, 64)
     claims = load_claims(PUBLISHED / "claims_txl_memory.yaml")

@@ -33,12 +33,15 @@ def tokens_(B, L, seed=1, low=1):
 def full_context_reference(model: TransformerXL, tokens: torch.Tensor) -> torch.Tensor:
     """Recompute every layer over the whole sequence: no memory, no rel-shift.
 
-    Each query sees the window the segment loop gives it (window_mask); relative positions come
-    from an explicit distance matrix t - p indexing the sinusoidal table.
+    Each query sees the window the segment loop gives it (window_mask, with the model's current
+    same_length); relative positions come from an explicit distance matrix t - p, clamped at the
+    model's current clamp_len, indexing the sinusoidal table.
     """
     B, L = tokens.shape
-    allowed = window_mask(L, model.seg_len, model.mem_len)  # (L, L)
+    allowed = window_mask(L, model.seg_len, model.mem_len, model.same_length)  # (L, L)
     dist = (torch.arange(L)[:, None] - torch.arange(L)[None, :]).clamp_min(0)  # (L, L)
+    if model.clamp_len > 0:
+        dist = dist.clamp(max=model.clamp_len)
     x = model.embed(tokens)  # (B, L, D)
     D = x.shape[-1]
     R = sinusoidal_positions(L, D).to(x)  # row d: distance d
@@ -275,3 +278,118 @@ def test_builds_through_harness_api(tmp_path):
     assert built.model.mem_len == 64 and len(built.model.last_mems) == built.cfg.model.n_layers
     ablation = build(common + ["model.mem_len=0"])
     assert ablation.model.mem_len == 0
+
+
+# -- issue 14: shared u/v, attention dropout, clamp/same_length, evaluation lengths, stream mode --------
+
+def n_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_u_and_v_shared_across_layers_by_default_as_the_reference():
+    shared, untied = make(n_layers=3), make(n_layers=3, untie_r=True)
+    first = shared.blocks[0].attn
+    assert all(b.attn.u is first.u and b.attn.v is first.v for b in shared.blocks)
+    assert len({id(b.attn.u) for b in untied.blocks} | {id(b.attn.v) for b in untied.blocks}) == 6
+    # u and v are (heads, head size) = d_model numbers each; two layers' pairs fewer when shared
+    assert n_params(untied) - n_params(shared) == 2 * 2 * 16
+    # the one shared pair gets every layer's gradient
+    shared.train()
+    shared({"tokens": tokens_(2, 8)}).sum().backward()
+    grad_all = first.u.grad.clone()
+    shared.zero_grad()
+    shared.blocks[1].attn.u = torch.nn.Parameter(first.u.detach().clone())  # untie the second layer only
+    shared({"tokens": tokens_(2, 8)}).sum().backward()
+    assert not torch.allclose(first.u.grad, grad_all)
+
+
+def test_attention_dropout_is_its_own_option_off_by_default():
+    from omegaconf import OmegaConf
+
+    assert OmegaConf.load("conf/model/transformer_xl.yaml").dropatt == 0.0
+    model = make(dropout=0.1)
+    assert all(b.attn.dropout == 0.0 for b in model.blocks)  # residual dropout does not reach attention
+    assert all(b.attn.dropout == 0.3 for b in make(dropatt=0.3).blocks)
+    # attention dropout alone makes training outputs random; eval mode turns it off
+    noisy = make(dropatt=0.5).train()
+    tokens = tokens_(2, 8)
+    assert not torch.allclose(noisy({"tokens": tokens}), noisy({"tokens": tokens}))
+    noisy.eval()
+    torch.testing.assert_close(noisy({"tokens": tokens}), noisy({"tokens": tokens}))
+
+
+@pytest.mark.parametrize("seg_len,mem_len,clamp_len,same_length,L",
+                         [(4, 4, 2, False, 12), (4, 6, -1, True, 13), (3, 2, 3, True, 10), (2, 5, 1, True, 9)])
+def test_clamp_len_and_same_length_equal_the_full_context_reference(seg_len, mem_len, clamp_len, same_length, L):
+    model = make(seg_len=seg_len, mem_len=mem_len, clamp_len=clamp_len, same_length=same_length).double()
+    tokens = tokens_(2, L)
+    with torch.no_grad():
+        out = model({"tokens": tokens})
+        torch.testing.assert_close(out, full_context_reference(model, tokens))
+        if same_length or clamp_len > 0:  # the options change something
+            assert not torch.allclose(out, make(seg_len=seg_len, mem_len=mem_len).double()({"tokens": tokens}))
+
+
+def test_same_length_query_sees_its_last_mem_len_positions():
+    # seg_len 2, mem_len 2: every query sees itself and the one before
+    assert torch.equal(window_mask(5, 2, 2, same_length=True), torch.ones(5, 5, dtype=torch.bool).tril() &
+                       torch.ones(5, 5, dtype=torch.bool).triu(-1))
+
+
+def test_evaluation_lengths_apply_in_eval_mode_only():
+    lengths = dict(eval_seg_len=2, eval_mem_len=6, eval_clamp_len=3, eval_same_length=True)
+    model = make(seg_len=4, mem_len=4, **lengths).double()
+    trained_like = make(seg_len=4, mem_len=4).double()
+    evaluated_like = make(seg_len=2, mem_len=6, clamp_len=3, same_length=True).double()
+    for other in (trained_like, evaluated_like):
+        other.load_state_dict(model.state_dict())
+    tokens = tokens_(2, 12)
+    with torch.no_grad():
+        model.train(), trained_like.train()
+        assert (model.seg_len, model.mem_len, model.clamp_len, model.same_length) == (4, 4, -1, False)
+        torch.testing.assert_close(model({"tokens": tokens}), trained_like({"tokens": tokens}))
+        model.eval(), evaluated_like.eval()
+        assert (model.seg_len, model.mem_len, model.clamp_len, model.same_length) == (2, 6, 3, True)
+        assert all((b.seg_len, b.mem_len) == (2, 6) for b in model.blocks)
+        out = model({"tokens": tokens})
+        torch.testing.assert_close(out, evaluated_like({"tokens": tokens}))
+        torch.testing.assert_close(out, full_context_reference(model, tokens))
+        assert len(model.last_mems) == 2 and model.last_mems[0].shape[1] == 6
+        model.train()
+        torch.testing.assert_close(model({"tokens": tokens}), trained_like({"tokens": tokens}))
+    # the no-memory ablation evaluates with its training lengths whatever the eval_* keys say
+    ablation = make(seg_len=4, mem_len=0, **lengths).eval()
+    assert (ablation.seg_len, ablation.mem_len, ablation.clamp_len, ablation.same_length) == (4, 0, -1, False)
+
+
+def test_stream_mode_carries_memory_across_calls_like_one_concatenated_stream():
+    b1, b2, b3 = tokens_(2, 8, seed=1), tokens_(2, 8, seed=2), tokens_(2, 8, seed=3)
+    stream = make(seg_len=4, mem_len=6, stream=True).double().train()  # dropout 0: deterministic
+    plain = make(seg_len=4, mem_len=6).double().train()
+    plain.load_state_dict(stream.state_dict())
+    with torch.no_grad():
+        first = stream({"tokens": b1})
+        torch.testing.assert_close(first, plain({"tokens": b1}))  # nothing carried yet
+        second, third = stream({"tokens": b2}), stream({"tokens": b3})
+        whole = plain({"tokens": torch.cat([b1, b2, b3], dim=1)})  # (B, 24, V)
+        torch.testing.assert_close(second, whole[:, 8:16])
+        torch.testing.assert_close(third, whole[:, 16:])
+        assert not torch.allclose(second, plain({"tokens": b2}), atol=1e-4)  # the memory mattered
+
+
+def test_stream_mode_empties_the_evaluation_memory_and_keeps_the_training_memory():
+    b1, b2, e1, e2 = (tokens_(2, 8, seed=s) for s in range(1, 5))
+    stream = make(seg_len=4, mem_len=4, stream=True).double().train()
+    plain = make(seg_len=4, mem_len=4).double()
+    plain.load_state_dict(stream.state_dict())
+    with torch.no_grad():
+        stream({"tokens": b1})
+        for _ in range(2):  # every evaluation starts from an empty memory
+            stream.eval()
+            torch.testing.assert_close(stream({"tokens": e1}), plain.eval()({"tokens": e1}))
+            torch.testing.assert_close(stream({"tokens": e2}), plain({"tokens": torch.cat([e1, e2], 1)})[:, 8:])
+        stream.train()  # training resumes from the training memory
+        torch.testing.assert_close(stream({"tokens": b2}), plain.train()({"tokens": torch.cat([b1, b2], 1)})[:, 8:])
+        stream({"tokens": b2[:1]})  # another batch size: no memory to continue, starts empty
+        stream.reset_memory()
+        torch.testing.assert_close(stream({"tokens": b2}), plain({"tokens": b2}))
