@@ -305,17 +305,17 @@ def _check_two_sided(df, claim) -> tuple[str, str]:
 
 
 def _falls(line: pd.DataFrame, tolerance: float):
-    """Whether a series of cells (sorted along the key) falls: its last interval wholly below its
-    first and no step rising clearly (the next interval wholly above the previous + tolerance).
-    False when a step rises clearly or the last is not below the first at all."""
+    """Whether a series of cells (sorted along the key) falls in value (accuracy, or bpc): its
+    last interval wholly below its first and no step rising clearly (the next interval wholly
+    above the previous + tolerance). False when a step rises clearly or the last is not below
+    the first at all."""
     ok = line[line["status"] == "ok"]
     if len(ok) < 2:
         return None
     intervals = [_interval(r) for _, r in ok.iterrows()]
     if TOO_FEW in intervals:
         return TOO_FEW
-    sign = 1 if higher_is_better(ok["metric"].iloc[0]) else -1  # "falls" = gets worse
-    worse = [tuple(sorted(sign * x for x in iv)) for iv in intervals]
+    worse = [tuple(sorted(iv)) for iv in intervals]
     if any(nxt[0] > prev[1] + tolerance for prev, nxt in zip(worse, worse[1:])):
         return False
     if worse[-1][0] >= worse[0][1]:
