@@ -22,8 +22,9 @@ Fields:
 - ``task``: needed by accuracy checks, optional for speed/memory checks (default: any task).
 - ``seq_len``: optional; speed/memory checks default to the largest length both sides have,
   accuracy checks to every length both sides have.
-- ``where``: optional scope applied to both sides, e.g. ``{config.sweep.name: lra_speed}``;
-  values are equal-to, a list (any of), or ``{gt|ge|lt|le|ne|eq: number}``.
+- ``where``: optional narrowing within the experiment's runs, applied to both sides, e.g.
+  ``{config.model.d_model: 64}``; values are equal-to, a list (any of), or
+  ``{gt|ge|lt|le|ne|eq: number}``.
 - ``threshold``: in display units (accuracy in percent, bpc as is); "meets" means >= for
   higher-is-better metrics and <= for bpc.
 - ``key``: the config column a trend runs along (``seq_len``, ``config.model.mem_len`` ...).

@@ -5,7 +5,8 @@ OUT (default ``DIR/report``):
 
     report.md, report.html      the whole report; the HTML (templates/report.html.j2) embeds its
                                 figures and opens offline; header: sweep, machine, commit
-    tables/<name>.csv, .tex     accuracy, efficiency, scaling exponents, comparison, claims
+    tables/<name>.csv, .tex     accuracy, params, efficiency, scaling exponents, comparison,
+                                claims
                                 (.tex: booktabs tables that fit an article page, best in bold,
                                 needing booktabs, graphicx, array); *_cells.csv: tidy numbers
     plots/<name>.png, .pdf      accuracy heatmap (one length) or accuracy vs seq_len, scaling
@@ -15,6 +16,8 @@ Presentation (names, precision, bold, LaTeX, HTML) lives in harness.report_rende
 harness.plots.
 
 The terminal shows the accuracy and efficiency tables and the path of report.html.
+``arena-report --published-matches`` prints every published row with the configuration it is
+matched to (results/published/README.md), and exits.
 """
 
 from __future__ import annotations
