@@ -290,16 +290,17 @@ def _number(x) -> bool:
 
 def near_chance(accuracy_percent: float, chance: float | None, n_examples: float,
                 confidence: float = CONFIDENCE) -> bool:
-    """Whether the exact binomial interval of an accuracy over ``n_examples`` test examples
-    includes ``chance`` (scipy.stats.binomtest). Token tasks score several positions per
-    example, so counting examples makes the interval wider than it is: it flags more, not less."""
+    """Whether an accuracy over ``n_examples`` test examples is not clearly above ``chance``: the
+    exact binomial 95% interval (scipy.stats.binomtest) includes chance or lies below it. Token
+    tasks score several positions per example, so counting examples makes the interval wider
+    than it is: it flags more, not less."""
     if chance is None or pd.isna(chance) or pd.isna(accuracy_percent) or not n_examples \
             or pd.isna(n_examples):
         return False
     n = int(n_examples)
     k = min(n, max(0, int(round(accuracy_percent / 100.0 * n))))
     ci = scipy.stats.binomtest(k, n).proportion_ci(confidence_level=confidence, method="exact")
-    return bool(ci.low <= chance <= ci.high)
+    return bool(ci.low <= chance)
 
 
 # --------------------------------------------------------------------------- accuracy cells
@@ -335,7 +336,7 @@ def summarize(df: pd.DataFrame, by: tuple[str, ...] = ()) -> pd.DataFrame:
     (:func:`t_interval`); ``params``, the chosen setting's parameter count (median over seeds);
     ``chance`` (a fraction, :func:`chance_level`), ``n_test`` (test examples per run, from
     ``config.task.n_test``) and ``near_chance``: whether the accuracy's binomial 95% interval
-    over n_test x seeds examples includes chance (:func:`near_chance`).
+    over n_test x seeds examples includes chance or lies below it (:func:`near_chance`).
     """
     keys = ["model", "task", "seq_len", *by]
     train = df[df["kind"] == "train"].copy()

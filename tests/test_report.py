@@ -329,7 +329,7 @@ def test_params_table_marks_models_more_than_ten_percent_over_the_transformer(tm
 
 
 def test_near_chance_is_flagged_from_the_binomial_interval(tmp_path):
-    for model, acc in [("transformer", 0.26), ("mamba", 0.9)]:
+    for model, acc in [("transformer", 0.26), ("mamba", 0.9), ("s4d", 0.03)]:
         for seed in range(3):
             run = make(tmp_path, model=model, seed=seed, val=acc, test=acc)
             rec = json.loads((run / "record.json").read_text())
@@ -337,10 +337,12 @@ def test_near_chance_is_flagged_from_the_binomial_interval(tmp_path):
             (run / "record.json").write_text(json.dumps(rec))
     cells = summarize(load_runs(tmp_path)).set_index("model")
     assert cells.loc["transformer", "near_chance"] and not cells.loc["mamba", "near_chance"]
+    assert cells.loc["s4d", "near_chance"]  # below chance: not above it either
     assert cells.loc["transformer", "chance"] == pytest.approx(0.25)
     text, _ = accuracy_table(cells.reset_index())
     assert text.loc["transformer", "mqar"].startswith("26.0†") and "†" not in text.loc["mamba", "mqar"]
     assert near_chance(30.0, 0.25, 100) and not near_chance(40.0, 0.25, 100)  # 25 in [21, 40]
+    assert near_chance(10.0, 0.25, 100)
 
 
 def claim(check, **fields):
