@@ -214,7 +214,8 @@ def compare_published(published: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFra
         if column not in published:
             published = published.assign(**{column: ""})
     published = published.fillna({c: "" for c in PUBLISHED_CONFIG})
-    ran = set(zip(runs["model"], runs["task"])) | {(m, "average") for m in runs["model"]}
+    ran = set(zip(runs["model"], runs["task"]))
+    ran |= {(m, "average") for m, t in ran if t in LRA_TASKS}  # LRA's Avg: models run on LRA
     rows = []
     for _, pub in published.iterrows():
         mine = matched_runs(runs, pub) if pub["matched"] == "yes" else runs.iloc[0:0]
