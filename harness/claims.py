@@ -1,12 +1,15 @@
-"""Published claims checked against our runs: each evaluates to holds / differs / not run.
+"""Published claims checked against our runs: holds / differs / inconclusive / too few seeds /
+not run.
 
 Claims live in a YAML file (results/published/claims.yaml) as a list under ``claims:``.
-Every claim has ``id``, ``claim`` (the sentence, as the paper makes it), ``citation`` and
-``check`` (one of CHECKS below), plus the fields its check needs:
+Every claim has ``id``, ``claim`` (the sentence, as the paper makes it), ``citation``,
+``experiment`` (the study, or a list of studies, whose runs decide it) and ``check`` (one of
+CHECKS below), plus the fields its check needs:
 
     - id: lra_linear_faster_4k
       claim: Linear Transformer trains faster than the vanilla Transformer at 4K.
       citation: Tay et al. 2021, Long Range Arena, ICLR 2021 (arXiv 2011.04006), Table 2
+      experiment: [lra_speed, lra_speed_cpu]
       check: faster
       a: linear_transformer
       b: transformer
@@ -19,8 +22,9 @@ Fields:
 - ``task``: needed by accuracy checks, optional for speed/memory checks (default: any task).
 - ``seq_len``: optional; speed/memory checks default to the largest length both sides have,
   accuracy checks to every length both sides have.
-- ``where``: optional scope applied to both sides, e.g. ``{config.sweep.name: lra_speed}``;
-  values are equal-to, a list (any of), or ``{gt|ge|lt|le|ne|eq: number}``.
+- ``where``: optional narrowing within the experiment's runs, applied to both sides, e.g.
+  ``{config.model.d_model: 64}``; values are equal-to, a list (any of), or
+  ``{gt|ge|lt|le|ne|eq: number}``.
 - ``threshold``: in display units (accuracy in percent, bpc as is); "meets" means >= for
   higher-is-better metrics and <= for bpc.
 - ``key``: the config column a trend runs along (``seq_len``, ``config.model.mem_len`` ...).
@@ -30,8 +34,22 @@ Fields:
   times the training length (``metrics.test_<metric>_len<L>``, length extrapolation) instead
   of the test metric at the training length.
 
-A claim is "not run" when our records do not hold the runs it needs; "holds" or "differs"
-always comes with the numbers it was decided on.
+A claim is decided only on the runs of its own experiment(s) (harness.results.in_experiments:
+the record's ``experiment``, else ``config.sweep.name``), never on whatever else sits in the
+folders the report reads.
+
+Accuracy and bpc claims are decided with statistics over seeds: every cell (model, task, length)
+needs at least MIN_SEEDS ok seeds, else the claim is "too few seeds" (never "differs"); each
+cell's mean gets a 95% Student-t interval (harness.results.t_interval). A threshold is met
+when the whole interval is on its good side and missed when the whole interval is on the other;
+a is better than b when a's interval lies wholly on the better side of b's. Anything else
+(an interval that overlaps the threshold, or the other side's interval) is "inconclusive".
+A claim holds when every cell it covers holds, differs when any decided cell contradicts it,
+and otherwise is too few seeds / inconclusive. Speed and memory claims (faster, less_memory,
+exponent_below) compare medians of timed steps of bench records, not seeds, as before.
+
+A claim is "not run" when our records do not hold the runs it needs; every verdict comes with
+the numbers it was decided on (mean [95% interval] (n seeds)).
 """
 
 from __future__ import annotations
@@ -43,7 +61,8 @@ import pandas as pd
 import yaml
 
 from harness.results import (
-    EFFICIENCY_GROUP, efficiency_cells, filter_runs, higher_is_better, scaling_exponents, summarize,
+    EFFICIENCY_GROUP, MIN_SEEDS, efficiency_cells, filter_runs, higher_is_better, in_experiments,
+    scaling_exponents, summarize, t_interval,
 )
 
 CHECKS = {
@@ -58,6 +77,8 @@ CHECKS = {
     "exponent_below": ("model", "quantity", "value"),
 }
 HOLDS, DIFFERS, NOT_RUN = "holds", "differs", "not run"
+INCONCLUSIVE, TOO_FEW = "inconclusive", "too few seeds"
+VERDICTS = (HOLDS, DIFFERS, INCONCLUSIVE, TOO_FEW, NOT_RUN)
 
 
 def load_claims(path: str | Path) -> list[dict]:
@@ -72,9 +93,11 @@ def load_claims(path: str | Path) -> list[dict]:
         check = claim.get("check")
         if check not in CHECKS:
             raise ValueError(f"{where}: unknown check {check!r}; use one of {sorted(CHECKS)}")
-        for field in ("id", "claim", "citation", *CHECKS[check]):
+        for field in ("id", "claim", "citation", "experiment", *CHECKS[check]):
             if field not in claim and not (field == "model" and "a" in claim):
-                raise ValueError(f"{where}: check {check!r} needs field {field!r}")
+                raise ValueError(f"{where}: check {check!r} needs field {field!r}"
+                                 + (" (the experiment, or list of experiments, whose runs decide "
+                                    "it)" if field == "experiment" else ""))
     return claims
 
 
@@ -105,14 +128,41 @@ def _key(value) -> str:
 
 
 def _cell(row) -> str:
-    return _fmt(row["mean"]) if row["status"] == "ok" else row["status"]
+    """``mean [low, high] (n=k)``: the 95% interval over seeds; a status when no seed ran."""
+    if row["status"] != "ok":
+        return row["status"]
+    low, high = t_interval(row["mean"], row["std"], row["n"], metric=row["metric"])
+    band = f" [{_fmt(low)}, {_fmt(high)}]" if not math.isnan(low) else ""
+    return f"{_fmt(row['mean'])}{band} (n={int(row['n'])})"
+
+
+def _interval(row) -> tuple[float, float] | str:
+    """The 95% interval of an ok cell, or TOO_FEW when it has fewer than MIN_SEEDS seeds."""
+    if row["n"] < MIN_SEEDS:
+        return TOO_FEW
+    return t_interval(row["mean"], row["std"], row["n"], metric=row["metric"])
+
+
+def _combine(outcomes: list):
+    """One outcome from several: False (contradicted) first, then TOO_FEW, then INCONCLUSIVE;
+    True when all are True; None when none is decided; a None beside decided ones is False (a
+    cell that cannot be compared, e.g. n/a, keeps a claim about every cell from holding)."""
+    decided = [o for o in outcomes if o is not None]
+    if not decided:
+        return None
+    if any(o is False for o in decided):
+        return False
+    for outcome in (TOO_FEW, INCONCLUSIVE):
+        if outcome in decided:
+            return outcome
+    return len(decided) == len(outcomes)
 
 
 def _verdict(results: list) -> str:
-    decided = [r for r in results if r is not None]
-    if not decided:
-        return NOT_RUN
-    return HOLDS if all(decided) and len(decided) == len(results) else DIFFERS
+    """Outcomes per cell (True / False / TOO_FEW / INCONCLUSIVE / None) to a verdict."""
+    outcome = _combine(results)
+    return {None: NOT_RUN, True: HOLDS, False: DIFFERS}[outcome] \
+        if outcome is None or isinstance(outcome, bool) else outcome
 
 
 def _efficiency(df, claim, side) -> pd.DataFrame:
@@ -159,23 +209,53 @@ def _summary(df, claim, side, by=()) -> pd.DataFrame:
 
 
 def _at_test_factor(cells: pd.DataFrame, factor) -> pd.DataFrame:
-    """Cells whose ``mean`` is the test metric at ``factor`` x the training length; a cell not
-    tested there gets status "not tested" (never decided)."""
+    """Cells whose ``mean`` / ``std`` / ``n`` are the test metric's at ``factor`` x the training
+    length; a cell not tested there gets status "not tested" (never decided)."""
     cells = cells.copy()
-    means, statuses = [], []
-    for _, row in cells.iterrows():
+    for i, row in cells.iterrows():
         column = f"test_{row['metric']}_len{int(round(row['seq_len'] * factor))}"
         value = row[column] if column in row.index else float("nan")
-        means.append(value)
-        statuses.append(row["status"] if row["status"] != "ok" or pd.notna(value) else "not tested")
-    cells["mean"], cells["status"] = means, statuses
+        cells.loc[i, "mean"] = value
+        cells.loc[i, "std"] = row.get(f"{column}_std", float("nan"))
+        cells.loc[i, "n"] = row.get(f"{column}_n", 0) if pd.notna(value) else 0
+        if row["status"] == "ok" and pd.isna(value):
+            cells.loc[i, "status"] = "not tested"
     return cells
 
 
-def _solves(row, threshold) -> bool | None:
-    if row["status"] == "n/a":
+def _solves(row, threshold):
+    """True / False / TOO_FEW / INCONCLUSIVE: whether a cell's 95% interval is wholly on the
+    good side of ``threshold``; None when the cell cannot be compared (n/a, not tested)."""
+    if row["status"] in ("n/a", "not tested"):
         return None
-    return row["status"] == "ok" and _meets(row["mean"], threshold, row["metric"])
+    if row["status"] != "ok":
+        return False  # every run failed
+    interval = _interval(row)
+    if interval == TOO_FEW:
+        return TOO_FEW
+    low, high = interval
+    if _meets(low, threshold, row["metric"]) and _meets(high, threshold, row["metric"]):
+        return True
+    if not _meets(low, threshold, row["metric"]) and not _meets(high, threshold, row["metric"]):
+        return False
+    return INCONCLUSIVE
+
+
+def _better(ra, rb):
+    """Whether cell a is better than cell b: True / False when their intervals are apart,
+    INCONCLUSIVE when they overlap, TOO_FEW when either has too few seeds; a failed side loses."""
+    if ra["status"] == "ok" and rb["status"] == "ok":
+        ia, ib = _interval(ra), _interval(rb)
+        if TOO_FEW in (ia, ib):
+            return TOO_FEW
+        sign = 1 if higher_is_better(ra["metric"]) else -1
+        (la, ha), (lb, hb) = sorted(sign * x for x in ia), sorted(sign * x for x in ib)
+        return True if la > hb else False if ha < lb else INCONCLUSIVE
+    if ra["status"] == "ok" and rb["status"] in ("FAIL", "OOM"):
+        return True
+    if rb["status"] == "ok" and ra["status"] in ("FAIL", "OOM"):
+        return False
+    return None
 
 
 def _check_solves(df, claim) -> tuple[str, str]:
@@ -184,7 +264,7 @@ def _check_solves(df, claim) -> tuple[str, str]:
     if cells.empty:
         return NOT_RUN, f"no {side['label']} runs on {claim['task']}"
     results = [_solves(r, claim["threshold"]) for _, r in cells.iterrows()]
-    numbers = [f"L={_key(r['seq_len'])}: {_cell(r)} (n={r['n']})" for _, r in cells.iterrows()]
+    numbers = [f"L={_key(r['seq_len'])}: {_cell(r)}" for _, r in cells.iterrows()]
     return _verdict(results), f"{side['label']}: " + "; ".join(numbers) + \
         f" vs threshold {claim['threshold']}"
 
@@ -210,14 +290,11 @@ def _check_two_sided(df, claim) -> tuple[str, str]:
         ra, rb = _unsuffix(p, "_a"), _unsuffix(p, "_b")
         if claim["check"] == "solves_where_other_fails":
             sa, sb = _solves(ra, claim["threshold"]), _solves(rb, claim["threshold"])
-            results.append(None if sa is None or sb is None else sa and not sb)
-        elif ra["status"] == "ok" and rb["status"] == "ok":
-            sign = 1 if higher_is_better(ra["metric"]) else -1
-            results.append(sign * (ra["mean"] - rb["mean"]) > 0)
+            # b "fails" is b does not solve: True when b's interval is wholly below the threshold
+            fails_b = None if sb is None else (not sb if isinstance(sb, bool) else sb)
+            results.append(_combine([sa, fails_b]) if None not in (sa, fails_b) else None)
         else:
-            results.append(True if ra["status"] == "ok" and rb["status"] in ("FAIL", "OOM")
-                           else False if rb["status"] == "ok" and ra["status"] in ("FAIL", "OOM")
-                           else None)
+            results.append(_better(ra, rb))
         numbers.append(f"L={_key(p['seq_len'])}: {a['label']} {_cell(ra)} vs "
                        f"{b['label']} {_cell(rb)}")
     text = "; ".join(numbers)
@@ -226,6 +303,25 @@ def _check_two_sided(df, claim) -> tuple[str, str]:
     if "threshold" in claim:
         text += f" (threshold {claim['threshold']})"
     return _verdict(results), text
+
+
+def _falls(line: pd.DataFrame, tolerance: float):
+    """Whether a series of cells (sorted along the key) falls in value (accuracy, or bpc): its
+    last interval wholly below its first and no step rising clearly (the next interval wholly
+    above the previous + tolerance). False when a step rises clearly or the last is not below
+    the first at all."""
+    ok = line[line["status"] == "ok"]
+    if len(ok) < 2:
+        return None
+    intervals = [_interval(r) for _, r in ok.iterrows()]
+    if TOO_FEW in intervals:
+        return TOO_FEW
+    worse = [tuple(sorted(iv)) for iv in intervals]
+    if any(nxt[0] > prev[1] + tolerance for prev, nxt in zip(worse, worse[1:])):
+        return False
+    if worse[-1][0] >= worse[0][1]:
+        return False
+    return True if worse[-1][1] < worse[0][0] else INCONCLUSIVE
 
 
 def _check_trend(df, claim) -> tuple[str, str]:
@@ -245,17 +341,9 @@ def _check_trend(df, claim) -> tuple[str, str]:
         numbers.append(series if key == "seq_len" else at + series)
         if claim["check"] == "holds_with":
             decided = [_solves(r, claim["threshold"]) for _, r in line.iterrows()]
-            if len(line) < 2 or None in decided:
-                results.append(None)
-            else:
-                results.append(all(decided))
+            results.append(None if len(line) < 2 else _combine(decided))
             continue
-        values = line[line["status"] == "ok"]["mean"].to_numpy()
-        if len(values) < 2:
-            results.append(None)
-            continue
-        tol = claim.get("tolerance", 0.0)
-        results.append(bool(all(values[1:] - values[:-1] <= tol) and values[-1] < values[0]))
+        results.append(_falls(line, claim.get("tolerance", 0.0)))
     text = f"{side['label']}: " + "; ".join(numbers)
     if "threshold" in claim:
         text += f" (threshold {claim['threshold']})"
@@ -268,12 +356,14 @@ def _check_extrapolates(df, claim) -> tuple[str, str]:
     results, numbers = [], []
     for _, row in cells[cells["status"] == "ok"].iterrows() if len(cells) else []:
         prefix = f"test_{row['metric']}_len"
-        lengths = sorted(int(c[len(prefix):]) for c in row.index
-                         if c.startswith(prefix) and pd.notna(row[c]))
+        lengths = sorted(int(c[len(prefix):]) for c in row.index if c.startswith(prefix)
+                         and c[len(prefix):].isdigit() and pd.notna(row[c]))
         for length in (n for n in lengths if n > (row["seq_len"] or 0)):
-            value = row[f"{prefix}{length}"]
-            results.append(_meets(value, claim["threshold"], row["metric"]))
-            numbers.append(f"trained L={_key(row['seq_len'])}, tested {length}: {_fmt(value)}")
+            column = f"{prefix}{length}"
+            at = {**row, "mean": row[column], "std": row.get(f"{column}_std", float("nan")),
+                  "n": row.get(f"{column}_n", 0)}
+            results.append(_solves(at, claim["threshold"]))
+            numbers.append(f"trained L={_key(row['seq_len'])}, tested {length}: {_cell(at)}")
     if not results:
         return NOT_RUN, f"no {side['label']} {claim['task']} runs tested beyond their length"
     return _verdict(results), f"{side['label']}: " + "; ".join(numbers) + \
@@ -303,14 +393,22 @@ _EVALUATORS = {
 }
 
 
+def _names(experiment) -> str:
+    return experiment if isinstance(experiment, str) else " / ".join(experiment)
+
+
 def evaluate_claims(df: pd.DataFrame, claims: list[dict]) -> pd.DataFrame:
-    """One row per claim: id, claim, citation, check, status (holds/differs/not run), numbers."""
+    """One row per claim: id, claim, citation, experiment, check, status (one of VERDICTS) and
+    numbers, each decided on the runs of the claim's own experiment(s) only."""
     rows = []
     for claim in claims:
-        if df.empty:
-            status, numbers = NOT_RUN, "no records"
+        runs = in_experiments(df, claim["experiment"]) if len(df) else df
+        if runs.empty:
+            status, numbers = NOT_RUN, f"no runs of experiment {_names(claim['experiment'])}"
         else:
-            status, numbers = _EVALUATORS[claim["check"]](df, claim)
+            status, numbers = _EVALUATORS[claim["check"]](runs, claim)
         rows.append({"id": claim["id"], "claim": claim["claim"], "citation": claim["citation"],
-                     "check": claim["check"], "status": status, "numbers": numbers})
-    return pd.DataFrame(rows, columns=["id", "claim", "citation", "check", "status", "numbers"])
+                     "experiment": _names(claim["experiment"]), "check": claim["check"],
+                     "status": status, "numbers": numbers})
+    return pd.DataFrame(rows, columns=["id", "claim", "citation", "experiment", "check", "status",
+                                       "numbers"])

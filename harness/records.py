@@ -43,6 +43,10 @@ RECORD_FIELDS = (
     "seq_len", "batch_size", "params", "metrics", "speed", "memory", "env", "started_at",
     "ended_at", "wall_s", "config",
 )
+# Added to schema 1 later, optional (records written before lack them; readers default to None):
+# ``experiment``, the ``experiment=`` choice the run was launched with (the study whose claims
+# it can decide; harness.results.in_experiments), None without one.
+OPTIONAL_FIELDS = ("experiment",)
 
 
 def now_iso() -> str:
@@ -143,13 +147,29 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
 
 
+def experiment_name() -> str | None:
+    """The ``experiment=`` choice of the Hydra job this process runs, None outside Hydra or
+    without one (it is not part of the composed config, only of Hydra's runtime choices)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        if not HydraConfig.initialized():
+            return None
+        choice = HydraConfig.get().runtime.choices.get("experiment")
+    except Exception:  # noqa: BLE001 - a record never fails for want of this field
+        return None
+    return choice if isinstance(choice, str) and choice not in ("null", "None") else None
+
+
 def new_record(*, kind: str, config_hash: str | None, model: str | None, task: str | None,
                seed: int | None, seq_len: int | None, batch_size: int | None, env: dict,
                config: dict, run_id: str | None = None, **extra: Any) -> dict:
     """A schema-1 record with every field present: status ``error`` until the run says otherwise.
 
-    ``extra`` adds fields beyond the schema's (e.g. a bench record's ``dtype``).
+    ``extra`` adds fields beyond the schema's (e.g. a bench record's ``dtype``); ``experiment``
+    (:func:`experiment_name`) is filled from the Hydra job unless ``extra`` gives it.
     """
+    extra.setdefault("experiment", experiment_name())
     return {
         "schema": SCHEMA, "kind": kind,
         "run_id": run_id or (f"{config_hash}-{new_run_id()}" if config_hash else new_run_id()),
@@ -254,6 +274,7 @@ class RecordSchema(pydantic.BaseModel):
     ended_at: str | None
     wall_s: Number | None
     config: dict[str, Any]
+    experiment: str | None = None  # optional: OPTIONAL_FIELDS
 
 
 def validate_record(record) -> list[str]:

@@ -5,7 +5,8 @@ OUT (default ``DIR/report``):
 
     report.md, report.html      the whole report; the HTML (templates/report.html.j2) embeds its
                                 figures and opens offline; header: sweep, machine, commit
-    tables/<name>.csv, .tex     accuracy, efficiency, scaling exponents, comparison, claims
+    tables/<name>.csv, .tex     accuracy, params, efficiency, scaling exponents, comparison,
+                                claims
                                 (.tex: booktabs tables that fit an article page, best in bold,
                                 needing booktabs, graphicx, array); *_cells.csv: tidy numbers
     plots/<name>.png, .pdf      accuracy heatmap (one length) or accuracy vs seq_len, scaling
@@ -15,6 +16,8 @@ Presentation (names, precision, bold, LaTeX, HTML) lives in harness.report_rende
 harness.plots.
 
 The terminal shows the accuracy and efficiency tables and the path of report.html.
+``arena-report --published-matches`` prints every published row with the configuration it is
+matched to (results/published/README.md), and exits.
 """
 
 from __future__ import annotations
@@ -29,18 +32,19 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from harness.claims import evaluate_claims, load_claims
+from harness.claims import VERDICTS, evaluate_claims, load_claims
 from harness.config import PUBLISHED_DIR
 from harness.loggers import console_handlers
 from harness.results import (
-    EFFICIENCY_GROUP, efficiency_cells, filter_runs, load_curves, load_runs, load_wandb_runs,
-    scaling_exponents, summarize,
+    EFFICIENCY_GROUP, efficiency_cells, filter_runs, in_experiments, load_curves, load_runs,
+    load_wandb_runs, scaling_exponents, summarize, t_interval,
 )
 
 log = logging.getLogger(__name__)
 
 LRA_TASKS = ("listops", "text", "retrieval", "image", "pathfinder")  # LRA's Avg leaves out Path-X
 NOT_RUN = "–"
+CHANCE_MARK = "†"  # not clearly above chance (results.near_chance)
 
 
 # --------------------------------------------------------------------------- tables
@@ -62,7 +66,7 @@ def _accuracy_text(row, seeds: int | None) -> str:
     where some of its seeds failed."""
     if row["status"] != "ok":
         return row["status"]
-    text = _num(row["mean"], row["metric"])
+    text = _num(row["mean"], row["metric"]) + (CHANCE_MARK if row.get("near_chance") else "")
     if row["n"] > 1:
         text += f" ± {_num(row['std'], row['metric'])}"
     if row["n"] != row["n_total"]:
@@ -151,70 +155,155 @@ def load_published(directory: str | Path = PUBLISHED_DIR) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
-def compare_published(published: pd.DataFrame, cells: pd.DataFrame, eff: pd.DataFrame,
-                      accuracy_means: pd.DataFrame) -> pd.DataFrame:
-    """Published numbers beside ours for every (model, task) we ran, with ours - published.
+PUBLISHED_CONFIG = ("experiment", "model_config", "protocol", "matched", "why_unmatched")
+# How a published number was measured, and where ours comes from (results/published/README.md):
+#   test                    best-on-val checkpoint's test metric, trained and tested at seq_len
+#   extrapolation from N    trained at length N, tested at seq_len (test_<metric>_len<seq_len>)
+#   average                 the mean of the five LRA tasks' test accuracies (Path-X excluded)
+#   speed, speedup          steps/s, peak memory, speed-up over transformer at seq_len
+PROTOCOLS = ("test", "extrapolation from N", "average", "speed", "speedup")
 
-    Accuracy/bpc: our best-on-val test mean at the published seq_len, else at the published
-    length from a length-extrapolation test (``test_<metric>_len<L>``), else at our only (or
-    longest) length, shown in ``ours_seq_len``. Speed: steps/s, speed-up and peak memory at the
-    same seq_len; only the speed-up is differenced (absolute numbers depend on the hardware).
+
+def model_config(text) -> dict[str, str]:
+    """``"model=transformer model.positional=rope"`` as run columns: ``{"model": "transformer",
+    "config.model.positional": "rope"}``."""
+    out = {}
+    for item in str(text or "").split():
+        key, _, value = item.partition("=")
+        out[key if key == "model" else f"config.{key}"] = value
+    return out
+
+
+def _same(column: pd.Series, value: str) -> pd.Series:
+    numeric = pd.to_numeric(pd.Series([value]), errors="coerce").iloc[0]
+    if pd.notna(numeric):
+        return pd.to_numeric(column, errors="coerce") == numeric
+    return column.astype(str) == value
+
+
+def matched_runs(runs: pd.DataFrame, pub) -> pd.DataFrame:
+    """The runs a published row is compared with: its experiment's, with its model options."""
+    if not pub.get("experiment") or runs.empty:
+        return runs.iloc[0:0]
+    mine = in_experiments(runs, pub["experiment"])
+    for column, value in model_config(pub.get("model_config")).items():
+        if column not in mine:
+            return mine.iloc[0:0]
+        mine = mine[_same(mine[column], value)]
+    return mine[mine["task"] == pub["task"]] if pub["task"] != "average" else mine
+
+
+def configuration(pub) -> str:
+    return " ".join(x for x in (f"experiment={pub['experiment']}" if pub.get("experiment")
+                                else "", str(pub.get("model_config") or "")) if x)
+
+
+def compare_published(published: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
+    """Published numbers beside ours: one row per published row of a (model, task) we ran.
+
+    A run is set beside a published number only when the row is matched (``matched`` yes: the
+    configuration it names reproduces the source's model) and the runs are of that experiment
+    and model options, on that task, measured by that protocol (PROTOCOLS) at that length. Every
+    other row keeps ``ours`` empty and says why in ``match``. Accuracy and bpc: mean, 95%
+    interval and seeds of the chosen setting; speed: steps/s, speed-up over the transformer of
+    the same experiment, peak memory; ``diff`` = ours - published (accuracy, bpc, speed-up).
     """
-    if published.empty:
+    if published.empty or runs.empty:
         return pd.DataFrame()
-    ran_accuracy = set(zip(cells.get("model", []), cells.get("task", [])))
-    if "Avg" in accuracy_means:
-        ran_accuracy |= {(m, "average") for m in accuracy_means.index}
-    ran_speed = set(zip(eff.get("model", []), eff.get("task", [])))
+    for column in PUBLISHED_CONFIG:
+        if column not in published:
+            published = published.assign(**{column: ""})
+    published = published.fillna({c: "" for c in PUBLISHED_CONFIG})
+    ran = set(zip(runs["model"], runs["task"]))
+    ran |= {(m, "average") for m, t in ran if t in LRA_TASKS}  # LRA's Avg: models run on LRA
     rows = []
     for _, pub in published.iterrows():
-        speed = pub["metric"] in ("steps_per_s", "speedup", "peak_memory_gb")
-        if (pub["model"], pub["task"]) not in (ran_speed if speed else ran_accuracy):
+        mine = matched_runs(runs, pub) if pub["matched"] == "yes" else runs.iloc[0:0]
+        if mine.empty and (pub["model"], pub["task"]) not in ran:
             continue
-        ours, ours_len, n = np.nan, np.nan, np.nan
-        L = pub["seq_len"]
-        if speed:
-            column = {"steps_per_s": "steps_per_s", "speedup": "speedup",
-                      "peak_memory_gb": "peak_gb"}[pub["metric"]]
-            hit = eff[(eff["model"] == pub["model"]) & (eff["task"] == pub["task"])
-                      & (eff["seq_len"] == L) & (eff["status"] == "ok")]
-            if len(hit):
-                ours, ours_len, n = hit[column].iloc[0], L, hit["n"].iloc[0]
-        elif pub["task"] == "average":
-            ours = accuracy_means.loc[pub["model"], "Avg"]
+        ours = {"ours": np.nan, "ci_low": np.nan, "ci_high": np.nan, "n": np.nan}
+        if pub["matched"] != "yes":
+            match = f"unmatched: {pub['why_unmatched'] or 'no configuration named'}"
+        elif mine.empty:
+            match = f"unmatched: no runs of {configuration(pub)} on {pub['task']} here"
         else:
-            ours, ours_len, n = _our_metric(cells, pub)
-        diff = ours - float(pub["value"]) if pub["metric"] in ("accuracy", "bpc", "speedup") \
-            else np.nan
+            ours = _ours(in_experiments(runs, pub["experiment"]), mine, pub)
+            match = f"matched: {configuration(pub)}" if pd.notna(ours["ours"]) else \
+                f"unmatched: no {pub['protocol']} number at seq_len {pub['seq_len']} in those runs"
+        metric = pub["metric"]
+        diff = ours["ours"] - float(pub["value"]) if metric in ("accuracy", "bpc", "speedup") \
+            and pd.notna(ours["ours"]) and pd.notna(pub["value"]) else np.nan
         rows.append({"source": pub["source"], "table": pub["table"], "model": pub["model"],
-                     "task": pub["task"], "seq_len": L, "metric": pub["metric"],
-                     "published": pub["value"], "ours": ours, "ours_seq_len": ours_len, "n": n,
-                     "diff": diff, "unit": pub["unit"], "note": pub["note"]})
+                     "paper_model": pub.get("paper_model", pub["model"]), "task": pub["task"],
+                     "seq_len": pub["seq_len"], "metric": metric, "published": pub["value"],
+                     **ours, "diff": diff, "configuration": configuration(pub),
+                     "protocol": pub["protocol"], "match": match, "unit": pub["unit"],
+                     "note": pub["note"]})
     return pd.DataFrame(rows)
 
 
-def _our_metric(cells: pd.DataFrame, pub) -> tuple[float, float, float]:
-    mine = cells[(cells["model"] == pub["model"]) & (cells["task"] == pub["task"])
-                 & (cells["status"] == "ok")]
-    if mine.empty:
-        return np.nan, np.nan, np.nan
-    L = pub["seq_len"]
-    exact = mine[mine["seq_len"] == L]
-    if len(exact):
-        return exact["mean"].iloc[0], L, exact["n"].iloc[0]
-    column = f"test_{pub['metric']}_len{int(L)}" if pd.notna(L) else None
-    if column in mine and mine[column].notna().any():
-        row = mine[mine[column].notna()].iloc[0]
-        return row[column], L, row["n"]
-    row = mine.sort_values("seq_len").iloc[-1]
-    return row["mean"], row["seq_len"], row["n"]
+def _ours(study: pd.DataFrame, mine: pd.DataFrame, pub) -> dict:
+    """Our number for a matched published row by its protocol (NaN when the runs lack it)."""
+    none = {"ours": np.nan, "ci_low": np.nan, "ci_high": np.nan, "n": np.nan}
+    protocol, L, metric = str(pub["protocol"]), pub["seq_len"], pub["metric"]
+    if protocol in ("speed", "speedup"):
+        eff = efficiency_cells(study)
+        hit = eff[(eff["model"] == pub["model"]) & (eff["task"] == pub["task"])
+                  & (eff["seq_len"] == L) & (eff["status"] == "ok")] if len(eff) else eff
+        hit = hit[hit["model"].isin(mine["model"])] if len(hit) else hit
+        column = {"steps_per_s": "steps_per_s", "speedup": "speedup",
+                  "peak_memory_gb": "peak_gb"}.get(metric)
+        if hit.empty or column is None:
+            return none
+        return {**none, "ours": hit[column].iloc[0], "n": hit["n"].iloc[0]}
+    cells = summarize(mine)
+    cells = cells[cells["status"] == "ok"]
+    if protocol == "average":
+        per_task = cells[cells["task"].isin(LRA_TASKS)]
+        if set(per_task["task"]) != set(LRA_TASKS) or per_task["task"].duplicated().any():
+            return none
+        return {**none, "ours": per_task["mean"].mean(), "n": per_task["n"].min()}
+    if protocol.startswith("extrapolation from "):
+        trained = float(protocol.rsplit(" ", 1)[1])
+        column = f"test_{metric}_len{int(L)}" if pd.notna(L) else None
+        hit = cells[cells["seq_len"] == trained]
+        if hit.empty or column not in hit or hit[column].isna().all():
+            return none
+        row = hit.iloc[0]
+        mean, std, n = row[column], row.get(f"{column}_std"), row.get(f"{column}_n")
+    else:
+        hit = cells[cells["seq_len"] == L]
+        if hit.empty:
+            return none
+        row = hit.iloc[0]
+        mean, std, n = row["mean"], row["std"], row["n"]
+    low, high = t_interval(mean, std, n, metric=metric)
+    return {"ours": mean, "ci_low": low, "ci_high": high, "n": n}
+
+
+def published_matches(directory: str | Path = PUBLISHED_DIR) -> pd.DataFrame:
+    """Every published row with the configuration it is matched to, or why it is unmatched
+    (``arena-report --published-matches``)."""
+    published = load_published(directory)
+    if published.empty:
+        return published
+    published = published.fillna({c: "" for c in PUBLISHED_CONFIG if c in published})
+    return pd.DataFrame({
+        "source": published["source"], "table": published["table"],
+        "paper_model": published["paper_model"], "task": published["task"],
+        "seq_len": published["seq_len"].map(lambda v: "" if pd.isna(v) else f"{int(v)}"),
+        "metric": published["metric"], "value": published["value"],
+        "protocol": published.get("protocol", ""),
+        "match": [f"matched: {configuration(r)}" if r.get("matched") == "yes" else
+                  f"unmatched ({configuration(r) or 'no configuration'}): {r.get('why_unmatched')}"
+                  for _, r in published.iterrows()]})
 
 
 # --------------------------------------------------------------------------- presentation
 
 COMPARISON_COLUMNS = {"model": "Model", "task": "Task", "seq_len": "Length", "metric": "Metric",
-                      "published": "Published", "ours": "Ours", "diff": "Ours − published",
-                      "n": "Seeds", "ours_seq_len": "Our length", "source": "Source",
+                      "published": "Published", "ours": "Ours [95% CI]", "diff": "Ours − published",
+                      "n": "Seeds", "match": "Configuration", "source": "Source",
                       "note": "Note"}
 METRIC_NAMES = {"accuracy": "accuracy (%)", "bpc": "bpc", "speedup": "speed-up (x)",
                 "steps_per_s": "steps/s", "peak_memory_gb": "peak memory (GB)"}
@@ -235,29 +324,55 @@ def _signed(x, metric: str) -> str:
 
 
 def comparison_display(comparison: pd.DataFrame) -> pd.DataFrame:
-    """The comparison rows we have a number for, formatted: a published number with no run of
-    ours beside it is left to the CSV (it made the table mostly blank)."""
+    """The comparison formatted: matched rows with ours [95% interval] and the difference, then
+    the unmatched rows with the published number alone and why (the configuration column)."""
     if comparison.empty:
         return pd.DataFrame()
-    rows = comparison[comparison["ours"].notna()].copy()
-    if rows.empty:
-        return pd.DataFrame()
+    rows = comparison.assign(_unmatched=comparison["ours"].isna()).sort_values(
+        "_unmatched", kind="stable")
+
+    def ours(r):
+        text = _value(r["ours"], r["metric"])
+        if pd.notna(r["ci_low"]) and r["ci_low"] != r["ci_high"]:
+            text += f" [{_value(r['ci_low'], r['metric'])}, {_value(r['ci_high'], r['metric'])}]"
+        return text
+
     out = pd.DataFrame({
         "model": rows["model"], "task": rows["task"],
         "seq_len": rows["seq_len"].map(lambda v: "" if pd.isna(v) else f"{int(v)}"),
         "metric": rows["metric"].map(lambda m: METRIC_NAMES.get(m, m)),
         "published": [_value(v, m) for v, m in zip(rows["published"], rows["metric"])],
-        "ours": [_value(v, m) for v, m in zip(rows["ours"], rows["metric"])],
+        "ours": [ours(r) for _, r in rows.iterrows()],
         "diff": [_signed(v, m) for v, m in zip(rows["diff"], rows["metric"])],
         "n": rows["n"].map(lambda v: "" if pd.isna(v) else f"{int(v)}"),
-        "ours_seq_len": [("" if pd.isna(o) or o == L else f"{int(o)}")
-                         for o, L in zip(rows["ours_seq_len"], rows["seq_len"])],
+        "match": rows["match"],
         "source": rows["source"] + ", " + rows["table"].astype(str),
         "note": rows["note"].fillna(""),
     })
-    if not (out["ours_seq_len"] != "").any():
-        out = out.drop(columns="ours_seq_len")
     return out.rename(columns=COMPARISON_COLUMNS).reset_index(drop=True)
+
+
+def params_table(cells: pd.DataFrame) -> pd.DataFrame:
+    """Model x task column: the chosen setting's parameter count, marked ``▲ +k%`` when more
+    than 10% over the transformer's in the same column (LRA's rule for a fair comparison)."""
+    if cells.empty or cells["params"].isna().all():
+        return pd.DataFrame()
+    cells = cells.assign(column=_column_labels(cells))
+    order = list(dict.fromkeys(cells.sort_values(["task", "seq_len"])["column"]))
+    base = cells[cells["model"] == "transformer"].set_index("column")["params"]
+
+    def text(row):
+        if pd.isna(row["params"]):
+            return NOT_RUN
+        out = f"{row['params'] / 1e6:.2f}M" if row["params"] >= 1e6 else f"{row['params'] / 1e3:.0f}K"
+        ref = base.get(row["column"], np.nan)
+        if pd.notna(ref) and ref > 0 and row["params"] > 1.1 * ref:
+            out += f" ▲ +{100 * (row['params'] / ref - 1):.0f}%"
+        return out
+
+    table = cells.assign(text=cells.apply(text, axis=1)).pivot(
+        index="model", columns="column", values="text").reindex(columns=order)
+    return table.fillna(NOT_RUN).rename_axis(index=None, columns=None)
 
 
 def fits_display(fit_table: pd.DataFrame) -> pd.DataFrame:
@@ -277,22 +392,24 @@ def claims_display(claims: pd.DataFrame) -> pd.DataFrame:
     if claims.empty:
         return pd.DataFrame()
     return pd.DataFrame({"Claim": claims["claim"], "Source": claims["citation"],
-                         "Verdict": claims["status"], "Our numbers": claims["numbers"]})
+                         "Study": claims["experiment"], "Verdict": claims["status"],
+                         "Our numbers": claims["numbers"]})
 
 
 def claim_points(runs: pd.DataFrame, claims: list[dict], verdicts: pd.DataFrame) -> pd.DataFrame:
     """The values a threshold claim is decided on, for the claims figure: one row per (claim,
-    model, seq_len) with the test mean and ± sd over seeds (the interval the figure shows;
-    harness.claims gives no confidence interval yet), or the fitted exponent and its bound."""
+    model, seq_len) with the test mean and its 95% t interval over seeds (the interval the claim
+    is decided on), or the fitted exponent and its bound; only the claim's experiment's runs."""
     from harness.claims import _side, _summary
 
     verdict = dict(zip(verdicts.get("id", []), verdicts.get("status", [])))
     rows = []
     for claim in claims:
         label = claim["id"]
+        study = in_experiments(runs, claim["experiment"])
         if claim["check"] == "exponent_below":
             side = _side(claim["model"])
-            eff = efficiency_cells(filter_runs(runs[runs["model"] == side["model"]],
+            eff = efficiency_cells(filter_runs(study[study["model"] == side["model"]],
                                                claim.get("where")))
             fits = scaling_exponents(eff) if len(eff) else pd.DataFrame()
             column = f"{claim['quantity']}_exponent"
@@ -306,11 +423,11 @@ def claim_points(runs: pd.DataFrame, claims: list[dict], verdicts: pd.DataFrame)
         names = [claim[k] for k in ("model", "a", "b") if k in claim]
         for spec in names:
             side = _side(spec)
-            cells = _summary(runs, claim, side)
+            cells = _summary(study, claim, side) if len(study) else pd.DataFrame()
             for _, c in cells[cells["status"] == "ok"].iterrows() if len(cells) else []:
-                sd = c["std"] if pd.notna(c["std"]) else np.nan
+                low, high = t_interval(c["mean"], c["std"], c["n"], metric=c["metric"])
                 rows.append({"claim": label, "verdict": verdict.get(label), "model": side["model"],
-                             "value": c["mean"], "low": c["mean"] - sd, "high": c["mean"] + sd,
+                             "value": c["mean"], "low": low, "high": high,
                              "threshold": claim["threshold"],
                              "unit": UNIT_NAMES.get(c["metric"], c["metric"])})
     return pd.DataFrame(rows, columns=["claim", "verdict", "model", "value", "low", "high",
@@ -361,7 +478,8 @@ def build_report(dirs: list[str], out: Path, *, published_dir: Path = PUBLISHED_
     fits = scaling_exponents(eff)
     acc_text, acc_means = accuracy_table(cells)
     eff_text = efficiency_table(eff)
-    comparison = compare_published(load_published(published_dir), cells, eff, acc_means)
+    comparison = compare_published(load_published(published_dir), runs)
+    params = params_table(cells)
     # every claims*.yaml of the published directory (one per study), or the one file asked for
     claim_files = [claims_file] if claims_file else sorted(Path(published_dir).glob("claims*.yaml"))
     loaded = [claim for path in claim_files if path.exists() for claim in load_claims(path)]
@@ -373,8 +491,8 @@ def build_report(dirs: list[str], out: Path, *, published_dir: Path = PUBLISHED_
     out.mkdir(parents=True, exist_ok=True)
     tables_dir = out / "tables"
     tables_dir.mkdir(exist_ok=True)
-    tables = {"accuracy": acc_text, "efficiency": eff_text, "scaling_exponents": fit_table,
-              "comparison": comparison, "claims": claims}
+    tables = {"accuracy": acc_text, "params": params, "efficiency": eff_text,
+              "scaling_exponents": fit_table, "comparison": comparison, "claims": claims}
     for name, table in tables.items():
         table.to_csv(tables_dir / f"{name}.csv", index=name not in ("comparison", "claims"))
     cells.drop(columns=["setting"], errors="ignore").to_csv(tables_dir / "accuracy_cells.csv",
@@ -394,8 +512,16 @@ def build_report(dirs: list[str], out: Path, *, published_dir: Path = PUBLISHED_
             f"{seeds if seeds else 'the'} seed{'s' if seeds != 1 else ''} (another count is shown "
             "as n=k, n=k/m when some seeds failed); bpc as is, lower is better. Best per column "
             "in bold. FAIL / OOM: no run succeeded; n/a: the model does not support the task; "
-            "– not run. Avg as in LRA (Path-X excluded)."), "accuracy", row_label="Model",
+            f"– not run. Avg as in LRA (Path-X excluded). {CHANCE_MARK} not clearly above "
+            "chance: the exact binomial 95% interval of the accuracy over the test examples of all "
+            "seeds includes chance or lies below it (chance: 1 / classes; 1 / data symbols on the "
+            "synthetic token tasks; 1 / pairs on MQAR). The 95% t intervals are in tables/accuracy_cells.csv."),
+            "accuracy", row_label="Model",
             better={c: _direction(c, metric_of) for c in acc_text.columns}),
+        DisplayTable(params, "Parameters", (
+            "Trainable parameters of the setting in the accuracy table. ▲ +k%: more than 10% over "
+            "the transformer's in the same column (LRA's rule: models compared within 10% of the "
+            "base Transformer's parameters)."), "params", row_label="Model"),
         DisplayTable(eff_text, "Efficiency", (
             "Training steps per second (speed-up over transformer) and peak memory in GB "
             f"(10⁹ bytes), from {source} records, repeats by median"
@@ -409,12 +535,19 @@ def build_report(dirs: list[str], out: Path, *, published_dir: Path = PUBLISHED_
             row_label="Model", better={"Time exponent": "min", "Memory exponent": "min"},
             groups="Setup"),
         DisplayTable(comparison_display(comparison), "Comparison with published numbers", (
-            "Published numbers beside ours where we ran the same model and task (the rest are in "
-            "tables/comparison.csv); ours − published for accuracy, bpc and speed-up only "
-            "(absolute speed and memory depend on the hardware)."), "comparison",
-            latex_drop=("Note", "Source")),
+            "Published numbers of the models and tasks we ran. Ours (mean [95% t interval] over "
+            "seeds) stands beside a published number only where the task, the protocol and the "
+            "configuration match: the configuration column names it (results/published/*.csv, "
+            "columns experiment, model_config, protocol); every other published number stands "
+            "alone, marked unmatched with the reason. Ours − published for accuracy, bpc and "
+            "speed-up only (absolute speed and memory depend on the hardware)."), "comparison",
+            latex_drop=("Note", "Source", "Configuration")),
         DisplayTable(claims_display(claims), "Claims", (
-            f"Published claims checked against these runs ({claims_file})."), "claims",
+            f"Published claims ({claims_file}), each decided only on the runs of its own study "
+            "(Study: the experiment names). Accuracy claims need 3 seeds per cell: mean [95% t "
+            "interval] (n seeds); holds / differs when the intervals clear the threshold or each "
+            "other, inconclusive when they overlap, too few seeds below 3. Speed and memory "
+            "claims compare medians of timed steps."), "claims",
             latex_drop=("Source",)),
     ]
     for table in display:
@@ -427,8 +560,8 @@ def build_report(dirs: list[str], out: Path, *, published_dir: Path = PUBLISHED_
         "scaling": "Step time and peak memory against sequence length, log-log, with fitted slopes.",
         "bubble": "Speed, accuracy and memory at the longest measured length (LRA Figure 3).",
         "published": "Ours (dot, model colour) against the published value (black bar).",
-        "claims": "The values each threshold claim is decided on (± sd over seeds) and its "
-                  "threshold (red bar).",
+        "claims": "The values each threshold claim is decided on (95% t interval over seeds) "
+                  "and its threshold (red bar).",
         "training_curves": "Training loss and validation metric against step (mean ± sd over "
                            "seeds) of each model's chosen setting.",
     }
@@ -480,8 +613,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="directory of published-number CSVs and claims.yaml")
     parser.add_argument("--claims", type=Path, help="claims file (default: PUBLISHED/claims.yaml)")
     parser.add_argument("--no-plots", action="store_true", help="tables only (faster)")
+    parser.add_argument("--published-matches", action="store_true",
+                        help="print every published row with the configuration it is matched to "
+                             "(or why it is unmatched), as markdown, and exit")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, handlers=console_handlers())  # a no-op if already set up
+    if args.published_matches:
+        from harness.report_render import DisplayTable, to_markdown
+
+        table = published_matches(args.published)
+        print(to_markdown(DisplayTable(table, "Published rows", "", "published_matches"))
+              if len(table) else "no published rows")
+        return 0
     if not args.dirs and not args.wandb:
         parser.error("give run or sweep directories, or --wandb ENTITY/PROJECT")
     if args.wandb and not args.out:
@@ -511,7 +654,7 @@ def main(argv: list[str] | None = None) -> int:
         claims = result["claims"]
         if len(claims):
             log.info("\nClaims: %s", ", ".join(f"{(claims['status'] == s).sum()} {s}"
-                                              for s in ("holds", "differs", "not run")))
+                                              for s in VERDICTS))
     log.info("\nreport: %s", result["html"])
     return 0
 

@@ -122,7 +122,8 @@ def latex_escape(text: str) -> str:
     """Text as LaTeX source: special characters escaped, ± and – as math and en dash."""
     text = "".join(_LATEX_ESCAPES.get(ch, ch) for ch in str(text))
     return (text.replace("±", r"$\pm$").replace("10⁹", r"$10^9$").replace("–", "--").replace("−", "$-$")
-            .replace("×", r"$\times$").replace("≥", r"$\geq$").replace("≤", r"$\leq$"))
+            .replace("×", r"$\times$").replace("≥", r"$\geq$").replace("≤", r"$\leq$")
+            .replace("▲", r"$\triangle$").replace("†", r"\dag{}"))
 
 
 def to_latex(table: DisplayTable, label: str) -> str:

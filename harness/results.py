@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import scipy.stats
 
 from harness.config import NON_RESULT_BENCH_KEYS, NON_RESULT_TASK_KEYS, NON_RESULT_TRAINER_KEYS, RESULT_KEYS
 from harness.records import METRICS_FILE, RECORD_FILE, parse_record
@@ -228,6 +229,80 @@ def filter_runs(df: pd.DataFrame, where: dict | None) -> pd.DataFrame:
     return df[keep]
 
 
+def experiment_of(df: pd.DataFrame) -> pd.Series:
+    """The experiment each run belongs to: the record's ``experiment`` field (the ``experiment=``
+    choice, recorded by harness.records.new_record), else ``config.sweep.name`` (records written
+    before that field, or runs without ``experiment=``; every experiment names its sweep after
+    itself)."""
+    out = df["experiment"] if "experiment" in df else pd.Series(None, index=df.index, dtype=object)
+    if "config.sweep.name" in df:
+        out = out.where(out.notna(), df["config.sweep.name"])
+    return out
+
+
+def in_experiments(df: pd.DataFrame, names) -> pd.DataFrame:
+    """The runs of ``df`` that belong to one of the experiments ``names`` (a name or a list)."""
+    names = [names] if isinstance(names, str) else list(names)
+    return df[experiment_of(df).isin(names)]
+
+
+# --------------------------------------------------------------------------- statistics
+
+CONFIDENCE = 0.95
+MIN_SEEDS = 3  # a cell with fewer ok seeds decides no claim ("too few seeds")
+# Chance accuracy by task: 1 / classes for the classification tasks; for the synthetic token
+# tasks what their headline() says (1 / data symbols), and for MQAR 1 / n_pairs: a model that
+# copies any value of the context is right that often.
+CLASSES = {"listops": 10, "image": 10, "text": 2, "retrieval": 2, "pathfinder": 2, "pathx": 2}
+SYMBOLS_BESIDE = {"copying": 2, "induction_heads": 2, "selective_copying": 2, "reverse": 4}
+
+
+def t_interval(mean: float, std: float, n: int, confidence: float = CONFIDENCE,
+               metric: str | None = None) -> tuple[float, float]:
+    """Student-t interval of a mean over ``n`` seeds from its sample std (NaN for one seed; the
+    point itself when every seed gave the same number); an accuracy's is cut to [0, 100]."""
+    if not n or n < 2 or pd.isna(mean) or pd.isna(std):
+        return math.nan, math.nan
+    if std == 0:
+        return float(mean), float(mean)
+    low, high = scipy.stats.t.interval(confidence, n - 1, loc=mean, scale=std / math.sqrt(n))
+    if metric == "accuracy":
+        low, high = max(low, 0.0), min(high, 100.0)
+    return float(low), float(high)
+
+
+def chance_level(task: str, config_task: dict) -> float | None:
+    """Chance accuracy (a fraction) of ``task`` with config ``config_task``; None when unknown."""
+    if task in CLASSES:
+        return 1.0 / CLASSES[task]
+    vocab = config_task.get("vocab_size")
+    if task in SYMBOLS_BESIDE and _number(vocab) and vocab > SYMBOLS_BESIDE[task]:
+        return 1.0 / (vocab - SYMBOLS_BESIDE[task])
+    pairs = config_task.get("n_pairs")
+    if task == "mqar" and _number(pairs) and pairs > 0:
+        return 1.0 / pairs
+    return None
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and not math.isnan(x)
+
+
+def near_chance(accuracy_percent: float, chance: float | None, n_examples: float,
+                confidence: float = CONFIDENCE) -> bool:
+    """Whether an accuracy over ``n_examples`` test examples is not clearly above ``chance``: the
+    exact binomial 95% interval (scipy.stats.binomtest) includes chance or lies below it. Token
+    tasks score several positions per example, so counting examples makes the interval wider
+    than it is: it flags more, not less."""
+    if chance is None or pd.isna(chance) or pd.isna(accuracy_percent) or not n_examples \
+            or pd.isna(n_examples):
+        return False
+    n = int(n_examples)
+    k = min(n, max(0, int(round(accuracy_percent / 100.0 * n))))
+    ci = scipy.stats.binomtest(k, n).proportion_ci(confidence_level=confidence, method="exact")
+    return bool(ci.low <= chance)
+
+
 # --------------------------------------------------------------------------- accuracy cells
 
 
@@ -256,15 +331,28 @@ def summarize(df: pd.DataFrame, by: tuple[str, ...] = ()) -> pd.DataFrame:
     (ddof 1; NaN for one seed) and n over its ok seeds, in display units (accuracy in percent).
     ``n_total`` counts all of that setting's runs. A cell with no ok run gets ``status`` "OOM"
     when any run ran out of memory, "n/a" when all were unsupported, else "FAIL"; extrapolation
-    metrics ``metrics.test_<metric>_len<L>`` are averaged the same way.
+    metrics ``metrics.test_<metric>_len<L>`` are averaged the same way (with ``..._std`` and
+    ``..._n`` beside each). Also: ``ci_low``/``ci_high``, the 95% t interval of the mean
+    (:func:`t_interval`); ``params``, the chosen setting's parameter count (median over seeds);
+    ``chance`` (a fraction, :func:`chance_level`), ``n_test`` (test examples per run, from
+    ``config.task.n_test``) and ``near_chance``: whether the accuracy's binomial 95% interval
+    over n_test x seeds examples includes chance or lies below it (:func:`near_chance`).
     """
     keys = ["model", "task", "seq_len", *by]
     train = df[df["kind"] == "train"].copy()
+    train["params"] = pd.to_numeric(train["params"], errors="coerce") if "params" in train \
+        else np.nan
+    task_cols = [c for c in train.columns if c.startswith("config.task.")]
+    train["_chance"] = [chance_level(t, {c[len("config.task."):]: v for c, v in zip(task_cols, r)})
+                        for t, r in zip(train["task"], train[task_cols].itertuples(index=False))]
+    train["_n_test"] = pd.to_numeric(train["config.task.n_test"], errors="coerce") \
+        if "config.task.n_test" in train else np.nan
     extra = sorted(c for c in train.columns
                    if c.startswith("metrics.test_") and "_len" in c and c[-1].isdigit())
     if train.empty:
         return pd.DataFrame(columns=[*keys, "metric", "n_settings", "status", "mean", "std", "n",
-                                     "n_total", "val_mean", "setting", "chosen", "run_ids"])
+                                     "ci_low", "ci_high", "params", "near_chance", "n_total",
+                                     "val_mean", "setting", "chosen", "run_ids"])
     # One metric per cell (the first one named), its display scale and better direction.
     train["metric"] = train.groupby(keys, dropna=False)["metric"].transform("first")
     scale = train["metric"].map(lambda m: display_scale(m)).astype(float)
@@ -287,7 +375,10 @@ def summarize(df: pd.DataFrame, by: tuple[str, ...] = ()) -> pd.DataFrame:
         val_mean=("val_metric", "mean"), rank=("_rank", "mean"), mean=("test_metric", "mean"),
         std=("test_metric", "std"), n=("test_metric", "count"),
         run_ids=("run_id", lambda r: ",".join(map(str, r))),
+        params=("params", "median"), chance=("_chance", "first"), n_test=("_n_test", "first"),
         **{c.replace("metrics.", ""): (c, "mean") for c in extra},
+        **{c.replace("metrics.", "") + "_std": (c, "std") for c in extra},
+        **{c.replace("metrics.", "") + "_n": (c, "count") for c in extra},
         **{f"_v:{c}": (c, "first") for c in varying})
     per_setting = per_setting.join(totals).reset_index()
     per_setting["rank"] = per_setting["rank"].fillna(math.inf)
@@ -306,6 +397,12 @@ def summarize(df: pd.DataFrame, by: tuple[str, ...] = ()) -> pd.DataFrame:
     out.loc[failed, "n"] = 0
     out["n_total"] = out["n_total"].where(~failed, out["n_runs"]).astype(int)
     out["n"] = out["n"].astype(int)
+    intervals = [t_interval(m, sd, n, metric=metric) for m, sd, n, metric in
+                 zip(out["mean"], out["std"], out["n"], out["metric"])]
+    out["ci_low"] = [lo for lo, _ in intervals]
+    out["ci_high"] = [hi for _, hi in intervals]
+    out["near_chance"] = [m == "accuracy" and near_chance(v, c, t * n) for m, v, c, t, n in
+                          zip(out["metric"], out["mean"], out["chance"], out["n_test"], out["n"])]
     return out.drop(columns=["statuses", "n_runs"])
 
 

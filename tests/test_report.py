@@ -17,12 +17,13 @@ from conftest import ROOT, cli, cli_env
 
 from harness.claims import evaluate_claims, load_claims
 from harness.report import (
-    PUBLISHED_DIR, accuracy_table, compare_published, efficiency_table, load_published, main,
+    PUBLISHED_DIR, accuracy_table, compare_published, comparison_display, efficiency_table,
+    load_published, main, params_table, published_matches,
 )
 from harness.records import new_record
 from harness.results import (
-    efficiency_cells, filter_runs, load_curves, load_runs, records_frame, scaling_exponents,
-    summarize,
+    efficiency_cells, filter_runs, load_curves, load_runs, near_chance, records_frame,
+    scaling_exponents, summarize,
 )
 
 BASE = {
@@ -176,12 +177,19 @@ def test_filter_runs_operators(tmp_path):
 
 
 
-def bench_sweep(root, models=("transformer", "linear_transformer"), lengths=(1024, 2048, 4096)):
+def bench_sweep(root, models=("transformer", "linear_transformer"), lengths=(1024, 2048, 4096),
+                **fields):
     for model in models:
         power = 2 if model == "transformer" else 1
         for L in lengths:
             make(root, kind="bench", model=model, task="text", seq_len=L, batch_size=32,
-                 step_ms=(L / 1024) ** power * 100.0, peak=int((L / 1024) ** power * 1e9))
+                 step_ms=(L / 1024) ** power * 100.0, peak=int((L / 1024) ** power * 1e9), **fields)
+
+
+def seeds3(root, *, val, spread=0.002, **kw):
+    """Three seeds of one cell: val - spread, val, val + spread (val and test alike)."""
+    for seed, d in enumerate((-spread, 0.0, spread)):
+        make(root, seed=seed, val=val + d, test=val + d, **kw)
 
 
 def test_efficiency_speedup_and_exponents(tmp_path):
@@ -261,23 +269,85 @@ def test_published_numbers_are_tidy_and_cited():
     assert sorted(pub[pub["model"] == "transformer_xl"]["value"]) == [0.99, 1.06, 18.3]
 
 
-def test_comparison_puts_ours_beside_published(tmp_path):
-    make(tmp_path, task="listops", seq_len=2000, val=0.4, test=0.4)
+def test_comparison_sets_ours_beside_published_only_for_the_matched_configuration(tmp_path):
+    make(tmp_path, task="listops", seq_len=2000, val=0.4, test=0.4, experiment="lra_table1")
     bench_sweep(tmp_path)
-    runs = load_runs(tmp_path)
-    cells, eff = summarize(runs), efficiency_cells(runs)
-    comp = compare_published(load_published(), cells, eff, accuracy_table(cells)[1])
-    row = comp[(comp["task"] == "listops") & (comp["model"] == "transformer")].iloc[0]
-    assert row["ours"] == pytest.approx(40.0) and row["diff"] == pytest.approx(40.0 - 36.37)
-    up = comp[(comp["model"] == "linear_transformer") & (comp["metric"] == "speedup")
-              & (comp["seq_len"] == 4096)].iloc[0]
-    assert up["ours"] == pytest.approx(4.0) and up["diff"] == pytest.approx(4.0 - 5.6)
-    assert not (comp["model"] == "performer").any()
+    seeds3(tmp_path, model="h3", task="selective_copying", seq_len=4096, val=0.6,
+           experiment="mamba_selective_copying")
+    seeds3(tmp_path, model="h3", task="selective_copying", seq_len=4096, val=0.1,
+           experiment="quickstart")  # another study's h3: never compared
+    seeds3(tmp_path, model="transformer", task="induction_heads", seq_len=256, val=1.0,
+           experiment="mamba_induction_heads", model_cfg={"positional": "learned"},
+           extra_metrics={"test_accuracy_len512": 0.5})
+    seeds3(tmp_path, model="transformer", task="mqar", val=0.9)  # a two-task "Avg" ...
+    seeds3(tmp_path, model="transformer", task="selective_copying", val=0.9)
+    comp = compare_published(load_published(), load_runs(tmp_path)).set_index(
+        ["model", "task", "table", "seq_len", "metric"], drop=False)
+    h3 = comp.loc[("h3", "selective_copying", "Selective Copying", 4096, "accuracy")]
+    assert h3["ours"] == pytest.approx(60.0) and h3["diff"] == pytest.approx(60.0 - 57.0)
+    assert h3["n"] == 3 and h3["ci_low"] < 60.0 < h3["ci_high"]
+    assert h3["match"] == "matched: experiment=mamba_selective_copying model=h3"
+    abs_ = comp[(comp["paper_model"] == "MHA-Abs") & (comp["seq_len"] == 512)].iloc[0]
+    assert abs_["ours"] == pytest.approx(50.0) and abs_["protocol"] == "extrapolation from 256"
+    rope = comp[comp["paper_model"] == "MHA-RoPE"]  # needs model.positional=rope runs
+    assert rope["ours"].isna().all() and rope["match"].str.startswith("unmatched: no runs").all()
+    listops = comp.loc[("transformer", "listops", "Table 1", 2000, "accuracy")]
+    assert pd.isna(listops["ours"]) and "CLS token" in listops["match"]
+    average = comp[comp["task"] == "average"]  # ... is never set beside LRA's average
+    assert len(average) and average["ours"].isna().all() and average["diff"].isna().all()
+    assert comp[comp["metric"] == "speedup"]["ours"].isna().all()  # LRA Table 2: unmatched
+    shown = comparison_display(comp)
+    assert shown["Ours [95% CI]"].iloc[0].startswith("60.0 [") and shown["Configuration"].iloc[0] \
+        .startswith("matched")
 
+
+def test_every_published_row_names_its_configuration_or_why_not():
+    rows = load_published()
+    assert {"experiment", "model_config", "protocol", "matched", "why_unmatched"} <= set(rows)
+    rows = rows.fillna("")
+    assert set(rows["matched"]) == {"yes", "no"}
+    assert (rows[rows["matched"] == "no"]["why_unmatched"] != "").all()
+    matched = rows[rows["matched"] == "yes"]
+    assert (matched["experiment"] != "").all() and (matched["model_config"] != "").all()
+    experiments = {p.stem for p in (PUBLISHED_DIR.parent.parent / "conf" / "experiment").glob("*.yaml")}
+    assert set(rows["experiment"]) - {""} <= experiments
+    assert set(rows["protocol"]) <= {"test", "average", "speed", "speedup", "extrapolation from 256"}
+    table = published_matches()
+    assert len(table) == len(rows)
+    assert table["match"].str.startswith(("matched: experiment=", "unmatched")).all()
+
+
+def test_params_table_marks_models_more_than_ten_percent_over_the_transformer(tmp_path):
+    make(tmp_path, model="transformer", val=0.5, test=0.5, params=100_000)
+    make(tmp_path, model="mamba", val=0.5, test=0.5, params=109_000)
+    make(tmp_path, model="s4d", val=0.5, test=0.5, params=150_000)
+    make(tmp_path, model="s4d", task="listops", seq_len=2000, val=0.5, test=0.5, params=2_500_000)
+    table = params_table(summarize(load_runs(tmp_path)))
+    assert table.loc["transformer", "mqar"] == "100K" and table.loc["mamba", "mqar"] == "109K"
+    assert table.loc["s4d", "mqar"] == "150K ▲ +50%"
+    assert table.loc["s4d", "listops"] == "2.50M"  # no transformer on listops: nothing to compare
+
+
+def test_near_chance_is_flagged_from_the_binomial_interval(tmp_path):
+    for model, acc in [("transformer", 0.26), ("mamba", 0.9), ("s4d", 0.03)]:
+        for seed in range(3):
+            run = make(tmp_path, model=model, seed=seed, val=acc, test=acc)
+            rec = json.loads((run / "record.json").read_text())
+            rec["config"]["task"].update(n_pairs=4, n_test=200)  # chance 1/4 on MQAR
+            (run / "record.json").write_text(json.dumps(rec))
+    cells = summarize(load_runs(tmp_path)).set_index("model")
+    assert cells.loc["transformer", "near_chance"] and not cells.loc["mamba", "near_chance"]
+    assert cells.loc["s4d", "near_chance"]  # below chance: not above it either
+    assert cells.loc["transformer", "chance"] == pytest.approx(0.25)
+    text, _ = accuracy_table(cells.reset_index())
+    assert text.loc["transformer", "mqar"].startswith("26.0†") and "†" not in text.loc["mamba", "mqar"]
+    assert near_chance(30.0, 0.25, 100) and not near_chance(40.0, 0.25, 100)  # 25 in [21, 40]
+    assert near_chance(10.0, 0.25, 100)
 
 
 def claim(check, **fields):
-    return {"id": check, "claim": "c", "citation": "paper", "check": check, **fields}
+    return {"id": check, "claim": "c", "citation": "paper", "check": check, "experiment": "test",
+            **fields}
 
 
 def test_speed_and_memory_claims(tmp_path):
@@ -302,18 +372,18 @@ def test_speed_and_memory_claims(tmp_path):
 
 
 def test_accuracy_claims(tmp_path):
-    make(tmp_path, model="mamba", task="selective_copying", val=0.99, test=0.98)
-    make(tmp_path, model="s4d", task="selective_copying", val=0.2, test=0.18)
-    make(tmp_path, model="transformer", task="mqar", seq_len=64, val=1.0, test=1.0)
-    make(tmp_path, model="transformer", task="mqar", seq_len=256, val=0.9, test=0.9)
+    seeds3(tmp_path, model="mamba", task="selective_copying", val=0.98)
+    seeds3(tmp_path, model="s4d", task="selective_copying", val=0.18)
+    seeds3(tmp_path, model="transformer", task="mqar", seq_len=64, val=0.998)
+    seeds3(tmp_path, model="transformer", task="mqar", seq_len=256, val=0.9)
     for L, lstm, bahd in [(10, 0.9, 0.99), (20, 0.7, 0.98), (40, 0.4, 0.97)]:
-        make(tmp_path, model="lstm", task="reverse", seq_len=L, val=lstm, test=lstm)
-        make(tmp_path, model="lstm_bahdanau", task="reverse", seq_len=L, val=bahd, test=bahd)
+        seeds3(tmp_path, model="lstm", task="reverse", seq_len=L, val=lstm)
+        seeds3(tmp_path, model="lstm_bahdanau", task="reverse", seq_len=L, val=bahd)
     for mem, bpc in [(0, 1.5), (32, 1.3)]:
-        make(tmp_path, model="transformer_xl", task="char_lm", metric="bpc", val=bpc, test=bpc,
-             model_cfg={"mem_len": mem})
-    make(tmp_path, model="mamba", task="induction_heads", seq_len=256, val=1.0, test=1.0,
-         extra_metrics={"test_accuracy_len512": 1.0, "test_accuracy_len1024": 0.97})
+        seeds3(tmp_path, model="transformer_xl", task="char_lm", metric="bpc", val=bpc,
+               model_cfg={"mem_len": mem})
+    seeds3(tmp_path, model="mamba", task="induction_heads", seq_len=256, val=1.0, spread=0.0,
+           extra_metrics={"test_accuracy_len512": 1.0, "test_accuracy_len1024": 0.97})
     xl = {"model": "transformer_xl", "where": {"config.model.mem_len": {"gt": 0}}}
     xl0 = {"model": "transformer_xl", "where": {"config.model.mem_len": 0}}
     claims = [
@@ -339,21 +409,80 @@ def test_accuracy_claims(tmp_path):
         "holds", "differs", "differs", "holds", "holds", "holds", "holds", "differs",
         "holds", "differs", "holds", "differs", "not run", "holds"]
     numbers = result["numbers"].tolist()
-    assert "98" in numbers[0] and "18" in numbers[0]
+    assert "98 [" in numbers[0] and "18 [" in numbers[0] and "(n=3)" in numbers[0]
     assert "seq_len=10: 90" in numbers[4] and "seq_len=40: 40" in numbers[4]
-    assert "tested 1024: 97" in numbers[10]
+    assert "tested 1024: 97 [97, 97] (n=3)" in numbers[10]
     assert "mem_len=0: 1.5" in numbers[13] and "mem_len=32: 1.3" in numbers[13]
 
 
+def test_verdicts_need_three_seeds_and_intervals_clear_of_each_other(tmp_path):
+    for model, values in [("mamba", (0.98, 0.99, 0.985)), ("s4d", (0.2, 0.22, 0.18)),
+                          ("h3", (0.5, 0.95, 0.9)), ("hyena", (0.2, 0.25))]:
+        for seed, v in enumerate(values):
+            make(tmp_path, model=model, task="selective_copying", seed=seed, val=v, test=v)
+    vs = lambda a, b: claim("solves_where_other_fails", a=a, b=b, task="selective_copying",
+                            threshold=90)
+    result = evaluate_claims(load_runs(tmp_path), [
+        vs("mamba", "s4d"), vs("s4d", "mamba"), vs("mamba", "h3"), vs("mamba", "hyena"),
+        claim("better", a="mamba", b="h3", task="selective_copying"),
+        claim("better", a="hyena", b="mamba", task="selective_copying"),
+        claim("solves", model="h3", task="selective_copying", threshold=90),
+    ])
+    assert result["status"].tolist() == ["holds", "differs", "inconclusive", "too few seeds",
+                                         "inconclusive", "too few seeds", "inconclusive"]
+    assert "hyena 22.5 [0, 54.27] (n=2)" in result["numbers"][3]  # accuracy's cut to [0, 100]
+
+
+def test_a_claim_is_decided_on_its_own_study_only(tmp_path):
+    seeds3(tmp_path, model="transformer", task="mqar", val=0.99, experiment="zoology_mqar_cpu",
+           model_cfg={"d_model": 64})
+    seeds3(tmp_path, model="s4d", task="mqar", val=0.3, experiment="zoology_mqar_cpu",
+           model_cfg={"d_model": 64})
+    seeds3(tmp_path, model="s4d", task="mqar", val=0.995, experiment="quickstart",
+           model_cfg={"d_model": 64})  # in the same folder, another study: never counted
+    runs = load_runs(tmp_path)
+    runs["config.sweep.name"] = "renamed"  # sweep.name=... on the command line: still found
+    claims = load_claims(PUBLISHED_DIR / "claims_zoology_mqar.yaml")
+    result = evaluate_claims(runs, claims).set_index("id")
+    assert result.loc["zoology_attention_solves_where_ssm_fails_d64", "status"] == "holds"
+    assert "s4d 30 [" in result.loc["zoology_attention_solves_where_ssm_fails_d64", "numbers"]
+    assert result.loc["zoology_attention_solves_where_h3_fails_d64", "status"] == "not run"
+    # records written before the experiment field: their sweep name is their experiment
+    old = load_runs(tmp_path).drop(columns="experiment")
+    old["config.sweep.name"] = "zoology_mqar_cpu"
+    assert evaluate_claims(old, claims).set_index("id").loc[
+        "zoology_attention_solves_where_ssm_fails_d64", "status"] == "inconclusive"  # 6 s4d seeds
+    assert evaluate_claims(runs.assign(experiment="quickstart"), claims)["status"].eq(
+        "not run").all()
+
+
+def test_records_carry_the_experiment_choice_and_old_records_stay_valid():
+    from harness.records import validate_record
+
+    rec = new_record(kind="train", config_hash="h", model="m", task="t", seed=0, seq_len=8,
+                     batch_size=1, env={}, config={}, experiment="zoology_mqar_cpu")
+    assert rec["experiment"] == "zoology_mqar_cpu" and validate_record(rec) == []
+    outside_hydra = new_record(kind="train", config_hash="h", model="m", task="t", seed=0,
+                               seq_len=8, batch_size=1, env={}, config={})
+    assert outside_hydra["experiment"] is None and validate_record(outside_hydra) == []
+    old = {k: v for k, v in rec.items() if k != "experiment"}
+    assert validate_record(old) == []
+    assert validate_record({**rec, "experiment": 3})  # a wrong type is still caught
+
+
 def test_shipped_claims_load_and_bad_claims_are_explained(tmp_path):
-    claims = load_claims(PUBLISHED_DIR / "claims.yaml")
+    claims = [c for path in sorted(PUBLISHED_DIR.glob("claims*.yaml")) for c in load_claims(path)]
+    assert all(c["experiment"] for c in claims)
     checks = {c["check"] for c in claims}
     assert {"faster", "less_memory", "solves", "solves_where_other_fails", "better",
             "falls_with", "holds_with", "extrapolates", "exponent_below"} <= checks
     assert all(c["citation"] for c in claims)
     bad = tmp_path / "claims.yaml"
-    bad.write_text("claims:\n  - {id: x, claim: c, citation: p, check: faster, a: mamba}\n")
+    bad.write_text("claims:\n  - {id: x, claim: c, citation: p, experiment: s, check: faster, a: mamba}\n")
     with pytest.raises(ValueError, match=r"claim 'x': check 'faster' needs field 'b'"):
+        load_claims(bad)
+    bad.write_text("claims:\n  - {id: z, claim: c, citation: p, check: faster, a: mamba, b: s4d}\n")
+    with pytest.raises(ValueError, match=r"claim 'z': check 'faster' needs field 'experiment'"):
         load_claims(bad)
     bad.write_text("claims:\n  - {id: y, claim: c, citation: p, check: quicker}\n")
     with pytest.raises(ValueError, match="unknown check 'quicker'"):
@@ -386,7 +515,9 @@ def report_dir(tmp_path_factory):
                          for s in (1, 2, 3)]
                 (run / "metrics.jsonl").write_text("\n".join(map(json.dumps, lines)) + "\n")
     make(root, model="performer", task="text", seq_len=1024, status="oom")
-    bench_sweep(root)
+    bench_sweep(root, experiment="lra_speed")
+    seeds3(root, model="h3", task="selective_copying", seq_len=4096, val=0.6,
+           experiment="mamba_selective_copying")  # matched to Mamba's published H3 row
     return root
 
 
@@ -414,7 +545,8 @@ def test_cli_writes_every_output(report_dir, tmp_path, caplog):
     assert all(f"plots/{name}.png" in md for name in plots)
     claims = pd.read_csv(out / "tables" / "claims.csv").set_index("id")
     assert claims.loc["lra_linear_transformer_faster_4k", "status"] == "holds"
-    assert claims.loc["mamba_selective_copying", "status"] == "not run"
+    assert claims.loc["mamba_selective_copying_study", "status"] == "not run"
+    assert "Parameters" in md and "matched: experiment=mamba_selective_copying model=h3" in md
 
 
 def test_cli_without_records_says_what_to_do(tmp_path):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from test_report import bench_sweep, make
+from test_report import bench_sweep, make, seeds3
 
 from harness.report import build_report
 from harness.report_render import DisplayTable, latex_escape, leading_number, to_html, to_latex
@@ -83,8 +83,8 @@ def wide_report(tmp_path_factory):
                                               "texlive-latex-recommended); the LaTeX tables are not compiled")
 def test_latex_tables_compile_on_an_article_page_without_overfull_boxes(wide_report, tmp_path):
     tables = sorted((wide_report / "tables").glob("*.tex"))
-    assert {t.stem for t in tables} >= {"accuracy", "efficiency", "scaling_exponents", "comparison",
-                                        "claims"}
+    assert {t.stem for t in tables} >= {"accuracy", "params", "efficiency", "scaling_exponents",
+                                        "comparison", "claims"}
     body = "\n".join(rf"\input{{{t}}}\clearpage" for t in tables)
     (tmp_path / "doc.tex").write_text("\\documentclass{article}\n\\usepackage{booktabs,graphicx,array}\n"
                                       f"\\begin{{document}}\n{body}\n\\end{{document}}\n")
@@ -149,6 +149,8 @@ def test_html_report_renders_in_chromium_with_every_table_and_figure(tmp_path):
             (run / "metrics.jsonl").write_text("\n".join(map(json.dumps, lines)) + "\n")
     make(root, model="performer", task="listops", seq_len=2000, status="oom")
     bench_sweep(root, models=("transformer", "linear_transformer", "transformer_xl", "performer"))
+    seeds3(root, model="h3", task="selective_copying", seq_len=4096, val=0.6,
+           experiment="mamba_selective_copying")  # matched to a published row: the published figure
     out = tmp_path / "report"
     result = build_report([str(root)], out)
     written = set(result["plots"])
@@ -166,7 +168,7 @@ def test_html_report_renders_in_chromium_with_every_table_and_figure(tmp_path):
     assert found, proc.stdout[-2000:]
     check = json.loads(found.group(1).replace("&quot;", '"').replace("&amp;", "&"))
     tables = {t["id"]: t for t in check["tables"]}
-    assert set(tables) == set(page.tables) and len(tables) == 5
+    assert set(tables) == set(page.tables) and len(tables) == 6  # with the parameters table
     assert all(t["visible"] and t["rows"] > 0 for t in tables.values()), tables
     images = {i["alt"]: i for i in check["images"]}
     assert set(images) == written == set(page.images)

@@ -211,7 +211,7 @@ def test_txl_memory_sizes():
     cpu = compose_config(["experiment=txl_memory_cpu"])
     assert (cpu.task.source, cpu.task.path, cpu.model.d_model) == ("generate", None, 64)
     claims = load_claims(PUBLISHED / "claims_txl_memory.yaml")
-    assert claims[0]["where"]["config.sweep.name"] == ["txl_memory", "txl_memory_cpu"]
+    assert claims[0]["experiment"] == ["txl_memory", "txl_memory_cpu"]
 
 
 def test_lra_table1_uses_the_released_per_task_sizes():
@@ -272,7 +272,7 @@ def test_mamba_and_zoology_claims_load_and_are_scoped_to_both_variants():
         claims = load_claims(PUBLISHED / f"claims_{study}.yaml")
         assert claims
         for claim in claims:
-            assert set(claim["where"]["config.sweep.name"]) == {study, f"{study}_cpu"}
+            assert set(claim["experiment"]) == {study, f"{study}_cpu"}
 
 
 def test_position_extrapolation_sweeps_every_positional_on_one_model():
@@ -288,7 +288,7 @@ def test_position_extrapolation_sweeps_every_positional_on_one_model():
         assert {c.model.positional for c in cfgs} == set(axes["model.positional"])
     claims = load_claims(PUBLISHED / "claims_position_extrapolation.yaml")
     for claim in claims:
-        assert set(claim["where"]["config.sweep.name"]) == {"position_extrapolation", "position_extrapolation_cpu"}
+        assert set(claim["experiment"]) == {"position_extrapolation", "position_extrapolation_cpu"}
 
 
 def test_position_extrapolation_builds_every_option_at_the_longest_test_length():

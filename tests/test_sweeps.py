@@ -104,6 +104,8 @@ def test_submitit_local_launcher_runs_jobs(tmp_path):
                  "sweep.name=sl")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert sorted(statuses(tmp_path / "results/sweeps/sl").values()) == ["ok", "ok"]
+    records = [json.loads(p.read_text()) for p in (tmp_path / "results/sweeps/sl").rglob("record.json")]
+    assert {r["experiment"] for r in records} == {None}  # no experiment= given
 
 
 def test_optuna_sweeper_searches_the_learning_rate(tmp_path):
@@ -111,6 +113,8 @@ def test_optuna_sweeper_searches_the_learning_rate(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Best parameters" in proc.stdout + proc.stderr
     assert len(statuses(tmp_path / "results/sweeps/lr_search")) == 2
+    records = [json.loads(p.read_text()) for p in (tmp_path / "results/sweeps/lr_search").rglob("record.json")]
+    assert {r["experiment"] for r in records} == {"lr_search"}  # Hydra's experiment= choice
 
 
 def test_sweep_progress_counts_the_jobs_of_the_sweep_across_processes(tmp_path, caplog):
