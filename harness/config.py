@@ -29,6 +29,9 @@ PUBLISHED_DIR = data_folder("results/published", "published")  # papers' numbers
 # and out of what makes two runs different settings.
 RESULT_KEYS = ("model", "task", "trainer", "bench", "seed")
 NON_RESULT_TRAINER_KEYS = ("device", "progress", "log_every", "checkpoint_every", "time_limit_s")
+# Trainer keys added after records existed: hashed only when set away from these values, so the
+# records of before keep their config_hash (and a sweep does not rerun them).
+LATER_TRAINER_DEFAULTS = {"compile": False, "activation_checkpointing": False}
 NON_RESULT_TASK_KEYS = ("cache_dir",)  # generated data are cached under a key of their own
 # Where a task reads its data: part of a run's identity (other data, another result), compared
 # as absolute paths, since a relative one means another folder when run from elsewhere.
@@ -109,6 +112,10 @@ def result_config(cfg: DictConfig) -> dict:
                        ("bench", NON_RESULT_BENCH_KEYS)):
         for key in keys:
             kept.get(node, {}).pop(key, None)
+    trainer = kept.get("trainer", {})
+    for key, default in LATER_TRAINER_DEFAULTS.items():
+        if key in trainer and trainer[key] == default:
+            del trainer[key]
     task = kept.get("task", {})
     for key in DATA_PATH_KEYS:
         if isinstance(task.get(key), str):
