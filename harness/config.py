@@ -76,7 +76,8 @@ def sweep_models(exclude=None, *, _root_) -> str:
 
 def register_resolvers() -> None:
     """Resolvers used in conf/: ``arena_dirname`` names a run folder from its overrides;
-    ``arena_models`` is the all-models sweep axis; ``arena_mul`` and ``arena_csv`` are helpers."""
+    ``arena_models`` is the all-models sweep axis; ``arena_step_tag`` marks a compiled or
+    checkpointed bench folder; ``arena_mul`` and ``arena_csv`` are helpers."""
     if not OmegaConf.has_resolver("arena_dirname"):
         OmegaConf.register_new_resolver("arena_dirname", run_dirname)
     if not OmegaConf.has_resolver("arena_mul"):
@@ -85,9 +86,18 @@ def register_resolvers() -> None:
     if not OmegaConf.has_resolver("arena_models"):
         # hydra.sweeper.params.model: ${arena_models:${sweep.exclude_models}}
         OmegaConf.register_new_resolver("arena_models", sweep_models)
+    if not OmegaConf.has_resolver("arena_step_tag"):
+        # bench folders: ...-fp32${arena_step_tag:${trainer.compile},${trainer.activation_checkpointing}}
+        OmegaConf.register_new_resolver("arena_step_tag", step_tag)
     if not OmegaConf.has_resolver("arena_csv"):
         # a list as a sweep string: ${arena_csv:${quickstart.seeds}} -> "0,1,2"
         OmegaConf.register_new_resolver("arena_csv", lambda values: ",".join(str(v) for v in values))
+
+
+def step_tag(compile: bool, activation_checkpointing: bool) -> str:
+    """A bench folder's suffix for how the step runs: ``-compiled``, ``-ckpt``, both, or nothing at
+    the defaults (so the folders of before keep their names)."""
+    return ("-compiled" if compile else "") + ("-ckpt" if activation_checkpointing else "")
 
 
 def instantiate_without_name(node: DictConfig, **kwargs):

@@ -4,6 +4,7 @@ equals the eager one, and a compile failure falls back to eager with a warning n
 
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
@@ -214,3 +215,22 @@ def test_a_compiled_step_equals_the_eager_one_on_the_cpu():
         for name in grads:
             torch.testing.assert_close(grads_c[name], grads[name], rtol=1e-4, atol=1e-5, msg=name)
     assert compiler.status() == {"requested": True, "applied": True, "fallback": None}
+
+
+@pytest.mark.slow
+def test_arena_bench_takes_the_keys_into_their_own_folders_and_records(tmp_path):
+    """trainer.activation_checkpointing=false,true measures two folders; the records carry the key
+    and env.compile; a model without a block stack is recorded as unsupported, naming the key."""
+    from test_bench import FAST, bench, records_under
+
+    bench(tmp_path, "-m", "model=transformer,lstm", "task.seq_len=64", "trainer.activation_checkpointing=false,true",
+          "sweep.name=t", *FAST)
+    records = {(r["model"], r["config"]["trainer"]["activation_checkpointing"]): r
+               for r in (json.loads(p.read_text()) for p in (tmp_path / "results/sweeps/t").rglob("record.json"))}
+    assert (tmp_path / "results/sweeps/t/transformer-text/L64-B2-fp32-ckpt/record.json").exists()
+    assert records[("transformer", True)]["status"] == records[("transformer", False)]["status"] == "ok"
+    assert records[("transformer", True)]["env"]["compile"] == {"requested": False, "applied": False, "fallback": None}
+    refused = records[("lstm", True)]
+    assert refused["status"] == "unsupported" and "trainer.activation_checkpointing" in refused["error"]
+    assert records[("lstm", False)]["status"] == "ok"
+    assert len(records_under(tmp_path / "results/sweeps/t")) == 2  # (model, seq_len) pairs, all valid
