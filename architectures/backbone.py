@@ -26,6 +26,7 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 from architectures.layers import (
     SCORE_POSITIONALS,
@@ -46,6 +47,15 @@ from tasks.base import TaskSpec
 POSITIONALS = ("none", "sinusoidal", "learned", *SCORE_POSITIONALS)
 POOLINGS = ("mean", "cls", "last", "cls_token")  # cls: the first token; cls_token: a prepended learned one
 EMBEDDING_POSITIONALS = ("none", "sinusoidal", "learned")
+
+
+def run_block(block: nn.Module, *args, checkpointed: bool) -> torch.Tensor:
+    """``block(*args)``; with ``checkpointed`` (``trainer.activation_checkpointing``) and gradients
+    on, its activations are dropped after the forward and recomputed in the backward pass
+    (non-reentrant ``torch.utils.checkpoint``, which restores the RNG state: dropout repeats)."""
+    if checkpointed and torch.is_grad_enabled():
+        return checkpoint(block, *args, use_reentrant=False)
+    return block(*args)
 
 
 class Block(nn.Module):
@@ -103,7 +113,12 @@ class SequenceModel(nn.Module):
         tie_embeddings: share the input embedding with the ``lm`` output layer when sizes match.
         reversible: reversible residual blocks (:mod:`architectures.reversible`) that recompute
             their activations in the backward pass instead of keeping them.
+
+    ``activation_checkpointing`` (set by the trainer from ``trainer.activation_checkpointing``,
+    harness.compile) recomputes each block in the backward pass instead (:func:`run_block`).
     """
+
+    activation_checkpointing = False
 
     def __init__(
         self,
@@ -184,7 +199,7 @@ class SequenceModel(nn.Module):
         if self.reversible:
             return self.norm(reversible_stack(self.blocks, x, mask))
         for block in self.blocks:
-            x = block(x, mask)
+            x = run_block(block, x, mask, checkpointed=self.activation_checkpointing)
         return self.norm(x)
 
     def padding_mask(self, tokens: torch.Tensor) -> torch.Tensor | None:

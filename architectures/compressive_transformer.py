@@ -35,6 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from architectures.backbone import run_block
 from architectures.layers import sinusoidal_positions
 from architectures.transformer_xl import RelativeAttention, TransformerXL, segment_mask
 
@@ -163,7 +164,8 @@ class CompressiveTransformer(TransformerXL):
             new_mems.append((past[:, -W:], stream[:, -Cm:]))
             if reconstruct:
                 losses.append(self.reconstruction_loss(block, compress, x, past, M0, n_new))
-            x = block(x, mem, allowed, self.distances, older=older.reshape(B * n, Cm, -1))
+            x = run_block(block, x, mem, allowed, self.distances, older.reshape(B * n, Cm, -1),
+                          checkpointed=self.activation_checkpointing)
         if losses:  # summed over the calls of one forward (a pair task encodes twice)
             loss = self.reconstruction_weight * torch.stack(losses).mean()
             self.aux_loss = loss if self.aux_loss is None else self.aux_loss + loss

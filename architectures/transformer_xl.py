@@ -62,6 +62,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from architectures.backbone import run_block
 from architectures.layers import (
     ClassifierHead,
     FeedForward,
@@ -281,7 +282,13 @@ class TransformerXL(nn.Module):
             feed consecutive batches (the trainer's stream order, :meth:`tasks.char_lm.CharLM.stream_indices`).
         pooling: ``mean``, ``cls`` or ``last`` for ``classify`` and ``pair``.
         norm: ``layernorm`` or ``rmsnorm``.
+
+    ``activation_checkpointing`` (``trainer.activation_checkpointing``) recomputes each block in
+    the backward pass (architectures.backbone.run_block); memories are detached block inputs,
+    the same either way.
     """
+
+    activation_checkpointing = False
 
     def __init__(
         self,
@@ -426,7 +433,7 @@ class TransformerXL(nn.Module):
             if W > 0:
                 entered = x[:, :L] if mem is None else torch.cat([mem, x[:, :L]], dim=1)
                 new_mems.append(entered[:, -W:].detach())
-            x = block(x, mem, allowed, distances)
+            x = run_block(block, x, mem, allowed, distances, checkpointed=self.activation_checkpointing)
         return self.norm(x[:, :L]), (new_mems if W > 0 else None)
 
     def pooled(self, tokens: torch.Tensor) -> torch.Tensor:

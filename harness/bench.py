@@ -94,6 +94,7 @@ def bench_job(cfg: DictConfig, device: torch.device) -> dict:
         "device": str(device),
         "seed": cfg.seed,
         **{k: cfg.trainer[k] for k in ("batch_size", "lr", "threads", "precision")},
+        **{k: cfg.trainer.get(k, False) for k in ("compile", "activation_checkpointing")},
         **{k: cfg.bench[k] for k in ("untimed_steps", "min_repeats", "min_time_s", "max_repeats",
                                      "memory_limit_mb")},
     }
@@ -179,6 +180,7 @@ def run_bench_claimed(cfg: DictConfig, run_dir: Path) -> dict:
     else:
         result = run_worker(job, cfg.bench.timeout_s)
     record["env"]["threads"] = result.get("threads", record["env"]["threads"])
+    record["env"]["compile"] = result.get("compile")  # trainer.compile: applied, or why not
     record.update(status=result["status"], error=None if result["status"] == "ok" else result.get("error"),
                   params=result.get("params"), speed=result.get("speed", {}),
                   memory=result.get("memory", {}), ended_at=now_iso(), wall_s=time.perf_counter() - t0)

@@ -49,6 +49,7 @@ def address_space_bytes() -> int:
 
 def measure(job: dict) -> dict:
     from architectures.layers import UnsupportedTask
+    from harness.compile import StepCompiler, set_activation_checkpointing
     from harness.config import instantiate_without_name
     from harness.objectives import auxiliary_loss, loss_and_counts, tokens_in
     from tasks.base import TaskSpec, random_batch
@@ -65,6 +66,7 @@ def measure(job: dict) -> dict:
     torch.manual_seed(job["seed"])
     try:
         model = instantiate_without_name(OmegaConf.create(job["model"]), spec=spec).to(device)
+        set_activation_checkpointing(model, job.get("activation_checkpointing", False))
     except UnsupportedTask as e:
         return {"status": "unsupported", "error": str(e)}
     batch = {k: v.to(device) for k, v in random_batch(spec, job["batch_size"], seed=job["seed"]).items()}
@@ -72,13 +74,20 @@ def measure(job: dict) -> dict:
 
     timer = StepTimer(device, warmup=job["untimed_steps"])
 
-    def step() -> None:
+    def forward() -> torch.Tensor:
         with autocast(device, job["precision"]):
             loss, _, _ = loss_and_counts(model(batch), batch, spec)
             aux = auxiliary_loss(model)  # a model's own loss is part of its training step
-            loss = loss if aux is None else loss + aux
+            return loss if aux is None else loss + aux
+
+    compiler = StepCompiler(forward, enabled=job.get("compile", False))  # trainer.compile, as in training
+
+    def backward(forward) -> None:
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        forward().backward()
+
+    def step() -> None:
+        compiler.run(backward)
         optimizer.step()
 
     started = time.perf_counter()
@@ -98,6 +107,7 @@ def measure(job: dict) -> dict:
         "memory": memory.stop(),
         "measure_s": time.perf_counter() - started,
         "threads": torch.get_num_threads(),
+        "compile": compiler.status(),
     }
 
 

@@ -29,6 +29,9 @@ PUBLISHED_DIR = data_folder("results/published", "published")  # papers' numbers
 # and out of what makes two runs different settings.
 RESULT_KEYS = ("model", "task", "trainer", "bench", "seed")
 NON_RESULT_TRAINER_KEYS = ("device", "progress", "log_every", "checkpoint_every", "time_limit_s")
+# Trainer keys added after records existed: hashed only when set away from these values, so the
+# records of before keep their config_hash (and a sweep does not rerun them).
+LATER_TRAINER_DEFAULTS = {"compile": False, "activation_checkpointing": False}
 NON_RESULT_TASK_KEYS = ("cache_dir",)  # generated data are cached under a key of their own
 # Where a task reads its data: part of a run's identity (other data, another result), compared
 # as absolute paths, since a relative one means another folder when run from elsewhere.
@@ -73,7 +76,8 @@ def sweep_models(exclude=None, *, _root_) -> str:
 
 def register_resolvers() -> None:
     """Resolvers used in conf/: ``arena_dirname`` names a run folder from its overrides;
-    ``arena_models`` is the all-models sweep axis; ``arena_mul`` and ``arena_csv`` are helpers."""
+    ``arena_models`` is the all-models sweep axis; ``arena_step_tag`` marks a compiled or
+    checkpointed bench folder; ``arena_mul`` and ``arena_csv`` are helpers."""
     if not OmegaConf.has_resolver("arena_dirname"):
         OmegaConf.register_new_resolver("arena_dirname", run_dirname)
     if not OmegaConf.has_resolver("arena_mul"):
@@ -82,9 +86,18 @@ def register_resolvers() -> None:
     if not OmegaConf.has_resolver("arena_models"):
         # hydra.sweeper.params.model: ${arena_models:${sweep.exclude_models}}
         OmegaConf.register_new_resolver("arena_models", sweep_models)
+    if not OmegaConf.has_resolver("arena_step_tag"):
+        # bench folders: ...-fp32${arena_step_tag:${trainer.compile},${trainer.activation_checkpointing}}
+        OmegaConf.register_new_resolver("arena_step_tag", step_tag)
     if not OmegaConf.has_resolver("arena_csv"):
         # a list as a sweep string: ${arena_csv:${quickstart.seeds}} -> "0,1,2"
         OmegaConf.register_new_resolver("arena_csv", lambda values: ",".join(str(v) for v in values))
+
+
+def step_tag(compile: bool, activation_checkpointing: bool) -> str:
+    """A bench folder's suffix for how the step runs: ``-compiled``, ``-ckpt``, both, or nothing at
+    the defaults (so the folders of before keep their names)."""
+    return ("-compiled" if compile else "") + ("-ckpt" if activation_checkpointing else "")
 
 
 def instantiate_without_name(node: DictConfig, **kwargs):
@@ -109,6 +122,10 @@ def result_config(cfg: DictConfig) -> dict:
                        ("bench", NON_RESULT_BENCH_KEYS)):
         for key in keys:
             kept.get(node, {}).pop(key, None)
+    trainer = kept.get("trainer", {})
+    for key, default in LATER_TRAINER_DEFAULTS.items():
+        if key in trainer and trainer[key] == default:
+            del trainer[key]
     task = kept.get("task", {})
     for key in DATA_PATH_KEYS:
         if isinstance(task.get(key), str):

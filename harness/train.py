@@ -334,6 +334,7 @@ def finish_metrics(trainer: Trainer, record: dict) -> None:
     record["metrics"] = trainer.summary_metrics()
     record["speed"] = trainer.timer.summary(tokens_per_step(trainer))
     record["memory"] = trainer.memory.stop()
+    record["env"]["compile"] = trainer.compiler.status()  # trainer.compile: applied, or why not
     if record["status"] in ("ok", "timeout") and trainer.state.best_weights is not None:
         try:
             record["metrics"].update(trainer.test())

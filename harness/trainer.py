@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from harness.compile import StepCompiler, set_activation_checkpointing
 from harness.measure import PeakMemory, StepTimer, autocast
 from harness.distributed import World, all_sum, gather
 from harness.objectives import auxiliary_loss, evaluate, loss_and_counts, metric_value, tokens_in
@@ -135,6 +136,7 @@ class Trainer:
                  world: World = World()):
         self.world = world
         self.model = model.to(device)  # the model itself: evaluation, checkpoints, best weights
+        set_activation_checkpointing(model, trainer_cfg.get("activation_checkpointing", False))
         # what the training step calls: DDP averages the gradients over the ranks
         self.step_model = DDP(self.model, device_ids=[device.index] if device.type == "cuda" else None) \
             if world.distributed else self.model
@@ -164,6 +166,8 @@ class Trainer:
         self.timer = StepTimer(device)
         self.memory = PeakMemory(device)
         self.resumed_from: int | None = None
+        # trainer.compile: the training step's forward and loss (evaluation runs the eager model)
+        self.compiler = StepCompiler(self.forward_loss, enabled=trainer_cfg.get("compile", False))
 
     # -- data -------------------------------------------------------------------------------
     @staticmethod
@@ -362,11 +366,19 @@ class Trainer:
         self.logger.log({"train/loss": s.last_train_loss, "train/lr": lr,
                          "train/tokens_per_s": tokens_per_s}, step=s.step)
 
-    def train_step(self, batch: dict[str, torch.Tensor]) -> float:
+    def forward_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The training forward: task loss, scored positions and the model's auxiliary loss (or
+        None). What ``trainer.compile`` compiles."""
         with self.autocast():
             logits = self.step_model(batch)
         loss, _, scored = loss_and_counts(logits, batch, self.spec)
-        aux = auxiliary_loss(self.model)
+        return loss, scored, auxiliary_loss(self.model)
+
+    def backward(self, forward, batch: dict[str, torch.Tensor]) -> float:
+        """Zero the gradients, run ``forward`` (:meth:`forward_loss`, compiled or not) and the
+        backward pass; returns the training loss to report."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, scored, aux = forward(batch)
         if self.world.distributed:
             # the mean over the global batch: each rank's loss weighted by its share of the scored
             # positions (DDP then averages the gradients, hence the world size)
@@ -379,13 +391,16 @@ class Trainer:
             raise Diverged(f"training loss became {reported.item()} at step {self.state.step}")
         if aux is not None and not torch.isfinite(aux):
             raise Diverged(f"the model's auxiliary loss (aux_loss) became {aux.item()} at step {self.state.step}")
-        self.optimizer.zero_grad(set_to_none=True)
         (loss if aux is None else loss + aux).backward()
+        return reported.item()
+
+    def train_step(self, batch: dict[str, torch.Tensor]) -> float:
+        reported = self.compiler.run(lambda forward: self.backward(forward, batch), keep=(Diverged,))
         if self.cfg.grad_clip:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
-        return reported.item()
+        return reported
 
     def fit(self, progress_bar) -> None:
         """Train up to ``trainer.steps``, validating and checkpointing on the way."""

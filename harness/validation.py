@@ -49,6 +49,8 @@ class TrainerSchema(Schema):
     progress: bool
     devices: PositiveInt = 1
     ddp_timing: bool = False
+    compile: bool = False
+    activation_checkpointing: bool = False
 
 
 class MixerSchema(Schema):
