@@ -106,7 +106,8 @@ def bench_job(cfg: DictConfig, device: torch.device) -> dict:
         "spec": dataclasses.asdict(spec),
         "device": str(device),
         "seed": cfg.seed,
-        **{k: cfg.trainer[k] for k in ("batch_size", "lr", "threads", "precision", "allocator")},
+        **{k: cfg.trainer[k] for k in ("batch_size", "lr", "threads", "precision")},
+        "allocator": cfg.trainer.get("allocator", "tuned"),
         **{k: cfg.bench[k] for k in ("untimed_steps", "min_repeats", "min_time_s", "max_repeats",
                                      "memory_limit_mb")},
     }
@@ -159,7 +160,7 @@ def run_bench(cfg: DictConfig, run_dir: Path, *, defer_rounds: bool = False) -> 
 
 def check_bench_settings(cfg: DictConfig) -> None:
     """Refuse a ``trainer.allocator`` or ``bench.rounds`` that arena-bench cannot use."""
-    check_allocator(cfg.trainer.allocator)
+    check_allocator(cfg.trainer.get("allocator", "tuned"))
     rounds = cfg.bench.rounds
     if not isinstance(rounds, int) or isinstance(rounds, bool) or rounds < 1:
         raise ValueError(f"bench.rounds must be a positive integer (conf/bench.yaml), got {rounds!r}")
@@ -192,7 +193,8 @@ def run_bench_claimed(cfg: DictConfig, run_dir: Path, *, defer_rounds: bool = Fa
     # measurement does, so the device measured on is part of a bench record's hash.
     # trainer.allocator is left out of a train run's hash (harness.config.NON_RESULT_TRAINER_KEYS:
     # it does not change what is learnt) but changes what a measurement measures
-    result = {**result_config(cfg), "measured_on": str(device), "allocator": cfg.trainer.allocator}
+    result = {**result_config(cfg), "measured_on": str(device),
+              "allocator": cfg.trainer.get("allocator", "tuned")}
     chash = config_hash(result)
     existing = make_room_for(run_dir, chash, result)
     if existing and existing["status"] in ("ok", "unsupported") and not cfg.force and (
