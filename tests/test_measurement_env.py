@@ -139,3 +139,14 @@ def test_rounds_are_summarised_by_the_median_round_and_keep_their_spread():
     assert speed["tokens_per_s"] == pytest.approx(1000 * 1e3 / 20.0) and speed["step_ms_iqr"] == 2.0
     assert memory["peak_bytes"] == 200 and memory["peak_raw_bytes"] == 300
     assert [r["status"] for r in record["rounds"]] == ["ok", "ok", "timeout", "ok"]
+
+
+def test_rounds_are_not_part_of_a_bench_hash_other_measurement_settings_are():
+    from harness.config import result_config
+    from harness.records import config_hash
+
+    def bench_hash(*overrides: str) -> str:
+        return config_hash(result_config(compose_config(list(overrides), config_name="bench")))
+
+    assert bench_hash("bench.rounds=3") == bench_hash("bench.rounds=1")
+    assert bench_hash("bench.min_repeats=3") != bench_hash("bench.min_repeats=4")
