@@ -12,9 +12,18 @@ naming the new key (:data:`RENAMED`).
 
 Each configuration is measured in a fresh subprocess (harness.bench_worker), so an
 out-of-memory or a crash becomes a record (``oom``, ``error``, ``timeout``) and one
-configuration's memory never leaks into another's. At the end of a multirun the scaling
-exponents of the sweep (harness.results.scaling_exponents, the report's fit) are written to
-``scaling.csv`` in the sweep directory.
+configuration's memory never leaks into another's. The worker's allocator, threads and affinity
+are set up as ``trainer.allocator`` and ``trainer.threads`` say (harness.runtime) and recorded in
+``env``.
+
+``bench.rounds=R`` measures each configuration R times, each in a fresh process. In a multirun
+the rounds are interleaved: every job measures its first round, then the sweep is measured again
+R - 1 times in job order (:class:`ScalingCallback`), so that a slow change of the machine's load
+falls on every configuration alike. The record keeps each round (``rounds``) and summarises them:
+``speed.step_ms_median`` is the median of the rounds' medians, ``speed.round_ms_min`` /
+``round_ms_max`` their spread. At the end of a multirun the scaling exponents of the sweep
+(harness.results.scaling_exponents, the report's fit) are written to ``scaling.csv`` in the
+sweep directory.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ import json
 import logging
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -34,6 +44,7 @@ from pathlib import Path
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
@@ -42,9 +53,11 @@ from harness.distributed import world_from_env
 from harness.loggers import make_logger, wandb_run_id
 from harness.measure import check_precision
 from harness.records import (
-    config_hash, environment, new_record, now_iso, pick_device, unusable_config_record, write_record,
+    config_hash, environment, new_record, now_iso, pick_device, read_record, unusable_config_record,
+    write_record,
 )
 from harness.run_folder import FolderBusy, claim, make_room_for
+from harness.runtime import check_allocator, worker_environment
 from harness.validation import check_config
 from tasks.base import process_alive
 from harness.results import efficiency_cells, load_runs, scaling_exponents
@@ -95,6 +108,7 @@ def bench_job(cfg: DictConfig, device: torch.device) -> dict:
         "seed": cfg.seed,
         **{k: cfg.trainer[k] for k in ("batch_size", "lr", "threads", "precision")},
         **{k: cfg.trainer.get(k, False) for k in ("compile", "activation_checkpointing")},
+        "allocator": cfg.trainer.get("allocator", "tuned"),
         **{k: cfg.bench[k] for k in ("untimed_steps", "min_repeats", "min_time_s", "max_repeats",
                                      "memory_limit_mb")},
     }
@@ -121,7 +135,8 @@ def run_worker(job: dict, timeout_s: float) -> dict:
         job_path.write_text(json.dumps({**job, "parent_pid": os.getpid()}))
         try:
             proc = subprocess.run([sys.executable, "-m", "harness.bench_worker", str(job_path), str(out_path)],
-                                  capture_output=True, text=True, timeout=timeout_s)
+                                  capture_output=True, text=True, timeout=timeout_s,
+                                  env=worker_environment(job["allocator"]))
         except subprocess.TimeoutExpired:
             return {"status": "timeout", "error": f"measurement exceeded bench.timeout_s={timeout_s}"}
         if out_path.exists():
@@ -132,10 +147,24 @@ def run_worker(job: dict, timeout_s: float) -> dict:
                 "error": f"measurement process exited with {proc.returncode}" + (f":\n{tail}" if tail else "")}
 
 
-def run_bench(cfg: DictConfig, run_dir: Path) -> dict:
-    """Measure one configuration into ``run_dir/record.json`` (skipped when already measured)."""
+# Jobs of this multirun with rounds still to measure: (run_dir, cfg, job), for ScalingCallback.
+PENDING_ROUNDS: list[tuple[Path, DictConfig, dict]] = []
+
+
+def run_bench(cfg: DictConfig, run_dir: Path, *, defer_rounds: bool = False) -> dict:
+    """Measure one configuration into ``run_dir/record.json`` (skipped when already measured).
+    ``defer_rounds``: measure only the first of ``bench.rounds`` now; the multirun's end measures
+    the others, interleaved with the other jobs' (:func:`finish_rounds`)."""
     with claim(run_dir):
-        return run_bench_claimed(cfg, run_dir)
+        return run_bench_claimed(cfg, run_dir, defer_rounds=defer_rounds)
+
+
+def check_bench_settings(cfg: DictConfig) -> None:
+    """Refuse a ``trainer.allocator`` or ``bench.rounds`` that arena-bench cannot use."""
+    check_allocator(cfg.trainer.get("allocator", "tuned"))
+    rounds = cfg.bench.rounds
+    if not isinstance(rounds, int) or isinstance(rounds, bool) or rounds < 1:
+        raise ValueError(f"bench.rounds must be a positive integer (conf/bench.yaml), got {rounds!r}")
 
 
 def refuse_several_processes(cfg: DictConfig) -> None:
@@ -149,9 +178,10 @@ def refuse_several_processes(cfg: DictConfig) -> None:
                          f"run it with trainer.devices=1 and without torchrun")
 
 
-def run_bench_claimed(cfg: DictConfig, run_dir: Path) -> dict:
+def run_bench_claimed(cfg: DictConfig, run_dir: Path, *, defer_rounds: bool = False) -> dict:
     try:
         check_config(cfg)
+        check_bench_settings(cfg)
         refuse_several_processes(cfg)
         device = pick_device(cfg.trainer.device, key="trainer.device")
     except ValueError as exc:  # a value out of range, or a device this machine lacks
@@ -162,10 +192,14 @@ def run_bench_claimed(cfg: DictConfig, run_dir: Path) -> dict:
         return record
     # result_config leaves trainer.device out (a trained model does not depend on it); a
     # measurement does, so the device measured on is part of a bench record's hash.
-    result = {**result_config(cfg), "measured_on": str(device)}
+    # trainer.allocator is left out of a train run's hash (harness.config.NON_RESULT_TRAINER_KEYS:
+    # it does not change what is learnt) but changes what a measurement measures
+    result = {**result_config(cfg), "measured_on": str(device),
+              "allocator": cfg.trainer.get("allocator", "tuned")}
     chash = config_hash(result)
     existing = make_room_for(run_dir, chash, result)
-    if existing and existing["status"] in ("ok", "unsupported") and not cfg.force:
+    if existing and existing["status"] in ("ok", "unsupported") and not cfg.force and (
+            existing["status"] == "unsupported" or rounds_measured(existing) >= cfg.bench.rounds):
         log.info("skip %s: already measured (force=true remeasures)", run_dir)
         return existing
     record = new_record(
@@ -179,14 +213,85 @@ def run_bench_claimed(cfg: DictConfig, run_dir: Path) -> dict:
         result = {"status": "error", "error": f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"}
     else:
         result = run_worker(job, cfg.bench.timeout_s)
-    record["env"]["threads"] = result.get("threads", record["env"]["threads"])
+    record["env"].update(result.get("env", {}))  # the worker's allocator, threads and affinity
     record["env"]["compile"] = result.get("compile")  # trainer.compile: applied, or why not
     record.update(status=result["status"], error=None if result["status"] == "ok" else result.get("error"),
                   params=result.get("params"), speed=result.get("speed", {}),
-                  memory=result.get("memory", {}), ended_at=now_iso(), wall_s=time.perf_counter() - t0)
+                  memory=result.get("memory", {}), rounds=[round_of(result)])
+    more = cfg.bench.rounds - 1 if result["status"] == "ok" else 0
+    if more and defer_rounds:
+        PENDING_ROUNDS.append((run_dir, cfg, job))
+        record.update(ended_at=now_iso(), wall_s=time.perf_counter() - t0)
+        write_record(run_dir, record)  # a valid record of one round, should the sweep be stopped
+        return record
+    for _ in range(more):
+        add_round(record, run_worker(job, cfg.bench.timeout_s))
+    record.update(ended_at=now_iso(), wall_s=time.perf_counter() - t0)
     write_record(run_dir, record)
     log_to_tracker(cfg, run_dir, record)
     return record
+
+
+def rounds_measured(record: dict) -> int:
+    """How many rounds an ok record summarises (1 for records from before bench.rounds)."""
+    return len([r for r in record.get("rounds") or [{"status": "ok"}] if r.get("status") == "ok"])
+
+
+ROUND_SPEED = ("step_ms_median", "step_ms_iqr", "steps_timed")
+ROUND_MEMORY = ("peak_bytes", "peak_raw_bytes", "floor_bytes")
+
+
+def round_of(result: dict) -> dict:
+    """One round's entry in a record's ``rounds``: status, its median and IQR, its memory."""
+    speed, memory = result.get("speed") or {}, result.get("memory") or {}
+    return {"status": result["status"], **{k: speed.get(k) for k in ROUND_SPEED},
+            **{k: memory[k] for k in ROUND_MEMORY if k in memory}}
+
+
+def add_round(record: dict, result: dict) -> None:
+    """Add a further round to an ok ``record`` and summarise its ok rounds in ``speed``/``memory``:
+    the median of the rounds' medians (and of their IQRs), the lowest and highest round median,
+    the memory of the round with the median peak. A failed round is kept in ``rounds`` only."""
+    record["rounds"].append(round_of(result))
+    ok = [r for r in record["rounds"] if r["status"] == "ok"]
+    medians = [r["step_ms_median"] for r in ok]
+    median = statistics.median(medians)
+    tokens_per_s = record["speed"]["tokens_per_s"] * record["speed"]["step_ms_median"]
+    record["speed"].update(
+        step_ms_median=median, step_ms_iqr=statistics.median(r["step_ms_iqr"] for r in ok),
+        tokens_per_s=tokens_per_s / median, steps_per_s=1e3 / median,
+        steps_timed=sum(r["steps_timed"] for r in ok), rounds=len(ok),
+        round_ms_min=min(medians), round_ms_max=max(medians))
+    middle = sorted(ok, key=lambda r: r.get("peak_bytes", 0))[(len(ok) - 1) // 2]
+    record["memory"].update({k: middle[k] for k in ROUND_MEMORY if k in middle})
+
+
+def finish_rounds() -> None:
+    """Measure the rounds the jobs of this multirun left (:data:`PENDING_ROUNDS`), one pass over
+    the sweep per round, in job order, and rewrite their records."""
+    pending, records = list(PENDING_ROUNDS), {}
+    PENDING_ROUNDS.clear()
+    for n in range(2, max((cfg.bench.rounds for _, cfg, _ in pending), default=1) + 1):
+        log.info("bench.rounds: round %d over %d configurations", n, len(pending))
+        for run_dir, cfg, job in pending:
+            if n > cfg.bench.rounds:
+                continue
+            try:
+                with claim(run_dir):
+                    record = records.get(run_dir) or read_record(run_dir)
+                    if record is None or record["status"] != "ok":
+                        continue
+                    t0 = time.perf_counter()
+                    add_round(record, run_worker(job, cfg.bench.timeout_s))
+                    record.update(ended_at=now_iso(), wall_s=record["wall_s"] + time.perf_counter() - t0)
+                    write_record(run_dir, record)
+                    records[run_dir] = record
+            except FolderBusy as exc:
+                log.error("%s", exc)
+    for run_dir, cfg, _ in pending:
+        if run_dir in records:
+            log.info(describe(records[run_dir]))
+            log_to_tracker(cfg, run_dir, records[run_dir])
 
 
 def log_to_tracker(cfg: DictConfig, run_dir: Path, record: dict) -> None:
@@ -212,7 +317,9 @@ def describe(record: dict) -> str:
         return head + (f" ({record['error'].splitlines()[0]})" if record.get("error") else "")
     s, m = record["speed"], record["memory"]
     return (head + f", {s['step_ms_median']:.1f} ms/step (IQR {s['step_ms_iqr']:.1f}), "
-            f"{s['tokens_per_s']:,.0f} tokens/s, peak {m['peak_bytes'] / 2**20:,.0f} MiB ({m['how']})")
+            f"{s['tokens_per_s']:,.0f} tokens/s, peak {m['peak_bytes'] / 2**20:,.0f} MiB ({m['how']})"
+            + (f", {s['rounds']} rounds {s['round_ms_min']:.1f}-{s['round_ms_max']:.1f} ms"
+               if s.get("rounds", 1) > 1 else ""))
 
 
 def write_scaling(sweep_dir: Path) -> Path | None:
@@ -227,9 +334,11 @@ def write_scaling(sweep_dir: Path) -> Path | None:
 
 
 class ScalingCallback(Callback):
-    """After a bench multirun: log and write the scaling exponents of the sweep."""
+    """After a bench multirun: measure the rounds left (``bench.rounds``), then log and write
+    the scaling exponents of the sweep."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        finish_rounds()
         path = write_scaling(Path(config.hydra.sweep.dir))
         if path is not None:
             log.info("scaling exponents (log time, log memory vs log L), written to %s:\n%s",
@@ -238,9 +347,10 @@ class ScalingCallback(Callback):
 
 @hydra.main(config_path=str(CONF_DIR), config_name="bench", version_base="1.3")
 def hydra_main(cfg: DictConfig) -> None:
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
     try:
-        log.info(describe(run_bench(cfg, run_dir)))
+        log.info(describe(run_bench(cfg, run_dir, defer_rounds=hc.mode == RunMode.MULTIRUN)))
     except FolderBusy as exc:
         log.error("%s", exc)
 

@@ -3,13 +3,20 @@
 Run as ``python -m harness.bench_worker IN.json OUT.json``. It reads the model config, the
 task spec and the settings (harness.bench.bench_job: batch_size, lr, threads, precision,
 untimed_steps, min_repeats, min_time_s, max_repeats, memory_limit_mb), measures training steps
-on a random batch, and writes speed and memory to OUT.json.
-Its peak memory is its own: on CPU the peak resident set minus the resident set after imports.
+on a random batch, and writes speed, memory and its environment (allocator, threads, affinity:
+harness.runtime, set up first thing) to OUT.json.
+
+Its peak memory is its own. On CPU: the floor is the resident set after the imports and a
+model-independent runtime warm-up (:func:`warm_up_runtime`: a tiny training step that starts
+the intra-op thread pool, the autograd engine, the optimizer and the kernels every model uses);
+the peak resident set (VmHWM) is reset there, so what the parent held never counts
+(harness.measure.PeakMemory). The record keeps the raw peak, the floor and the peak above it.
 """
 
 from __future__ import annotations
 
 import ctypes
+import gc
 import json
 import os
 import resource
@@ -22,8 +29,9 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from harness.measure import PeakMemory, StepTimer, autocast, current_rss_bytes, timing_summary
+from harness.measure import PeakMemory, StepTimer, autocast, timing_summary
 from harness.records import is_out_of_memory
+from harness.runtime import configure_process
 
 
 def limit_memory(limit_mb: int | None) -> None:
@@ -47,6 +55,29 @@ def address_space_bytes() -> int:
     return 0
 
 
+def warm_up_runtime(device: torch.device, precision: str) -> None:
+    """A few training steps of a tiny model, the same for every configuration: what the runtime
+    allocates once per process (thread pool, autograd engine, kernels' code and buffers, AdamW's
+    foreach path) is then part of the floor, not of a model's peak."""
+    torch.manual_seed(0)
+    vocab, width = 32, 16
+    net = torch.nn.Sequential(torch.nn.Embedding(vocab, width), torch.nn.LayerNorm(width),
+                              torch.nn.Linear(width, 4 * width), torch.nn.GELU(),
+                              torch.nn.Linear(4 * width, vocab)).to(device)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    tokens = torch.randint(vocab, (2, 8), device=device)  # (B, L)
+    for _ in range(2):
+        with autocast(device, precision):
+            h = net[:2](tokens)  # (B, L, D)
+            mix = torch.softmax(h @ h.transpose(1, 2), dim=-1) @ h  # (B, L, D), attention-like
+            loss = torch.nn.functional.cross_entropy(net[2:](mix).flatten(0, 1), tokens.flatten())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    del net, optimizer, tokens, h, mix, loss
+    gc.collect()
+
+
 def measure(job: dict) -> dict:
     from architectures.layers import UnsupportedTask
     from harness.compile import StepCompiler, set_activation_checkpointing
@@ -54,15 +85,11 @@ def measure(job: dict) -> dict:
     from harness.objectives import auxiliary_loss, loss_and_counts, tokens_in
     from tasks.base import TaskSpec, random_batch
 
-    baseline = current_rss_bytes()  # after imports: torch and the harness are not the model's
-    if job["threads"]:
-        torch.set_num_threads(job["threads"])
     device = torch.device(job["device"])
     spec = TaskSpec(**{**job["spec"], "eval_seq_lens": tuple(job["spec"]["eval_seq_lens"])})
+    warm_up_runtime(device, job["precision"])
     memory = PeakMemory(device)
-    memory.start()
-    if device.type == "cpu":
-        memory.baseline = baseline
+    memory.start()  # the floor: imports and runtime warm-up; the peak is reset here
     torch.manual_seed(job["seed"])
     try:
         model = instantiate_without_name(OmegaConf.create(job["model"]), spec=spec).to(device)
@@ -106,7 +133,6 @@ def measure(job: dict) -> dict:
                   "steps_per_s": 1e3 / timing_summary(timer.times_ms, 1)["step_ms_median"]},
         "memory": memory.stop(),
         "measure_s": time.perf_counter() - started,
-        "threads": torch.get_num_threads(),
         "compile": compiler.status(),
     }
 
@@ -132,6 +158,7 @@ def main() -> None:
     job_path, out_path = sys.argv[1], sys.argv[2]
     job = json.loads(open(job_path).read())
     die_with_parent(job.get("parent_pid"), Path(job_path).parent)
+    env = configure_process(allocator=job.get("allocator", "tuned"), threads=job["threads"])
     from architectures import layers  # noqa: F401 - the imports the measurement needs come first
     limit_memory(job.get("memory_limit_mb"))
     try:
@@ -139,7 +166,7 @@ def main() -> None:
     except Exception as e:  # noqa: BLE001 - every outcome is a result, out of memory or not
         result = {"status": "oom" if is_out_of_memory(e) else "error", "error": f"{type(e).__name__}: {e}"}
     with open(out_path, "w") as f:
-        json.dump(result, f)
+        json.dump({**result, "env": env}, f)
 
 
 if __name__ == "__main__":

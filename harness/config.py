@@ -28,7 +28,8 @@ PUBLISHED_DIR = data_folder("results/published", "published")  # papers' numbers
 # matters only through the values it interpolates into these, so it stays out of config_hash
 # and out of what makes two runs different settings.
 RESULT_KEYS = ("model", "task", "trainer", "bench", "seed")
-NON_RESULT_TRAINER_KEYS = ("device", "progress", "log_every", "checkpoint_every", "time_limit_s")
+# trainer.allocator changes speed, not what is learnt; arena-bench puts it back in its hash
+NON_RESULT_TRAINER_KEYS = ("device", "progress", "log_every", "checkpoint_every", "time_limit_s", "allocator")
 # Trainer keys added after records existed: hashed only when set away from these values, so the
 # records of before keep their config_hash (and a sweep does not rerun them).
 LATER_TRAINER_DEFAULTS = {"compile": False, "activation_checkpointing": False}
@@ -36,7 +37,9 @@ NON_RESULT_TASK_KEYS = ("cache_dir",)  # generated data are cached under a key o
 # Where a task reads its data: part of a run's identity (other data, another result), compared
 # as absolute paths, since a relative one means another folder when run from elsewhere.
 DATA_PATH_KEYS = ("data_dir", "path")
-NON_RESULT_BENCH_KEYS = ("timeout_s",)
+# bench.rounds: how precisely, not what, is measured; a record with fewer rounds than asked for is
+# measured again (harness.bench.run_bench_claimed)
+NON_RESULT_BENCH_KEYS = ("timeout_s", "rounds")
 
 
 def run_dirname(overrides: str) -> str:

@@ -3,7 +3,8 @@
 Rules (DESIGN.md, "Measurement rules"): a timed step is forward + backward + optimizer step;
 the first steps are warm-up and not counted; CUDA work is synchronised before the clock is read;
 the median and inter-quartile range are reported. Peak memory is CUDA's allocator peak, or on
-CPU the process's peak resident set minus its resident set after imports.
+CPU the process's own peak resident set (VmHWM, reset at the start of the region) above its
+resident set then, the floor (PeakMemory).
 """
 
 from __future__ import annotations
@@ -95,33 +96,73 @@ def current_rss_bytes() -> int:
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far (ru_maxrss is in KiB on Linux)."""
+    """Peak resident set size of this process so far (ru_maxrss is in KiB on Linux). On Linux it
+    includes the peak of the parent at ``fork`` (it survives ``exec``): not a process's own."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's peak resident set (VmHWM) to its resident set now, by writing 5 to
+    ``/proc/self/clear_refs`` (Linux >= 4.0); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return high_water_rss_bytes() is not None
+
+
+def high_water_rss_bytes() -> int | None:
+    """This process's peak resident set since it started or since :func:`reset_peak_rss`
+    (VmHWM in /proc/self/status), or None where /proc does not tell."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 class PeakMemory:
     """Peak memory of the region between ``start()`` and ``stop()``.
 
-    On CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``. On CPU: the
-    process's peak RSS minus the RSS at ``start()``; exact only when the process ran nothing
-    bigger before (``arena-bench`` measures each configuration in a fresh process for that reason;
-    a training run in a multirun process says so in ``how``).
+    On CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``.
+
+    On CPU (``how = cpu_vmhwm_above_floor``): the floor is the resident set at ``start()``; the
+    peak resident set (VmHWM) is reset to it then, so it is this process's own peak during the
+    region, whatever the process (or its parent) held before. ``stop()`` gives ``peak_raw_bytes``
+    (the whole process's peak resident set in the region, floor included), ``floor_bytes`` and
+    ``peak_bytes`` = peak_raw_bytes - floor_bytes, the memory the region added: what scaling
+    exponents are fitted on. Where VmHWM cannot be reset (not Linux), the peak is ``ru_maxrss``
+    minus the floor (``how = cpu_peak_rss_minus_baseline``, as before issue 21): exact only in a
+    fresh process whose parent held less, and said so (``_shared_process``) for a process that
+    ran something bigger before (``isolated=False``).
     """
 
     def __init__(self, device: torch.device, *, isolated: bool = True):
         self.device = device
         self.isolated = isolated
         self.baseline = 0
+        self.reset = False
 
     def start(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
             self.baseline = current_rss_bytes()
+            self.reset = reset_peak_rss()
 
     def stop(self) -> dict[str, int | str]:
         if self.device.type == "cuda":
             return {"peak_bytes": int(torch.cuda.max_memory_allocated(self.device)),
                     "how": "cuda_max_memory_allocated"}
+        if self.reset:
+            raw = max(high_water_rss_bytes(), self.baseline)
+            return {"peak_bytes": raw - self.baseline, "peak_raw_bytes": raw,
+                    "floor_bytes": self.baseline, "how": "cpu_vmhwm_above_floor"}
         how = "cpu_peak_rss_minus_baseline" + ("" if self.isolated else "_shared_process")
-        return {"peak_bytes": max(0, peak_rss_bytes() - self.baseline), "how": how}
+        raw = peak_rss_bytes()
+        return {"peak_bytes": max(0, raw - self.baseline), "peak_raw_bytes": raw,
+                "floor_bytes": self.baseline, "how": how}

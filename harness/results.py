@@ -468,6 +468,9 @@ def scaling_exponents(cells: pd.DataFrame) -> pd.DataFrame:
 
     One row per (EFFICIENCY_GROUP, model) with at least two ok seq_lens, so that e.g. fp32 and
     bf16 measurements of one model are two fits; an exponent near 2 is quadratic, near 1 linear.
+    Memory is ``memory.peak_bytes``: on CPU the peak above the measurement process's runtime
+    floor (``how = cpu_vmhwm_above_floor``, harness.measure.PeakMemory; the raw peak is
+    ``memory.peak_raw_bytes``), so a fixed runtime of ~300 MB does not flatten the exponent.
     Non-positive memory (CPU RSS deltas can be 0) is left out of the memory fit.
     """
     rows = []

@@ -40,6 +40,7 @@ from harness.records import (
 from harness.distributed import World, broadcast, device_of, gather, start, world_from_env
 from harness.loggers import NoLogger
 from harness.run_folder import FolderBusy, claim, make_room_for
+from harness.runtime import configure_process
 from harness.trainer import Diverged, TimeLimit, Trainer, seed_everything
 from harness.validation import check_config
 
@@ -218,9 +219,11 @@ def run_claimed(cfg: DictConfig, run_dir: Path, *, multirun: bool, world: World 
         device = device_of(world, pick_device(cfg.trainer.device, key="trainer.device"))
     except ValueError as exc:
         return config_error_record(cfg, run_dir, exc, chash=chash, context="", write=world.is_main)
-    if cfg.trainer.threads:
-        torch.set_num_threads(cfg.trainer.threads)
+    # every training process (each DDP rank too) sets its allocator and threads up the same way
+    # as arena-bench's measurement processes, and records them (harness/runtime.py)
+    runtime = configure_process(allocator=cfg.trainer.get("allocator", "tuned"), threads=cfg.trainer.threads)
     record = base_record(cfg, chash=chash, device=device)
+    record["env"].update(runtime)
     record["env"]["world_size"] = world.size
     started = time.perf_counter()
     logger, trainer, bar = None, None, None

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from pydantic import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 
 from harness.measure import PRECISIONS
+from harness.runtime import ALLOCATORS
 
 Probability = pydantic.confloat(ge=0.0, lt=1.0)
 Beta = pydantic.confloat(ge=0.0, lt=1.0)
@@ -45,6 +46,7 @@ class TrainerSchema(Schema):
     time_limit_s: PositiveFloat | None
     device: str
     threads: PositiveInt | None
+    allocator: Literal[ALLOCATORS] = "tuned"
     precision: Literal[PRECISIONS]
     progress: bool
     devices: PositiveInt = 1

@@ -99,13 +99,21 @@ def test_sweep_with_an_oom_configuration_records_it_and_goes_on(tmp_path):
 
 @pytest.mark.slow
 def test_transformer_memory_grows_with_length_and_exponents_are_written(tmp_path):
-    out = bench(tmp_path, "-m", "model=transformer", "task.seq_len=256,1024", "sweep.name=m", *FAST)
+    # two rounds, interleaved: each job measures its first, the multirun's end the second
+    out = bench(tmp_path, "-m", "model=transformer", "task.seq_len=256,1024", "sweep.name=m",
+                "bench.rounds=2", *FAST)
     records = records_under(tmp_path / "results/sweeps/m")
     short, long = records[("transformer", 256)], records[("transformer", 1024)]
     assert short["status"] == long["status"] == "ok"
     assert short["dtype"] == "fp32" and short["config"]["trainer"]["precision"] == "fp32"
     assert long["memory"]["peak_bytes"] > short["memory"]["peak_bytes"]
-    assert long["speed"]["step_ms_median"] > 0 and short["speed"]["steps_timed"] >= 3
+    assert long["speed"]["step_ms_median"] > 0 and short["speed"]["steps_timed"] >= 6
+    assert "bench.rounds: round 2 over 2 configurations" in out.stdout + out.stderr
+    for record in (short, long):
+        assert [r["status"] for r in record["rounds"]] == ["ok", "ok"] and record["speed"]["rounds"] == 2
+        assert record["speed"]["round_ms_min"] <= record["speed"]["step_ms_median"] <= record["speed"]["round_ms_max"]
+        assert record["env"]["allocator"]["setting"] == "tuned" and record["env"]["threads"] == 1
+        assert record["memory"]["how"] == "cpu_vmhwm_above_floor"
     assert "scaling exponents" in out.stdout + out.stderr
     assert (tmp_path / "results/sweeps/m/scaling.csv").read_text().startswith("model,task")
 

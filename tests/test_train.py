@@ -68,6 +68,10 @@ def test_smoke_run_learns_and_logs_to_console_and_file(reference):
     assert rec["metrics"]["val_accuracy"] > 2.5 * CHANCE, rec["metrics"]
     assert rec["metrics"]["steps"] == 200
     assert rec["speed"]["step_ms_median"] > 0 and rec["memory"]["peak_bytes"] > 0
+    assert rec["memory"]["peak_raw_bytes"] == rec["memory"]["floor_bytes"] + rec["memory"]["peak_bytes"]
+    # the measurement environment arena-bench's workers have too (harness/runtime.py)
+    assert rec["env"]["allocator"]["setting"] == "tuned" and rec["env"]["threads"] == 1
+    assert rec["env"]["affinity"]
     assert eval_steps(run_dir) == [50, 100, 150, 200]
     # trainer=smoke has no progress bar: each evaluation is a line, then the outcome and the record
     assert "step 50/200" in proc.stdout and "status=ok" in proc.stdout
