@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from architectures.ssm import selective_scan
+from architectures.ssm import SCAN_IMPLEMENTATIONS, selective_scan
 
 
 def reverse_within_length(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -55,14 +55,19 @@ class Mamba(nn.Module):
         conv_bias: bias in the convolution (True in the paper's code).
         bias: biases in in_proj and out_proj (False).
         bidirectional: on non-causal tasks, also run the block on the reversed sequence and sum.
+        scan: which selective scan runs (``auto``, ``fused``, ``chunked``, ``reference``); see
+            :func:`architectures.ssm.selective_scan`.
     """
 
     def __init__(
         self, d_model: int, *, causal: bool, layer_idx: int = 0, d_state: int, d_conv: int, expand: int,
         dt_rank: int | None = None, dt_min: float, dt_max: float, dt_init_floor: float,
-        conv_bias: bool = True, bias: bool = False, bidirectional: bool = False,
+        conv_bias: bool = True, bias: bool = False, bidirectional: bool = False, scan: str = "auto",
     ):
         super().__init__()
+        if scan not in SCAN_IMPLEMENTATIONS:
+            raise ValueError(f"model.mixer.scan (conf/model/mamba.yaml) must be one of {SCAN_IMPLEMENTATIONS}, got {scan!r}")
+        self.scan_implementation = scan
         E = expand * d_model
         self.d_inner, self.d_state, self.d_conv = E, d_state, d_conv
         self.dt_rank = dt_rank or math.ceil(d_model / 16)
@@ -102,7 +107,7 @@ class Mamba(nn.Module):
         A = -torch.exp(self.A_log.float())  # (E, N)
         y = selective_scan(
             xs, dt, A, B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous(), self.D.float(),
-            z=z, delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
+            z=z, delta_bias=self.dt_proj.bias.float(), delta_softplus=True, scan=self.scan_implementation,
         )  # (B, E, L)
         return self.out_proj(y.transpose(1, 2))  # (B, L, D)
 
