@@ -39,6 +39,22 @@ def reverse_within_length(x: torch.Tensor, mask: torch.Tensor | None) -> torch.T
     return x.gather(1, index)
 
 
+def causal_depthwise_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """y[b, e, t] = bias[e] + sum_k weight[e, 0, k] x[b, e, t - (K-1) + k], zero before the start.
+
+    Equal to ``F.conv1d(x, weight, bias, padding=K - 1, groups=E)[..., :L]`` (mamba-ssm's fallback
+    for its causal-conv1d kernel) as K shifted multiply-adds: on CPU the depthwise convolution's
+    backward (oneDNN / the slow-path im2col) took two thirds of a Mamba training step at 4K tokens,
+    this takes a few elementwise passes over (B, E, L).
+    """
+    K, L = weight.shape[-1], x.shape[-1]
+    xp = F.pad(x, (K - 1, 0))  # (B, E, L + K - 1)
+    y = xp[..., :L] * weight[:, 0, :1]  # (B, E, L)
+    for k in range(1, K):
+        y = y + xp[..., k:k + L] * weight[:, 0, k:k + 1]
+    return y if bias is None else y + bias.unsqueeze(-1)
+
+
 class Mamba(nn.Module):
     """The Mamba mixer: (B, L, D) -> (B, L, D).
 
@@ -99,9 +115,8 @@ class Mamba(nn.Module):
 
     def scan(self, x: torch.Tensor) -> torch.Tensor:
         """One causal pass over x (B, L, D)."""
-        L = x.shape[1]
         xs, z = self.in_proj(x).transpose(1, 2).chunk(2, dim=1)  # (B, E, L) each
-        xs = F.silu(self.conv1d(xs)[..., :L])  # causal: keep the first L outputs
+        xs = F.silu(causal_depthwise_conv1d(xs, self.conv1d.weight, self.conv1d.bias))  # (B, E, L)
         dt, B, C = self.x_proj(xs.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = (dt @ self.dt_proj.weight.T).transpose(1, 2)  # (B, E, L); its bias goes in as delta_bias
         A = -torch.exp(self.A_log.float())  # (E, N)

@@ -46,7 +46,22 @@ def _build():
         is_python_module=False,  # the library registers torch.ops.seq_arena_scan.forward / backward
         verbose=False,
     )
+    _register_fake_kernels()
     return torch.ops.seq_arena_scan
+
+
+def _register_fake_kernels() -> None:
+    """Output shapes of the two ops, so torch.compile can trace through them (trainer.compile)."""
+
+    @torch.library.register_fake("seq_arena_scan::forward")
+    def _(u, delta, A, B, C):
+        batch, dim, L = u.shape
+        return [torch.empty_like(u), u.new_empty(batch, dim, A.shape[1]),
+                u.new_empty(batch, dim, -(-L // 64), A.shape[1])]  # y, last state, checkpoints
+
+    @torch.library.register_fake("seq_arena_scan::backward")
+    def _(grad_y, grad_last, u, delta, A, B, C, checkpoints):
+        return [torch.empty_like(u), torch.empty_like(u), torch.empty_like(A), torch.empty_like(B), torch.empty_like(C)]
 
 
 def extension():

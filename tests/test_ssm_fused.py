@@ -120,3 +120,19 @@ def test_mamba_mixer_is_the_same_with_every_scan_and_under_bf16_autocast():
     assert y.dtype == torch.bfloat16
     y.float().square().sum().backward()
     torch.testing.assert_close(y.float(), results["reference"][0], rtol=0.05, atol=0.05)
+
+
+def test_causal_depthwise_conv1d_equals_torch_conv1d():
+    from architectures.mamba import causal_depthwise_conv1d
+
+    conv = torch.nn.Conv1d(6, 6, 4, groups=6, padding=3)
+    x = torch.randn(2, 6, 11, requires_grad=True)
+    want = conv(x)[..., :11]
+    got = causal_depthwise_conv1d(x, conv.weight, conv.bias)
+    torch.testing.assert_close(got, want)
+    g = torch.randn_like(want)
+    grads_want = torch.autograd.grad(want, (x, conv.weight, conv.bias), g)
+    grads_got = torch.autograd.grad(got, (x, conv.weight, conv.bias), g)
+    for a, b in zip(grads_got, grads_want, strict=True):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(causal_depthwise_conv1d(x, conv.weight, None), want - conv.bias[:, None])

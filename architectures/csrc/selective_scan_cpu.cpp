@@ -207,7 +207,15 @@ std::vector<at::Tensor> selective_scan_backward(at::Tensor grad_y, at::Tensor gr
   return {du, ddelta, dA.sum(0), dB.sum(0), dC.sum(0)};
 }
 
+// A CPU kernel under a declared schema (not a catch-all), so that Python can register the ops'
+// output shapes for torch.compile (torch.library.register_fake in ssm_cpu.py).
 TORCH_LIBRARY(seq_arena_scan, m) {
-  m.def("forward", &selective_scan_forward);
-  m.def("backward", &selective_scan_backward);
+  m.def("forward(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C) -> Tensor[]");
+  m.def("backward(Tensor grad_y, Tensor grad_last, Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, "
+        "Tensor checkpoints) -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(seq_arena_scan, CPU, m) {
+  m.impl("forward", &selective_scan_forward);
+  m.impl("backward", &selective_scan_backward);
 }
