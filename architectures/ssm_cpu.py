@@ -57,7 +57,7 @@ def _register_fake_kernels() -> None:
     def _(u, delta, A, B, C):
         batch, dim, L = u.shape
         return [torch.empty_like(u), u.new_empty(batch, dim, A.shape[1]),
-                u.new_empty(batch, dim, -(-L // 64), A.shape[1])]  # y, last state, checkpoints
+                u.new_empty(batch, dim, -(-L // 64), A.shape[1])]  # y, last state, checkpoints (kChunk = 64)
 
     @torch.library.register_fake("seq_arena_scan::backward")
     def _(grad_y, grad_last, u, delta, A, B, C, checkpoints):
@@ -65,7 +65,7 @@ def _register_fake_kernels() -> None:
 
 
 def extension():
-    """The compiled ops (``torch.ops.seq_arena_scan``), or None (after one warning) when it cannot be built on this machine."""
+    """The compiled ops (``torch.ops.seq_arena_scan``), or None (after one warning) when they cannot be built."""
     global _extension, _unavailable
     if _extension is None and _unavailable is None:
         try:
