@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from architectures.layers import FeedForward
-from architectures.ssm import selective_scan
+from architectures.ssm import SCAN_IMPLEMENTATIONS, selective_scan
 
 
 def reverse_within_length(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -46,6 +46,22 @@ def reverse_within_length(x: torch.Tensor, mask: torch.Tensor | None) -> torch.T
     index = torch.where(t < lengths, lengths - 1 - t, t)  # (B, L)
     index = index.view(*index.shape, *([1] * (x.dim() - 2))).expand_as(x)
     return x.gather(1, index)
+
+
+def causal_depthwise_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """y[b, e, t] = bias[e] + sum_k weight[e, 0, k] x[b, e, t - (K-1) + k], zero before the start.
+
+    Equal to ``F.conv1d(x, weight, bias, padding=K - 1, groups=E)[..., :L]`` (mamba-ssm's fallback
+    for its causal-conv1d kernel) as K shifted multiply-adds: on CPU the depthwise convolution's
+    backward (oneDNN / the slow-path im2col) took two thirds of a Mamba training step at 4K tokens,
+    this takes a few elementwise passes over (B, E, L).
+    """
+    K, L = weight.shape[-1], x.shape[-1]
+    xp = F.pad(x, (K - 1, 0))  # (B, E, L + K - 1)
+    y = xp[..., :L] * weight[:, 0, :1]  # (B, E, L)
+    for k in range(1, K):
+        y = y + xp[..., k:k + L] * weight[:, 0, k:k + 1]
+    return y if bias is None else y + bias.unsqueeze(-1)
 
 
 class Mamba(nn.Module):
@@ -64,14 +80,19 @@ class Mamba(nn.Module):
         conv_bias: bias in the convolution (True in the paper's code).
         bias: biases in in_proj and out_proj (False).
         bidirectional: on non-causal tasks, also run the block on the reversed sequence and sum.
+        scan: which selective scan runs (``auto``, ``fused``, ``chunked``, ``reference``); see
+            :func:`architectures.ssm.selective_scan`.
     """
 
     def __init__(
         self, d_model: int, *, causal: bool, layer_idx: int = 0, d_state: int, d_conv: int, expand: int,
         dt_rank: int | None = None, dt_min: float, dt_max: float, dt_init_floor: float,
-        conv_bias: bool = True, bias: bool = False, bidirectional: bool = False,
+        conv_bias: bool = True, bias: bool = False, bidirectional: bool = False, scan: str = "auto",
     ):
         super().__init__()
+        if scan not in SCAN_IMPLEMENTATIONS:
+            raise ValueError(f"model.mixer.scan (conf/model/mamba.yaml) must be one of {SCAN_IMPLEMENTATIONS}, got {scan!r}")
+        self.scan_implementation = scan
         E = expand * d_model
         self.d_inner, self.d_state, self.d_conv = E, d_state, d_conv
         self.dt_rank = dt_rank or math.ceil(d_model / 16)
@@ -127,15 +148,14 @@ class Mamba(nn.Module):
 
     def scan(self, x: torch.Tensor) -> torch.Tensor:
         """One causal pass over x (B, L, D)."""
-        L = x.shape[1]
         xs, z = self.in_proj(x).transpose(1, 2).chunk(2, dim=1)  # (B, E, L) each
-        xs = F.silu(self.conv1d(xs)[..., :L])  # causal: keep the first L outputs
+        xs = F.silu(causal_depthwise_conv1d(xs, self.conv1d.weight, self.conv1d.bias))  # (B, E, L)
         dt, B, C = self.x_proj(xs.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = (dt @ self.dt_proj.weight.T).transpose(1, 2)  # (B, E, L); its bias goes in as delta_bias
         A = -torch.exp(self.A_log.float())  # (E, N)
         y = selective_scan(
             xs, dt, A, B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous(), self.D.float(),
-            z=z, delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
+            z=z, delta_bias=self.dt_proj.bias.float(), delta_softplus=True, scan=self.scan_implementation,
         )  # (B, E, L)
         return self.out_proj(y.transpose(1, 2))  # (B, L, D)
 

@@ -20,6 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from architectures import ssm_cpu
+
 try:  # the fused CUDA kernel; absent on CPU-only machines (it needs nvcc to build)
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as _cuda_selective_scan
 except ImportError:  # pragma: no cover - depends on the machine
@@ -231,19 +233,76 @@ def _chunked_BC(X: torch.Tensor, nc: int, T: int, dim: int, pad: tuple[int, int]
     raise ValueError(f"selective_scan: {name} must be (D, N), (B, N, L) or (B, G, N, L), got {tuple(X.shape)}")
 
 
+def selective_scan_fused(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                         return_last_state=False):
+    """The selective scan by the fused CPU kernel of :mod:`architectures.ssm_cpu`; same semantics.
+
+    Only (B, D, L)-sized tensors and B, C are read and written. B and C go in time-major,
+    (B, G, L, N); a fixed (D, N) B or C is expanded to (B, D, L, N) first, which the kernel handles
+    but the chunked scan does more cheaply (:func:`selective_scan` sends that case there).
+    Raises RuntimeError when the extension cannot be built; see :func:`selective_scan`.
+    """
+    if ssm_cpu.extension() is None:
+        raise RuntimeError(f"selective_scan: the fused CPU scan is unavailable ({ssm_cpu._unavailable})")
+    dtype_in = u.dtype
+    batch, dim, L = u.shape
+    u, delta = _prepare_delta(u, delta, A, delta_bias, delta_softplus)
+    Bt, Ct = (_time_major_BC(X, batch, dim, L, name) for X, name in ((B, "B"), (C, "C")))
+    y, last = ssm_cpu.FusedSelectiveScan.apply(u.contiguous(), delta.contiguous(), A.float().contiguous(), Bt, Ct)
+    out = _finish(y, u, D, z).to(dtype_in)
+    return (out, last) if return_last_state else out
+
+
+def _time_major_BC(X: torch.Tensor, batch: int, dim: int, L: int, name: str) -> torch.Tensor:
+    """B or C -> (B, G, L, N) fp32 contiguous: (B, N, L) gives G = 1, fixed (D, N) gives G = D."""
+    if X.is_complex():
+        raise ValueError(f"selective_scan: complex {name} is not supported (A, B, C must be real)")
+    X = X.float()
+    if X.dim() == 2:
+        return X[None, :, None, :].expand(batch, -1, L, -1).contiguous()  # (B, D, L, N)
+    if X.dim() == 3:
+        return X.transpose(1, 2).unsqueeze(1).contiguous()  # (B, 1, L, N)
+    if X.dim() == 4:
+        if dim % X.shape[1]:
+            raise ValueError(f"selective_scan: {name} has {X.shape[1]} groups, which do not divide D={dim}")
+        return X.transpose(2, 3).contiguous()  # (B, G, L, N)
+    raise ValueError(f"selective_scan: {name} must be (D, N), (B, N, L) or (B, G, N, L), got {tuple(X.shape)}")
+
+
+SCAN_IMPLEMENTATIONS = ("auto", "fused", "chunked", "reference")
+
+
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                   return_last_state=False):
+                   return_last_state=False, scan: str = "auto"):
     """Mamba's selective scan; shapes and semantics of mamba-ssm's ``selective_scan_ref``.
 
-    Dispatches to mamba-ssm's fused CUDA kernel for CUDA tensors when mamba-ssm imports, else
-    to :func:`selective_scan_torch`. See :func:`selective_scan_reference` for the arguments.
+    ``scan`` picks the implementation (the Mamba mixer's ``model.mixer.scan``):
+
+    * ``auto``: the fused kernel where there is one, else the chunked scan. Fused means
+      mamba-ssm's kernel for CUDA tensors when mamba-ssm imports, and :func:`selective_scan_fused`
+      for CPU tensors with input-dependent B and C when its extension builds (if it cannot, one
+      warning, then the chunked scan).
+    * ``fused``: as ``auto``, but also for a fixed (D, N) B or C on CPU.
+    * ``chunked``: :func:`selective_scan_torch`, plain PyTorch on any device.
+    * ``reference``: :func:`selective_scan_reference`, the sequential loop (slow; for checking).
+
+    See :func:`selective_scan_reference` for the other arguments.
 
     Returns:
         out (B, D, L) in u's dtype, and with ``return_last_state`` the final state (B, D, N).
     """
-    if u.is_cuda and _cuda_selective_scan is not None:
-        return _cuda_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
-    return selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    if scan not in SCAN_IMPLEMENTATIONS:
+        raise ValueError(f"selective_scan: scan (model.mixer.scan) must be one of {SCAN_IMPLEMENTATIONS}, got {scan!r}")
+    args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    if scan == "reference":
+        return selective_scan_reference(*args)
+    if scan != "chunked":
+        if u.is_cuda and _cuda_selective_scan is not None:
+            return _cuda_selective_scan(*args)
+        fixed_BC = B.dim() == 2 or C.dim() == 2
+        if u.device.type == "cpu" and (scan == "fused" or not fixed_BC) and ssm_cpu.extension() is not None:
+            return selective_scan_fused(*args)
+    return selective_scan_torch(*args)
 
 
 # --------------------------------------------------------------------------- S4D
