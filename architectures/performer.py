@@ -110,6 +110,22 @@ def relu_features(x: torch.Tensor) -> torch.Tensor:
     return F.relu(x) + RELU_KERNEL_EPS
 
 
+def query_features_(r: torch.Tensor) -> torch.Tensor:
+    """FAVOR+ query features from r = x' W^T (B, H, C, m), in place: exp(r - max_j r). The
+    -|x'|^2 / 2 of the exponent is one more per-query constant, so the stabiliser removes it too."""
+    return r.sub_(r.amax(-1, keepdim=True)).exp_()
+
+
+def key_shift(x: torch.Tensor, r: torch.Tensor, keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """For keys x (B, H, C, hd) with r = x' W^T: |x'|^2 / 2 (B, H, C, 1), +inf at padding, and the
+    chunk's stabiliser max over positions and features of r - |x'|^2 / 2, (B, H, 1, 1)."""
+    xs = x * x.shape[-1] ** -0.25
+    half_sq = (xs * xs).sum(-1, keepdim=True) / 2  # (B, H, C, 1)
+    if keep is not None:
+        half_sq = half_sq.masked_fill(~keep, math.inf)  # exp(r - inf) = 0: padding keys weigh nothing
+    return half_sq, (r.amax(-1, keepdim=True) - half_sq).amax(-2, keepdim=True).clamp_min(NO_KEY)
+
+
 class FavorAttention(torch.autograd.Function):
     """Bidirectional FAVOR+ attention, features computed ``rows`` positions at a time.
 
@@ -123,20 +139,25 @@ class FavorAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, projection, mask, rows: int):
+        q, k = q.contiguous(), k.contiguous()
         B, H, L, hd = q.shape
+        scale = hd ** -0.25
+        wt = projection.T * scale  # (hd, m): r = x' W^T = x (W^T hd^(-1/4))
         keep = None if mask is None else mask[:, None, :, None]  # (B, 1, L, 1)
         v1 = F.pad(v, (0, 1), value=1.0)  # (B, H, L, hd + 1): the ones column sums the key features
         kvz = v.new_zeros(B, H, projection.shape[0], hd + 1)  # phi(K)^T [V 1]
         c_k = v.new_full((B, H, 1, 1), NO_KEY)
         for s in range(0, L, rows):
-            a = favor_logits(k[:, :, s:s + rows], projection)  # (B, H, C, m)
-            c_new = torch.maximum(c_k, key_stabiliser(a, None if keep is None else keep[:, :, s:s + rows]))
-            kvz.mul_(torch.exp(c_k - c_new)).add_(a.sub_(c_new).exp_().transpose(-2, -1) @ v1[:, :, s:s + rows])
+            kc = k[:, :, s:s + rows]
+            r = kc @ wt  # (B, H, C, m)
+            half_sq, c_chunk = key_shift(kc, r, None if keep is None else keep[:, :, s:s + rows])
+            c_new = torch.maximum(c_k, c_chunk)
+            phi = r.sub_(half_sq + c_new).exp_()
+            kvz.mul_(torch.exp(c_k - c_new)).add_(phi.transpose(-2, -1) @ v1[:, :, s:s + rows])
             c_k = c_new
         out = v.new_empty(B, H, L, hd + 1)  # [numerator, normaliser] of every query
         for s in range(0, L, rows):
-            a = favor_logits(q[:, :, s:s + rows], projection)  # (B, H, C, m)
-            out[:, :, s:s + rows] = a.sub_(a.amax(-1, keepdim=True)).exp_() @ kvz
+            out[:, :, s:s + rows] = query_features_(q[:, :, s:s + rows] @ wt) @ kvz
         ctx.save_for_backward(q, k, v1, projection, mask, kvz, c_k, out)
         ctx.rows = rows
         return out[..., :hd] / (out[..., hd:] + torch.finfo(out.dtype).tiny)
@@ -146,6 +167,9 @@ class FavorAttention(torch.autograd.Function):
         q, k, v1, projection, mask, kvz, c_k, out = ctx.saved_tensors
         rows, hd = ctx.rows, q.shape[-1]
         scale = hd ** -0.25
+        wt = projection.T * scale  # (hd, m)
+        # [W 1]: one product gives g_a W and the row sums of g_a that d|x'|^2/2 needs
+        w1 = F.pad(projection, (0, 1), value=1.0)  # (m, hd + 1)
         keep = None if mask is None else mask[:, None, :, None]
         den = out[..., hd:] + torch.finfo(out.dtype).tiny  # (B, H, L, 1)
         y = out[..., :hd] / den
@@ -153,25 +177,22 @@ class FavorAttention(torch.autograd.Function):
         g_q, g_k, g_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(q)
         g_kvz = torch.zeros_like(kvz)  # (B, H, m, hd + 1)
 
-        def grad_of_input(x, g_a):  # d/dx of a = w . x' - |x'|^2 / 2, x' = x * scale
-            return (g_a @ projection - x * scale * g_a.sum(-1, keepdim=True)) * scale  # (B, H, C, hd)
+        def grad_of_input(x, g_a):  # a = w . x' - |x'|^2 / 2 with x' = x * scale: da/dx = (w - x') scale
+            g = g_a @ w1  # (B, H, C, hd + 1): [g_a W, sum_j g_a]
+            return (g[..., :hd] - x * scale * g[..., hd:]) * scale  # (B, H, C, hd)
 
         for s in range(0, q.shape[2], rows):
-            qc = q[:, :, s:s + rows]
-            phi = favor_logits(qc, projection)  # (B, H, C, m)
-            phi = phi.sub_(phi.amax(-1, keepdim=True)).exp_()
-            g_kvz += phi.transpose(-2, -1) @ g_out[:, :, s:s + rows]
-            g_a = (g_out[:, :, s:s + rows] @ kvz.transpose(-2, -1)).mul_(phi)  # (B, H, C, m)
-            g_q[:, :, s:s + rows] = grad_of_input(qc, g_a)
+            qc, g_oc = q[:, :, s:s + rows], g_out[:, :, s:s + rows]
+            phi = query_features_(qc @ wt)  # (B, H, C, m)
+            g_kvz += phi.transpose(-2, -1) @ g_oc
+            g_q[:, :, s:s + rows] = grad_of_input(qc, phi.mul_(g_oc @ kvz.transpose(-2, -1)))
         for s in range(0, k.shape[2], rows):
             kc = k[:, :, s:s + rows]
-            phi = favor_logits(kc, projection)
-            if keep is not None:
-                phi.masked_fill_(~keep[:, :, s:s + rows], -math.inf)
-            phi = phi.sub_(c_k).exp_()  # (B, H, C, m), zero at padding
+            r = kc @ wt
+            half_sq, _ = key_shift(kc, r, None if keep is None else keep[:, :, s:s + rows])
+            phi = r.sub_(half_sq + c_k).exp_()  # (B, H, C, m), zero at padding
             g_v[:, :, s:s + rows] = phi @ g_kvz[..., :hd]
-            g_a = (v1[:, :, s:s + rows] @ g_kvz.transpose(-2, -1)).mul_(phi)
-            g_k[:, :, s:s + rows] = grad_of_input(kc, g_a)
+            g_k[:, :, s:s + rows] = grad_of_input(kc, phi.mul_(v1[:, :, s:s + rows] @ g_kvz.transpose(-2, -1)))
         return g_q, g_k, g_v, None, None, None
 
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from architectures import linear
+from architectures.attention import dense_attention
 from architectures.backbone import SequenceModel
 from architectures.layers import UnsupportedTask
 from architectures.linear import (
@@ -146,6 +147,41 @@ def test_linformer_padding_and_length_invariance():
     torch.testing.assert_close(mixer(longer, padding_mask([11], 32))[0, :11], y[1, :11], rtol=1e-10, atol=1e-10)
     with pytest.raises(ValueError, match="model.mixer.seq_len=32"):
         mixer(torch.randn(1, 33, D, dtype=torch.float64))
+
+
+def test_linformer_projects_with_the_first_columns_and_shares_one_matrix_when_asked():
+    torch.manual_seed(0)
+    for share in (False, True):
+        mixer = LinformerAttention(D, causal=False, n_heads=H, seq_len=40, k=4, share_kv=share, block=16).double()
+        E = torch.cat(list(mixer.proj_k), 1)  # (k, seq_len) whole
+        assert E.shape == (4, 40) and [p.shape[1] for p in mixer.proj_k] == [16, 16, 8]
+        Fm = E if share else torch.cat(list(mixer.proj_v), 1)
+        assert (mixer.proj_v is None) == share
+        x = torch.randn(2, 21, D, dtype=torch.float64)
+        q, k, v = mixer.qkv(x).view(2, 21, 3, H, D // H).permute(2, 0, 3, 1, 4)  # (B, H, L, hd)
+        y = dense_attention(q, E[:, :21] @ k, Fm[:, :21] @ v)
+        torch.testing.assert_close(mixer(x), mixer.out(y.transpose(1, 2).reshape(2, 21, D)), rtol=1e-12, atol=1e-12)
+    n_proj = lambda m: sum(p.numel() for n, p in m.named_parameters() if n.startswith("proj"))  # noqa: E731
+    assert n_proj(LinformerAttention(D, causal=False, n_heads=H, seq_len=40, k=4, share_kv=True)) == 4 * 40
+
+
+def test_linformer_built_long_pays_only_for_the_length_it_runs_at():
+    """Built for 1024 positions and run at 40, only the blocks that hold columns 0..39 get a
+    gradient; AdamW keeps no state for the others and neither moves nor decays them."""
+    grads = {}
+    for seq_len in (48, 1024):
+        torch.manual_seed(0)
+        mixer = LinformerAttention(D, causal=False, n_heads=H, seq_len=seq_len, k=4, block=16)
+        before = [p.detach().clone() for p in mixer.proj_k]
+        opt = torch.optim.AdamW(mixer.parameters(), lr=0.1, weight_decay=0.5)
+        mixer(torch.randn(2, 40, D)).square().sum().backward()
+        grads[seq_len] = sum(p.grad.numel() for p in mixer.parameters() if p.grad is not None)
+        opt.step()
+        used = [p.grad is not None for p in mixer.proj_k]
+        assert used == [True] * 3 + [False] * (len(used) - 3)
+        for p, b, u in zip(mixer.proj_k, before, used):
+            assert (p in opt.state) == u and torch.equal(p, b) != u
+    assert grads[48] == grads[1024]
 
 
 def test_linformer_classify_model_is_padding_invariant():
