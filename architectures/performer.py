@@ -21,7 +21,8 @@ phi(x) = relu(x) + 1e-3), which LRA ran on every task but ListOps.
 
 The bidirectional softmax form runs through :class:`FavorAttention`: it never holds a
 (B, H, L, m) feature tensor, but computes features for ``rows`` positions at a time, forward and
-backward (recomputed there), with the normaliser as one more value column. The plain
+backward (recomputed there), and takes the gradient of the numerator and the normaliser in one
+product. The plain
 :func:`favor_features` + ``quadratic_linear_attention`` form is the reference it is tested
 against; the causal form uses :func:`favor_features` with the chunked causal linear attention.
 """
