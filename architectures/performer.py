@@ -70,14 +70,6 @@ def favor_logits(x: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
     return a.sub_((x * x).sum(-1, keepdim=True) / 2)
 
 
-def key_stabiliser(a: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-    """The max of the keys' exponents ``a`` (B, H, L, m) over positions and features, padding
-    (``keep`` (B, 1, L, 1) False) left out, as (B, H, 1, 1); in place: ``a`` is -inf at padding."""
-    if keep is not None:
-        a.masked_fill_(~keep, -math.inf)
-    return a.amax((-2, -1), keepdim=True).clamp_min(NO_KEY)
-
-
 def favor_features(
     x: torch.Tensor, projection: torch.Tensor, *, is_query: bool, mask: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -102,8 +94,8 @@ def favor_features(
         return torch.exp(a - a.detach().amax(-1, keepdim=True))
     keep = None if mask is None else mask[:, None, :, None]
     if keep is not None:
-        a = a.masked_fill(~keep, -math.inf)
-    return torch.exp(a - key_stabiliser(a.detach().clone(), None))
+        a = a.masked_fill(~keep, -math.inf)  # exp(-inf) = 0, and no part in the max
+    return torch.exp(a - a.detach().amax((-2, -1), keepdim=True).clamp_min(NO_KEY))
 
 
 def relu_features(x: torch.Tensor) -> torch.Tensor:
