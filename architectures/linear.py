@@ -1,4 +1,5 @@
-"""Linear-complexity attention: Linear Transformer, Performer (FAVOR+) and Linformer mixers.
+"""Linear-complexity attention: Linear Transformer and Linformer mixers, and the linear attention
+Performer (architectures.performer) builds on.
 
 Kernelised attention replaces softmax(q k^T) with phi(q) phi(k)^T for a positive feature
 map phi, so that attention can be regrouped as phi(q) (phi(K)^T V): O(L F d) instead of
@@ -155,44 +156,6 @@ def elu_feature_map(x: torch.Tensor) -> torch.Tensor:
     return F.elu(x) + 1.0
 
 
-def orthogonal_random_features(n_features: int, dim: int, device=None) -> torch.Tensor:
-    """FAVOR+'s projection (n_features, dim): blocks of orthonormal rows, each rescaled to the
-    norm of an independent Gaussian vector so that every row is marginally N(0, I)."""
-    blocks = []
-    for _ in range(math.ceil(n_features / dim)):
-        q, _ = torch.linalg.qr(torch.randn(dim, dim))
-        blocks.append(q.T)  # rows orthonormal
-    w = torch.cat(blocks)[:n_features]  # (m, dim)
-    norms = torch.randn(n_features, dim).norm(dim=1, keepdim=True)  # chi(dim) lengths
-    return (w * norms).to(device)
-
-
-def favor_features(x: torch.Tensor, projection: torch.Tensor, *, is_query: bool) -> torch.Tensor:
-    """Positive random features with E[phi(q) . phi(k)] proportional to exp(q . k / sqrt(hd)).
-
-    phi(x)_j = exp(w_j . x' - |x'|^2 / 2 - c) with x' = x / hd^(1/4). The constant c only
-    stabilises: a query's own max over features (a per-query factor, cancelled by the
-    normaliser), and for keys the bound max_j |w_j|^2 / 2 >= w_j . x' - |x'|^2 / 2, which
-    holds for every key and depends on no data, so it cancels exactly and keeps causality
-    (a max over the sequence's keys, as in the paper's code, would leak the future). The
-    1/sqrt(m) factor cancels too and is left out. The bound is loose, so features can be
-    small (about 1e-6 to 1e-9 for unit-scale inputs): the Performer's normaliser uses no
-    eps beyond a guard against 0 / 0.
-
-    Args:
-        x: (B, H, L, hd) queries or keys.
-        projection: (m, hd) from :func:`orthogonal_random_features`.
-    """
-    x = x * x.shape[-1] ** -0.25
-    wx = x @ projection.to(x.dtype).T  # (B, H, L, m)
-    half_sq = (x * x).sum(-1, keepdim=True) / 2  # (B, H, L, 1)
-    if is_query:
-        c = wx.amax(-1, keepdim=True).detach()
-    else:
-        c = (projection * projection).sum(-1).amax() / 2
-    return torch.exp(wx - half_sq - c)
-
-
 # ----------------------------------------------------------------------------------------------
 # Mixers.
 
@@ -221,7 +184,10 @@ class LinearAttention(nn.Module):
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.out = nn.Linear(d_model, d_model)
 
-    def feature_maps(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def feature_maps(
+        self, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """phi(q), phi(k) (B, H, L, F) from q, k (B, H, L, hd); ``mask`` (B, L) marks real keys."""
         return elu_feature_map(q), elu_feature_map(k)
 
     def eps(self, dtype: torch.dtype) -> float:
@@ -231,10 +197,14 @@ class LinearAttention(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         B, L, D = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)  # (B, H, L, hd)
-        phi_q, phi_k = self.feature_maps(q, k)  # (B, H, L, F)
-        y = linear_attention(phi_q, phi_k, v, causal=self.causal, mask=mask, chunk_size=self.chunk_size,
-                             eps=self.eps(x.dtype))
+        y = self.attend(q, k, v, mask)  # (B, H, L, hd)
         return self.out(y.transpose(1, 2).reshape(B, L, D))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention of q, k, v (B, H, L, hd) through the feature maps; (B, H, L, hd)."""
+        phi_q, phi_k = self.feature_maps(q, k, mask)  # (B, H, L, F)
+        return linear_attention(phi_q, phi_k, v, causal=self.causal, mask=mask, chunk_size=self.chunk_size,
+                                eps=self.eps(v.dtype))
 
     def step(self, x_t: torch.Tensor, state: tuple | None) -> tuple[torch.Tensor, tuple]:
         """One token of the causal recurrence: state = (sum phi(k) v^T (B, H, F, hd), sum phi(k) (B, H, F))."""
@@ -251,63 +221,19 @@ class LinearAttention(nn.Module):
         return self.out(y.reshape(B, D)), (kv, z)
 
 
-class PerformerAttention(LinearAttention):
-    """Performer attention with FAVOR+ features (Choromanski et al. 2021), the ``performer`` mixer.
-
-    Estimates softmax attention with ``n_features`` positive orthogonal random features per head
-    size (shared by the heads of a layer). Everything else is :class:`LinearAttention`.
-
-    Args:
-        n_features: random features m (the paper's LRA runs use 256).
-        redraw_every: draw a fresh projection every this many training-mode forward calls
-            (0 = never). The calls are counted in the ``forward_calls`` buffer, so resuming a
-            checkpoint keeps the schedule. A ``pair`` task calls the mixer twice per step.
-        Other arguments as for :class:`LinearAttention`.
-    """
-
-    def __init__(
-        self, d_model: int, *, causal: bool, layer_idx: int = 0, n_heads: int, n_features: int = 256,
-        redraw_every: int = 0, chunk_size: int = 64,
-    ):
-        super().__init__(d_model, causal=causal, layer_idx=layer_idx, n_heads=n_heads, chunk_size=chunk_size)
-        if n_features < 1 or redraw_every < 0:
-            raise ValueError(
-                f"model.mixer.n_features must be >= 1 and redraw_every >= 0, got {n_features}, {redraw_every}"
-            )
-        self.n_features = n_features
-        self.redraw_every = redraw_every
-        self.register_buffer("projection", orthogonal_random_features(n_features, d_model // n_heads))
-        self.register_buffer("forward_calls", torch.zeros((), dtype=torch.long))
-
-    @torch.no_grad()
-    def redraw(self) -> None:
-        # a new tensor, not an in-place copy: a pending backward may still hold the old one
-        old = self.projection
-        self.projection = orthogonal_random_features(self.n_features, old.shape[1], old.device).to(old.dtype)
-
-    def feature_maps(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return favor_features(q, self.projection, is_query=True), favor_features(k, self.projection, is_query=False)
-
-    def eps(self, dtype: torch.dtype) -> float:
-        # FAVOR+ features are positive and their stabilised scale can be far below 1e-6 (see
-        # favor_features), so the usual eps would bias the estimate: guard only against 0 / 0
-        return torch.finfo(dtype).tiny
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        if self.training and self.redraw_every > 0:
-            calls = int(self.forward_calls)
-            if calls > 0 and calls % self.redraw_every == 0:
-                self.redraw()
-            self.forward_calls += 1
-        return super().forward(x, mask)
-
-
 class LinformerAttention(nn.Module):
     """Linformer attention (Wang et al. 2020), the ``linformer`` mixer; bidirectional only.
 
     Keys and values are projected along the length, (L, hd) -> (k, hd), by learned matrices
-    E and F (one pair per layer, shared by the heads), then softmax attention runs over the k
-    projected rows: O(L k) instead of O(L^2).
+    E and F (one pair per layer, shared by the heads; one matrix for both with ``share_kv``, as
+    LRA's released code does), then softmax attention runs over the k projected rows: O(L k)
+    instead of O(L^2).
+
+    A shorter input than ``seq_len`` behaves as if zero-padded to it, so only the first L columns
+    of E and F are used. To pay only for those, each projection is kept in blocks of ``block``
+    columns, one parameter each: a run at length L touches ceil(L / block) blocks, and the others
+    get no gradient, so AdamW neither keeps state for them nor moves or decays them (slicing one
+    (k, seq_len) weight would build a full-size gradient every step and decay every column).
 
     Args:
         d_model: model width.
@@ -315,15 +241,17 @@ class LinformerAttention(nn.Module):
             the future out; raises :class:`UnsupportedTask` otherwise.
         layer_idx: position in the stack (unused; part of the mixer contract).
         n_heads: number of heads.
-        seq_len: the longest input (the projections have one column per position); shorter
-            inputs behave as if zero-padded to it.
-        k: projected length (the paper's default 256).
+        seq_len: the longest input (the projections have one column per position).
+        k: projected length (the paper's default 256; LRA's released code 16).
+        share_kv: one projection for keys and values (LRA's released code; the paper's
+            "key-value sharing").
         dropout: attention-weight dropout in training.
+        block: columns per projection parameter (speed and memory only; results are identical).
     """
 
     def __init__(
         self, d_model: int, *, causal: bool, layer_idx: int = 0, n_heads: int, seq_len: int, k: int = 256,
-        dropout: float = 0.0,
+        share_kv: bool = False, dropout: float = 0.0, block: int = 128,
     ):
         super().__init__()
         if causal:
@@ -335,15 +263,27 @@ class LinformerAttention(nn.Module):
         if d_model % n_heads:
             raise ValueError(f"model.d_model={d_model} is not divisible by the head count {n_heads} "
                              "(size.n_heads for every model, model.mixer.n_heads for this one)")
+        if min(seq_len, k, block) < 1:
+            raise ValueError(f"model.mixer.seq_len, k and block must be >= 1, got {seq_len}, {k}, {block}")
         self.n_heads = n_heads
         self.seq_len = seq_len
+        self.block = block
         self.dropout = dropout
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.out = nn.Linear(d_model, d_model)
-        self.proj_k = nn.Linear(seq_len, k, bias=False)  # E
-        self.proj_v = nn.Linear(seq_len, k, bias=False)  # F
-        for proj in (self.proj_k, self.proj_v):
-            nn.init.xavier_uniform_(proj.weight, gain=1 / math.sqrt(2))  # as fairseq's Linformer
+        self.proj_k = self.length_projection(k, seq_len)  # E
+        self.proj_v = None if share_kv else self.length_projection(k, seq_len)  # F
+
+    def length_projection(self, k: int, seq_len: int) -> nn.ParameterList:
+        """A (k, seq_len) matrix, initialised whole, stored as blocks of ``self.block`` columns."""
+        weight = torch.empty(k, seq_len)
+        nn.init.xavier_uniform_(weight, gain=1 / math.sqrt(2))  # as fairseq's Linformer
+        return nn.ParameterList(nn.Parameter(w.clone()) for w in weight.split(self.block, dim=1))
+
+    def columns(self, projection: nn.ParameterList, L: int) -> torch.Tensor:
+        """The first L columns (k, L), from the blocks that hold them and no others."""
+        used = list(projection[: -(-L // self.block)])
+        return (used[0] if len(used) == 1 else torch.cat(used, dim=1))[:, :L]
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         B, L, D = x.shape
@@ -356,9 +296,8 @@ class LinformerAttention(nn.Module):
         if mask is not None:  # zero pad keys/values so they add nothing to the projection
             keep = mask[:, None, :, None].to(k.dtype)
             k, v = k * keep, v * keep
-        # a shorter input is zero-padded to seq_len; the padded columns would multiply zeros,
-        # so using the first L columns of E and F is the same and cheaper
-        E, Fm = self.proj_k.weight[:, :L], self.proj_v.weight[:, :L]  # (k, L)
+        E = self.columns(self.proj_k, L)  # (k, L)
+        Fm = E if self.proj_v is None else self.columns(self.proj_v, L)
         k = E @ k  # (B, H, k, hd)
         v = Fm @ v  # (B, H, k, hd)
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)

@@ -18,14 +18,12 @@ from architectures.layers import UnsupportedTask
 from architectures.linear import (
     LinearAttention,
     LinformerAttention,
-    PerformerAttention,
     chunked_causal_linear_attention,
     elu_feature_map,
-    favor_features,
     global_linear_attention,
-    orthogonal_random_features,
     quadratic_linear_attention,
 )
+from architectures.performer import PerformerAttention
 from tasks.base import TaskSpec
 
 D, H = 16, 2
@@ -46,7 +44,7 @@ def reference_forward(mixer: LinearAttention, x, mask=None):
     """The mixer's forward with the quadratic reference in place of the linear-cost forms."""
     B, L, Dm = x.shape
     q, k, v = mixer.qkv(x).view(B, L, 3, mixer.n_heads, Dm // mixer.n_heads).permute(2, 0, 3, 1, 4)
-    phi_q, phi_k = mixer.feature_maps(q, k)
+    phi_q, phi_k = mixer.feature_maps(q, k, mask)
     y = quadratic_linear_attention(phi_q, phi_k, v, mixer.causal, mask, eps=mixer.eps(x.dtype))
     return mixer.out(y.transpose(1, 2).reshape(B, L, Dm))
 
@@ -55,6 +53,8 @@ def make_mixer(name, causal, **kw):
     torch.manual_seed(0)
     if name == "linear_transformer":
         m = LinearAttention(D, causal=causal, n_heads=H, **kw)
+    elif name == "performer_relu":
+        m = PerformerAttention(D, causal=causal, n_heads=H, kernel="relu", **kw)
     else:
         m = PerformerAttention(D, causal=causal, n_heads=H, n_features=32, **kw)
     return m.double().eval()
@@ -80,7 +80,7 @@ def test_global_with_padding_equals_quadratic_with_masked_keys():
     torch.testing.assert_close(want[1:, :, :13], short, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("name", ["linear_transformer", "performer"])
+@pytest.mark.parametrize("name", ["linear_transformer", "performer", "performer_relu"])
 @pytest.mark.parametrize("chunk_size", [4, 7, 64])
 def test_causal_mixer_equals_quadratic(name, chunk_size):
     mixer = make_mixer(name, causal=True, chunk_size=chunk_size)
@@ -88,7 +88,7 @@ def test_causal_mixer_equals_quadratic(name, chunk_size):
     torch.testing.assert_close(mixer(x), reference_forward(mixer, x), rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("name", ["linear_transformer", "performer"])
+@pytest.mark.parametrize("name", ["linear_transformer", "performer", "performer_relu"])
 def test_bidirectional_mixer_with_padding(name):
     mixer = make_mixer(name, causal=False)
     x = torch.randn(2, 24, D, dtype=torch.float64)
@@ -102,7 +102,7 @@ def test_bidirectional_mixer_with_padding(name):
     torch.testing.assert_close(mixer(x[1:, :15])[0], y[1, :15], rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("name", ["linear_transformer", "performer"])
+@pytest.mark.parametrize("name", ["linear_transformer", "performer", "performer_relu"])
 def test_causality(name):
     mixer = make_mixer(name, causal=True, chunk_size=8)
     x = torch.randn(1, 40, D, dtype=torch.float64)
@@ -115,7 +115,7 @@ def test_causality(name):
         assert not torch.allclose(y2[:, t], y[:, t])
 
 
-@pytest.mark.parametrize("name", ["linear_transformer", "performer"])
+@pytest.mark.parametrize("name", ["linear_transformer", "performer", "performer_relu"])
 def test_step_equals_forward(name):
     mixer = make_mixer(name, causal=True, chunk_size=8)
     x = torch.randn(2, 19, D, dtype=torch.float64)
@@ -125,58 +125,6 @@ def test_step_equals_forward(name):
         y_t, state = mixer.step(x[:, t], state)
         outs.append(y_t)
     torch.testing.assert_close(torch.stack(outs, 1), want, rtol=1e-9, atol=1e-9)
-
-
-def test_performer_estimate_improves_with_features():
-    """FAVOR+ approximates softmax attention; more features, smaller error (about 1/sqrt(m))."""
-    torch.manual_seed(0)
-    q, k, v = random_qkv(B=4, L=32, hd=16, seed=1)
-    q, k = 0.5 * q, 0.5 * k  # moderate logits, as after a layer norm and projection
-    exact = dense_attention(q, k, v)
-    errors = {}
-    for m in (16, 1024):
-        errs = []
-        for _ in range(5):
-            w = orthogonal_random_features(m, 16).double()
-            approx = quadratic_linear_attention(
-                favor_features(q, w, is_query=True), favor_features(k, w, is_query=False), v, causal=False,
-                eps=torch.finfo(q.dtype).tiny,
-            )
-            errs.append((approx - exact).abs().mean())
-        errors[m] = torch.stack(errs).mean().item()
-    assert errors[1024] < 0.5 * errors[16], errors
-    assert errors[1024] < 0.05, errors
-
-
-def test_orthogonal_features_are_orthogonal_within_a_block():
-    w = orthogonal_random_features(40, 16)
-    block = w[:16] / w[:16].norm(dim=1, keepdim=True)
-    torch.testing.assert_close(block @ block.T, torch.eye(16), rtol=0, atol=1e-5)
-    assert w.shape == (40, 16)
-
-
-def test_redraw_happens_only_at_the_configured_step():
-    torch.manual_seed(0)
-    mixer = PerformerAttention(D, causal=False, n_heads=H, n_features=8, redraw_every=3)
-    x = torch.randn(1, 5, D)
-    seen = []
-    mixer.train()
-    for _ in range(7):
-        mixer(x)
-        seen.append(mixer.projection.clone())
-    changed = [not torch.equal(seen[i], seen[i - 1]) for i in range(1, 7)]
-    assert changed == [False, False, True, False, False, True]  # calls 3 and 6 (0-based) redraw
-    assert int(mixer.forward_calls) == 7
-    mixer.eval()
-    mixer(x)
-    assert torch.equal(mixer.projection, seen[-1]) and int(mixer.forward_calls) == 7
-    assert "forward_calls" in mixer.state_dict() and "projection" in mixer.state_dict()
-
-    never = PerformerAttention(D, causal=False, n_heads=H, n_features=8, redraw_every=0).train()
-    before = never.projection.clone()
-    for _ in range(5):
-        never(x)
-    assert torch.equal(never.projection, before)
 
 
 def test_linformer_rejects_causal():
@@ -199,6 +147,41 @@ def test_linformer_padding_and_length_invariance():
     torch.testing.assert_close(mixer(longer, padding_mask([11], 32))[0, :11], y[1, :11], rtol=1e-10, atol=1e-10)
     with pytest.raises(ValueError, match="model.mixer.seq_len=32"):
         mixer(torch.randn(1, 33, D, dtype=torch.float64))
+
+
+def test_linformer_projects_with_the_first_columns_and_shares_one_matrix_when_asked():
+    torch.manual_seed(0)
+    for share in (False, True):
+        mixer = LinformerAttention(D, causal=False, n_heads=H, seq_len=40, k=4, share_kv=share, block=16).double()
+        E = torch.cat(list(mixer.proj_k), 1)  # (k, seq_len) whole
+        assert E.shape == (4, 40) and [p.shape[1] for p in mixer.proj_k] == [16, 16, 8]
+        Fm = E if share else torch.cat(list(mixer.proj_v), 1)
+        assert (mixer.proj_v is None) == share
+        x = torch.randn(2, 21, D, dtype=torch.float64)
+        q, k, v = mixer.qkv(x).view(2, 21, 3, H, D // H).permute(2, 0, 3, 1, 4)  # (B, H, L, hd)
+        y = dense_attention(q, E[:, :21] @ k, Fm[:, :21] @ v)
+        torch.testing.assert_close(mixer(x), mixer.out(y.transpose(1, 2).reshape(2, 21, D)), rtol=1e-12, atol=1e-12)
+    n_proj = lambda m: sum(p.numel() for n, p in m.named_parameters() if n.startswith("proj"))  # noqa: E731
+    assert n_proj(LinformerAttention(D, causal=False, n_heads=H, seq_len=40, k=4, share_kv=True)) == 4 * 40
+
+
+def test_linformer_built_long_pays_only_for_the_length_it_runs_at():
+    """Built for 1024 positions and run at 40, only the blocks that hold columns 0..39 get a
+    gradient; AdamW keeps no state for the others and neither moves nor decays them."""
+    grads = {}
+    for seq_len in (48, 1024):
+        torch.manual_seed(0)
+        mixer = LinformerAttention(D, causal=False, n_heads=H, seq_len=seq_len, k=4, block=16)
+        before = [p.detach().clone() for p in mixer.proj_k]
+        opt = torch.optim.AdamW(mixer.parameters(), lr=0.1, weight_decay=0.5)
+        mixer(torch.randn(2, 40, D)).square().sum().backward()
+        grads[seq_len] = sum(p.grad.numel() for p in mixer.parameters() if p.grad is not None)
+        opt.step()
+        used = [p.grad is not None for p in mixer.proj_k]
+        assert used == [True] * 3 + [False] * (len(used) - 3)
+        for p, b, u in zip(mixer.proj_k, before, used):
+            assert (p in opt.state) == u and torch.equal(p, b) != u
+    assert grads[48] == grads[1024]
 
 
 def test_linformer_classify_model_is_padding_invariant():
