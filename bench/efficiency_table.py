@@ -29,8 +29,9 @@ from harness.results import efficiency_cells, load_runs, scaling_exponents
 # records is shown as "not recorded".
 SETTINGS = [
     ("env.device_name", "machine"), ("env.torch", "torch"), ("env.threads", "threads"),
-    ("batch_size", "batch"), ("config.trainer.precision", "precision"), ("env.allocator", "allocator"),
-    ("config.trainer.compile", "compile"),
+    ("batch_size", "batch"), ("config.trainer.precision", "precision"),
+    ("env.allocator.name", "allocator"), ("env.allocator.how", "allocator set-up"),
+    ("env.compile.applied", "compile applied"), ("memory.how", "memory"),
     ("config.trainer.activation_checkpointing", "activation checkpointing"),
     ("env.git_commit", "commit"),
 ]
@@ -46,6 +47,8 @@ def settings(runs: pd.DataFrame) -> list[tuple[str, str]]:
             continue
         values = sorted({str(v)[:12] if column == "env.git_commit" else str(v)
                          for v in bench[column].dropna()})
+        if column == "env.allocator.how" and not values:
+            values = ["not recorded"]
         out.append((label, " | ".join(values) if values else "not recorded"))
     return out
 
