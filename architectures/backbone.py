@@ -178,6 +178,8 @@ class SequenceModel(nn.Module):
                 self.head.weight = self.embed.weight
         # a mixer family may re-initialise the whole model as its official code does (after tying,
         # as there): ``MixerClass.init_model(model, n_layers=..., d_ff=...)``, e.g. Mamba's _init_weights
+        # modules with state to update once per training call (not per block recomputation)
+        self.per_call_modules = [m for m in self.modules() if hasattr(m, "before_training_forward")]
         init_model = getattr(getattr(mixer, "func", mixer), "init_model", None)
         if init_model is not None:
             init_model(self, n_layers=n_layers, d_ff=d_ff)
@@ -213,6 +215,9 @@ class SequenceModel(nn.Module):
         return None if bool(mask.all()) else mask
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.training:  # once per model call, e.g. Performer's feature redraw
+            for module in self.per_call_modules:
+                module.before_training_forward()
         kind = self.spec.kind
         if kind == "seq2seq":
             tokens, target_pos = prefix_lm_layout(

@@ -221,10 +221,11 @@ class PerformerAttention(LinearAttention):
 
     Args:
         n_features: random features m (the paper's LRA runs use 256); softmax kernel only.
-        redraw_every: draw a fresh projection every this many training-mode forward calls
-            (0 = never; 1 = every call, as the reference). The calls are counted in the
-            ``forward_calls`` buffer, so resuming a checkpoint keeps the schedule. A ``pair``
-            task calls the mixer twice per step. Softmax kernel only.
+        redraw_every: draw a fresh projection every this many training-mode forward calls of
+            the model (0 = never; 1 = every call, as the reference), counted by
+            :meth:`before_training_forward` in the ``forward_calls`` buffer, so resuming a
+            checkpoint keeps the schedule; both sequences of a ``pair`` task share one draw.
+            Softmax kernel only.
         kernel: ``softmax`` (FAVOR+) or ``relu`` (LRA's generalized attention).
         Other arguments as for :class:`LinearAttention`.
     """
@@ -271,13 +272,15 @@ class PerformerAttention(LinearAttention):
             return super().attend(q, k, v, mask)
         return favor_attention(q, k, v, self.projection, mask)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        if self.training and self.redraw_every > 0:
+    def before_training_forward(self) -> None:
+        """Count a training-mode forward call of the model and redraw when one is due. The shared
+        backbone calls it once per model forward (architectures.backbone), never from a block's
+        recomputation under activation checkpointing, which must see the projection it saw."""
+        if self.redraw_every > 0:
             calls = int(self.forward_calls)
             if calls > 0 and calls % self.redraw_every == 0:
                 self.redraw()
             self.forward_calls += 1
-        return super().forward(x, mask)
 
     def step(self, x_t: torch.Tensor, state: tuple | None) -> tuple[torch.Tensor, tuple]:
         """One token of the causal recurrence. The softmax kernel's key stabiliser is the running

@@ -143,6 +143,7 @@ def test_redraw_is_on_by_default_every_training_call():
     x = torch.randn(1, 5, D)
     seen = []
     for _ in range(3):
+        mixer.before_training_forward()  # what the backbone calls once per training forward
         mixer(x)
         seen.append(mixer.projection.clone())
     assert not torch.equal(seen[0], seen[1]) and not torch.equal(seen[1], seen[2])
@@ -158,6 +159,7 @@ def test_redraw_happens_only_at_the_configured_step():
     seen = []
     mixer.train()
     for _ in range(7):
+        mixer.before_training_forward()
         mixer(x)
         seen.append(mixer.projection.clone())
     changed = [not torch.equal(seen[i], seen[i - 1]) for i in range(1, 7)]
