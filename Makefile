@@ -21,12 +21,15 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 # Everything (what .ci/run calls). test-fast leaves out the end-to-end tests marked slow (they
-# launch arena-train, arena-bench, arena-report in subprocesses): under 90 s on two cores.
+# launch arena-train, arena-bench, arena-report in subprocesses).
+# TEST_JOBS pytest workers (pytest-xdist; every test owns its folders, ports and processes);
+# TEST_JOBS=0 runs in one process.
+TEST_JOBS ?= 2
 test: $(STAMP)
-	WANDB_MODE=offline $(BIN)/python -m pytest -q
+	WANDB_MODE=offline $(BIN)/python -m pytest -q -n $(TEST_JOBS)
 
 test-fast: $(STAMP)
-	WANDB_MODE=offline $(BIN)/python -m pytest -q -m "not slow"
+	WANDB_MODE=offline $(BIN)/python -m pytest -q -n $(TEST_JOBS) -m "not slow"
 
 # The whole comparison on a laptop CPU: every architecture trained on two small long-range tasks,
 # a speed and memory sweep up to 4096 tokens, then the report. Finished runs are skipped on a
