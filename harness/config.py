@@ -32,7 +32,8 @@ RESULT_KEYS = ("model", "task", "trainer", "bench", "seed")
 NON_RESULT_TRAINER_KEYS = ("device", "progress", "log_every", "checkpoint_every", "time_limit_s", "allocator")
 # Trainer keys added after records existed: hashed only when set away from these values, so the
 # records of before keep their config_hash (and a sweep does not rerun them).
-LATER_TRAINER_DEFAULTS = {"compile": False, "activation_checkpointing": False}
+LATER_TRAINER_DEFAULTS = {"compile": False, "activation_checkpointing": False, "schedule": "cosine",
+                          "eps": 1e-8, "decay": "matrices", "test_weights": "best"}
 NON_RESULT_TASK_KEYS = ("cache_dir",)  # generated data are cached under a key of their own
 # Where a task reads its data: part of a run's identity (other data, another result), compared
 # as absolute paths, since a relative one means another folder when run from elsewhere.

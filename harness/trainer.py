@@ -46,18 +46,35 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def param_groups(model: nn.Module, *, lr: float, weight_decay: float) -> list[dict]:
-    """AdamW groups: decay on matrices, none on biases/norms/1-D parameters, and one group per
+def param_groups(model: nn.Module, *, lr: float, weight_decay: float, decay: str = "matrices") -> list[dict]:
+    """AdamW groups: decay on matrices (``decay="matrices"``; none on biases/norms/1-D parameters)
+    or on every parameter (``"all"``, as flax's Adam in LRA's release), and one group per
     ``param._optim`` setting (S4-style: SSM parameters with their own lr and no decay)."""
     groups: dict[tuple, dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        settings = {"lr": lr, "weight_decay": weight_decay if p.ndim >= 2 else 0.0}
+        settings = {"lr": lr, "weight_decay": weight_decay if p.ndim >= 2 or decay == "all" else 0.0}
         settings.update(getattr(p, "_optim", {}))
         key = tuple(sorted(settings.items()))
         groups.setdefault(key, {**settings, "params": []})["params"].append(p)
     return list(groups.values())
+
+
+def warmup_rsqrt(step: int, *, warmup_steps: int) -> float:
+    """LR multiplier of LRA's release (``constant * linear_warmup * rsqrt_decay``, train_utils
+    ``create_learning_rate_scheduler``): min(1, step / warm-up) * sqrt(warm-up / max(step, warm-up)),
+    i.e. 1 at the end of warm-up, where ``trainer.lr`` is the schedule's peak (base / sqrt(warm-up))."""
+    if warmup_steps <= 0:
+        return 1.0 / math.sqrt(max(step, 1))
+    return min(1.0, step / warmup_steps) * math.sqrt(warmup_steps / max(step, warmup_steps))
+
+
+def lr_multiplier(cfg, step: int) -> float:
+    """``trainer.schedule``: ``cosine`` (warm-up, cosine decay to min_lr_ratio) or ``rsqrt`` (LRA)."""
+    if cfg.get("schedule", "cosine") == "rsqrt":
+        return warmup_rsqrt(step, warmup_steps=cfg.warmup_steps)
+    return warmup_cosine(step, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps, min_lr_ratio=cfg.min_lr_ratio)
 
 
 def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
@@ -154,14 +171,11 @@ class Trainer:
         self.val_set = task.dataset("val")
         self.stream = self.check_stream(model, task)
         self.optimizer = torch.optim.AdamW(
-            param_groups(model, lr=trainer_cfg.lr, weight_decay=trainer_cfg.weight_decay),
-            lr=trainer_cfg.lr, betas=tuple(trainer_cfg.betas),
+            param_groups(model, lr=trainer_cfg.lr, weight_decay=trainer_cfg.weight_decay,
+                         decay=trainer_cfg.get("decay", "matrices")),
+            lr=trainer_cfg.lr, betas=tuple(trainer_cfg.betas), eps=trainer_cfg.get("eps", 1e-8),
         )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer,
-            lambda s: warmup_cosine(s, warmup_steps=trainer_cfg.warmup_steps,
-                                    total_steps=trainer_cfg.steps, min_lr_ratio=trainer_cfg.min_lr_ratio),
-        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_multiplier(trainer_cfg, s))
         self.state = TrainState()
         self.timer = StepTimer(device)
         self.memory = PeakMemory(device)
@@ -431,8 +445,9 @@ class Trainer:
                 raise TimeLimit(f"trainer.time_limit_s={cfg.time_limit_s} reached at step {s.step}")
 
     def test(self) -> dict[str, float]:
-        """Metrics on test (and any extra test lengths) with the best-val weights."""
-        if self.state.best_weights is not None:
+        """Metrics on test (and any extra test lengths) with the best-val weights, or with the
+        last ones under ``trainer.test_weights=last`` (LRA's release tests its last checkpoint)."""
+        if self.state.best_weights is not None and self.cfg.get("test_weights", "best") == "best":
             self.model.load_state_dict(self.state.best_weights)
         metric = self.spec.metric
         out = {}

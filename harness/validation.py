@@ -53,6 +53,10 @@ class TrainerSchema(Schema):
     ddp_timing: bool = False
     compile: bool = False
     activation_checkpointing: bool = False
+    schedule: Literal["cosine", "rsqrt"] = "cosine"
+    eps: PositiveFloat = 1e-8
+    decay: Literal["matrices", "all"] = "matrices"
+    test_weights: Literal["best", "last"] = "best"
 
 
 class MixerSchema(Schema):
