@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from architectures.mamba import causal_depthwise_conv1d, reverse_within_length
+from architectures.mamba import reverse_within_length
 
 try:  # the fused Triton/CUDA kernels; absent on CPU-only machines
     from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined as _cuda_chunk_scan
@@ -191,9 +191,7 @@ class Mamba2(nn.Module):
         """One causal pass over x (B, L, D)."""
         batch, L, _ = x.shape
         z, xBC, dt = self.split(self.in_proj(x))
-        # causal depthwise conv as shifted products (its F.conv1d backward is slow on CPU)
-        xBC = F.silu(causal_depthwise_conv1d(xBC.transpose(1, 2), self.conv1d.weight, self.conv1d.bias))
-        xBC = xBC.transpose(1, 2)  # (B, L, E + 2GN)
+        xBC = F.silu(self.conv1d(xBC.transpose(1, 2))[..., :L]).transpose(1, 2)  # (B, L, E + 2GN), causal
         xs, B, C = xBC.split([self.d_inner, self.n_groups * self.d_state, self.n_groups * self.d_state], dim=-1)
         xs = xs.unflatten(-1, (self.n_heads, self.head_dim))  # (B, L, nh, P)
         dt = F.softplus(dt.float() + self.dt_bias.float())  # (B, L, nh)
