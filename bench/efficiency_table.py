@@ -47,8 +47,6 @@ def settings(runs: pd.DataFrame) -> list[tuple[str, str]]:
             continue
         values = sorted({str(v)[:12] if column == "env.git_commit" else str(v)
                          for v in bench[column].dropna()})
-        if column == "env.allocator.how" and not values:
-            values = ["not recorded"]
         out.append((label, " | ".join(values) if values else "not recorded"))
     return out
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from harness.measure import PeakMemory, StepTimer, autocast, timing_summary
+from harness.measure import PeakMemory, StepTimer, autocast, proc_status_bytes, timing_summary
 from harness.records import is_out_of_memory
 from harness.runtime import configure_process
 
@@ -45,14 +45,7 @@ def limit_memory(limit_mb: int | None) -> None:
 
 def address_space_bytes() -> int:
     """This process's virtual size (VmSize), or 0 where /proc does not tell."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmSize:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    return proc_status_bytes("VmSize") or 0
 
 
 def warm_up_runtime(device: torch.device, precision: str) -> None:

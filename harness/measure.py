@@ -112,17 +112,23 @@ def reset_peak_rss() -> bool:
     return high_water_rss_bytes() is not None
 
 
-def high_water_rss_bytes() -> int | None:
-    """This process's peak resident set since it started or since :func:`reset_peak_rss`
-    (VmHWM in /proc/self/status), or None where /proc does not tell."""
+def proc_status_bytes(field: str) -> int | None:
+    """A size field of /proc/self/status (``VmHWM``, ``VmSize``, ...) in bytes, or None where
+    /proc does not tell."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(f"{field}:"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
     return None
+
+
+def high_water_rss_bytes() -> int | None:
+    """This process's peak resident set since it started or since :func:`reset_peak_rss`
+    (VmHWM), or None where /proc does not tell."""
+    return proc_status_bytes("VmHWM")
 
 
 class PeakMemory:

@@ -24,6 +24,23 @@ def isolated_cache(tmp_path, monkeypatch):
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def assert_an_lm_step_reaches_every_parameter(built, seq_len: int) -> None:
+    """One forward and backward of a built (model, task) on three training examples of an lm task:
+    logits of the task's shape, and a finite gradient on every parameter but the ``norm2`` the
+    backbone builds even without a feed-forward (d_ff 0: unused, so no gradient)."""
+    import torch.nn.functional as F
+
+    model = built.model
+    batch = {k: v.long() for k, v in built.task.dataset("train")[[0, 1, 2]].items()}
+    logits = model(batch)
+    assert logits.shape == (3, seq_len, built.task.spec.n_outputs)
+    loss = F.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten(), ignore_index=-100)
+    loss.backward()
+    used = [(n, p) for n, p in model.named_parameters() if ".norm2." not in n]
+    missing = [n for n, p in used if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not missing, missing
+
+
 def cli_env(**extra: str) -> dict[str, str]:
     """The environment of a subprocess that must run this checkout's code, not whatever copy of
     the package is installed: the checkout's root first on PYTHONPATH."""

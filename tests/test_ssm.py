@@ -7,6 +7,7 @@ from functools import partial
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_an_lm_step_reaches_every_parameter
 
 from architectures.backbone import SequenceModel
 from architectures.mamba import Mamba, reverse_within_length
@@ -286,17 +287,8 @@ def test_classify_logits_do_not_depend_on_padding(name, bidirectional):
 @pytest.mark.parametrize("name", ["s4d", "mamba"])
 def test_models_build_from_yaml_and_train_one_step(name):
     built = build([f"model={name}", "task=mqar", *SMALL])
-    model = built.model
-    assert (model.blocks[0].ffn is None) and model.positional == "none"
-    batch = {k: v.long() for k, v in built.task.dataset("train")[[0, 1, 2]].items()}
-    logits = model(batch)
-    assert logits.shape == (3, 32, built.task.spec.n_outputs)
-    loss = F.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten(), ignore_index=-100)
-    loss.backward()
-    # the backbone builds norm2 even without a feed-forward (d_ff 0): unused, so no gradient
-    used = [(n, p) for n, p in model.named_parameters() if ".norm2." not in n]
-    missing = [n for n, p in used if p.grad is None or not torch.isfinite(p.grad).all()]
-    assert not missing, missing
+    assert (built.model.blocks[0].ffn is None) and built.model.positional == "none"
+    assert_an_lm_step_reaches_every_parameter(built, seq_len=32)
 
 
 def test_mamba_block_follows_the_paper_init():
