@@ -33,6 +33,16 @@ SMALL = ["model.d_model=16", "model.n_layers=2", "task.n_train=8", "task.n_val=4
 # --------------------------------------------------------------------------- S4
 
 
+def forward_and_steps(layer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A causal layer's output on x (B, L, D) in one call, and stacked from step() token by token."""
+    with torch.no_grad():
+        want, state, ys = layer(x), None, []
+        for t in range(x.shape[1]):
+            y, state = layer.step(x[:, t], state)
+            ys.append(y)
+    return want, torch.stack(ys, 1)
+
+
 def legs(N: int) -> torch.Tensor:
     """HiPPO-LegS's A written out: -sqrt(2n+1) sqrt(2k+1) below the diagonal, -(n+1) on it."""
     n = torch.arange(N, dtype=torch.float64)
@@ -115,12 +125,8 @@ def test_s4_step_equals_forward():
     torch.manual_seed(0)
     layer = S4(6, causal=True, bidirectional=False, **S4_KW).eval()
     x = torch.randn(2, 40, 6)  # longer than l_max: the doubled kernel
-    with torch.no_grad():
-        want, state, ys = layer(x), None, []
-        for t in range(x.shape[1]):
-            y, state = layer.step(x[:, t], state)
-            ys.append(y)
-    torch.testing.assert_close(torch.stack(ys, 1), want, rtol=1e-4, atol=1e-4)
+    want, got = forward_and_steps(layer, x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_s4_kernel_prefix_does_not_depend_on_length_and_gradients_flow():
@@ -184,12 +190,8 @@ def test_h3_step_equals_forward(head_dim):
     torch.manual_seed(0)
     layer = H3(8, causal=True, **{**H3_KW, "head_dim": head_dim}).eval()
     x = torch.randn(2, 17, 8)
-    with torch.no_grad():
-        want, state, ys = layer(x), None, []
-        for t in range(x.shape[1]):
-            y, state = layer.step(x[:, t], state)
-            ys.append(y)
-    torch.testing.assert_close(torch.stack(ys, 1), want, rtol=1e-4, atol=1e-5)
+    want, got = forward_and_steps(layer, x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("order", [2, 3])
@@ -262,12 +264,8 @@ def test_mamba2_step_equals_forward():
     torch.manual_seed(0)
     layer = Mamba2(16, causal=True, **MAMBA2_KW).eval()
     x = torch.randn(2, 21, 16)
-    with torch.no_grad():
-        want, state, ys = layer(x), None, []
-        for t in range(x.shape[1]):
-            y, state = layer.step(x[:, t], state)
-            ys.append(y)
-    torch.testing.assert_close(torch.stack(ys, 1), want, rtol=1e-4, atol=1e-5)
+    want, got = forward_and_steps(layer, x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
 def test_mamba2_follows_mamba_ssm_init_and_refuses_bad_heads():
