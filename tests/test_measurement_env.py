@@ -67,6 +67,9 @@ def test_the_allocator_is_part_of_a_bench_job_but_not_of_a_train_runs_hash():
 def test_cpu_peak_is_the_regions_own_after_a_bigger_one():
     """A 96 MiB region, then an 8 MiB one in the same process: the second reads its own size,
     not the first's (VmHWM is reset at start); raw = floor + peak."""
+    # freed but resident heap from earlier tests in this process would be reused by the region
+    # without raising the resident set: give it back first
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
     first = PeakMemory(torch.device("cpu"))
     first.start()
     big = torch.ones(96 * MiB // 4)  # touched: resident
