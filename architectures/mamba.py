@@ -29,8 +29,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from architectures import ssm_cpu
 from architectures.layers import FeedForward
-from architectures.ssm import SCAN_IMPLEMENTATIONS, selective_scan
+from architectures.ssm import SCAN_IMPLEMENTATIONS, selective_scan, time_major_BC
 
 
 def reverse_within_length(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -49,19 +50,21 @@ def reverse_within_length(x: torch.Tensor, mask: torch.Tensor | None) -> torch.T
 
 
 def causal_depthwise_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """y[b, e, t] = bias[e] + sum_k weight[e, 0, k] x[b, e, t - (K-1) + k], zero before the start.
+    """y[b, t, e] = bias[e] + sum_k weight[e, 0, k] x[b, t - (K-1) + k, e], zero before the start.
 
-    Equal to ``F.conv1d(x, weight, bias, padding=K - 1, groups=E)[..., :L]`` (mamba-ssm's fallback
-    for its causal-conv1d kernel) as K shifted multiply-adds: on CPU the depthwise convolution's
-    backward (oneDNN / the slow-path im2col) took two thirds of a Mamba training step at 4K tokens,
-    this takes a few elementwise passes over (B, E, L).
+    Channels last: x (B, L, E), any strides. Equal to ``F.conv1d(x.transpose(1, 2), weight, bias,
+    padding=K - 1, groups=E)[..., :L].transpose(1, 2)`` (mamba-ssm's fallback for its causal-conv1d
+    kernel) as K shifted multiply-adds: on CPU the depthwise convolution's backward (oneDNN / the
+    slow-path im2col) took two thirds of a Mamba training step at 4K tokens, this takes a few
+    elementwise passes over (B, L, E).
     """
-    K, L = weight.shape[-1], x.shape[-1]
-    xp = F.pad(x, (K - 1, 0))  # (B, E, L + K - 1)
-    y = xp[..., :L] * weight[:, 0, :1]  # (B, E, L)
+    K, L = weight.shape[-1], x.shape[1]
+    taps = weight[:, 0].T  # (K, E)
+    xp = F.pad(x, (0, 0, K - 1, 0))  # (B, L + K - 1, E)
+    y = xp[:, :L] * taps[0] if bias is None else torch.addcmul(bias, xp[:, :L], taps[0])  # (B, L, E)
     for k in range(1, K):
-        y = y + xp[..., k:k + L] * weight[:, 0, k:k + 1]
-    return y if bias is None else y + bias.unsqueeze(-1)
+        y = torch.addcmul(y, xp[:, k:k + L], taps[k])
+    return y
 
 
 class Mamba(nn.Module):
@@ -141,23 +144,39 @@ class Mamba(nn.Module):
                     out.weight /= math.sqrt(n_residuals * n_layers)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        y = self.scan(x)
-        if self.bidirectional:
-            y = y + reverse_within_length(self.scan(reverse_within_length(x, mask)), mask)
-        return y
+        xz = self.in_proj(x)  # (B, L, 2E)
+        if not self.bidirectional:
+            return self.out_proj(self.ssm(xz))
+        # The reversed pass runs the same block on reverse(x). in_proj and out_proj act token by
+        # token, so it shares in_proj's output (reversed), and the two passes share one out_proj of
+        # their sum; both passes' scans run as one batch of 2B.
+        batch = x.shape[0]
+        y = self.ssm(torch.cat([xz, reverse_within_length(xz, mask)]))  # (2B, L, E)
+        out = self.out_proj(y[:batch] + reverse_within_length(y[batch:], mask))  # (B, L, D)
+        return out if self.out_proj.bias is None else out + self.out_proj.bias  # one bias per pass
 
-    def scan(self, x: torch.Tensor) -> torch.Tensor:
-        """One causal pass over x (B, L, D)."""
-        xs, z = self.in_proj(x).transpose(1, 2).chunk(2, dim=1)  # (B, E, L) each
-        xs = F.silu(causal_depthwise_conv1d(xs, self.conv1d.weight, self.conv1d.bias))  # (B, E, L)
-        dt, B, C = self.x_proj(xs.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = (dt @ self.dt_proj.weight.T).transpose(1, 2)  # (B, E, L); its bias goes in as delta_bias
+    def ssm(self, xz: torch.Tensor) -> torch.Tensor:
+        """One causal pass from in_proj's output xz (B, L, 2E) to the gated scan output (B, L, E)."""
         A = -torch.exp(self.A_log.float())  # (E, N)
+        weights = (self.conv1d.weight, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight)
+        if self.scan_implementation in ("auto", "fused") and RecomputedScanInputs.applies(xz):
+            return RecomputedScanInputs.apply(xz, *weights, A, self.D, self.dt_proj.bias, self)
+        u, dt, B, C, z = self.scan_inputs(xz, *weights)
         y = selective_scan(
-            xs, dt, A, B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous(), self.D.float(),
-            z=z, delta_bias=self.dt_proj.bias.float(), delta_softplus=True, scan=self.scan_implementation,
+            u, dt, A, B, C, self.D.float(), z=z, delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
+            scan=self.scan_implementation,
         )  # (B, E, L)
-        return self.out_proj(y.transpose(1, 2))  # (B, L, D)
+        return y.transpose(1, 2)  # (B, L, E)
+
+    def scan_inputs(self, xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight):
+        """From xz (B, L, 2E) to the scan's u, delta (before bias and softplus) and z (B, E, L) and
+        its B, C (B, N, L): transposed views of (B, L, .) tensors, which the fused kernel reads in
+        place (and answers in the same (B, L, E) layout)."""
+        xs, z = xz.split(self.d_inner, dim=-1)  # (B, L, E) views
+        u = F.silu(causal_depthwise_conv1d(xs, conv_weight, conv_bias))  # (B, L, E)
+        dt, B, C = F.linear(u, x_proj_weight).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = F.linear(dt, dt_proj_weight)  # (B, L, E); dt_proj's bias goes in as delta_bias
+        return u.transpose(1, 2), dt.transpose(1, 2), B.transpose(1, 2), C.transpose(1, 2), z.transpose(1, 2)
 
     def step(self, x_t: torch.Tensor, state: tuple | None) -> tuple[torch.Tensor, tuple]:
         """One token: x_t (B, D); state (conv (B, E, d_conv), ssm (B, E, N)) or None."""
@@ -180,3 +199,48 @@ class Mamba(nn.Module):
         y = (ssm_state * C.unsqueeze(1)).sum(-1) + self.D * xs  # (B, E)
         y = y * F.silu(z)
         return self.out_proj(y.to(x_t.dtype)), (conv_state, ssm_state)
+
+
+class RecomputedScanInputs(torch.autograd.Function):
+    """:meth:`Mamba.ssm` by the fused CPU scan, keeping for the backward only xz and the scan's
+    checkpoints: the convolution, x_proj and dt_proj outputs (five (B, L, E)-sized tensors) are
+    recomputed in the backward, as mamba-ssm's ``mamba_inner_fn`` does on CUDA (checkpoint_lvl 1).
+
+    Forward inputs: xz (B, L, 2E); the convolution's weight and bias, x_proj's and dt_proj's
+    weights; A (E, N); D and dt_proj's bias (E,); the mixer (for :meth:`Mamba.scan_inputs`).
+    Returns the gated scan output (B, L, E).
+    """
+
+    @staticmethod
+    def applies(xz: torch.Tensor) -> bool:
+        """fp32 CPU tensors outside autocast, with the fused CPU scan built."""
+        return (xz.device.type == "cpu" and xz.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+                and ssm_cpu.extension() is not None)
+
+    @staticmethod
+    def forward(ctx, xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, dt_bias, mixer):
+        weights = (conv_weight, conv_bias, x_proj_weight, dt_proj_weight)
+        u, dt, B, C, z = mixer.scan_inputs(xz, *weights)
+        batch, dim, L = u.shape
+        out, _, checkpoints = ssm_cpu.extension().forward(
+            u, dt, A, *(time_major_BC(X, batch, dim, L, name) for X, name in ((B, "B"), (C, "C"))), D, z, dt_bias,
+            True)
+        ctx.mixer = mixer
+        ctx.save_for_backward(xz, *weights, A, D, dt_bias, checkpoints)
+        return out.transpose(1, 2)  # (B, L, E)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        *differentiable, A, D, dt_bias, checkpoints = ctx.saved_tensors  # xz and the weights, then the rest
+        leaves = [None if t is None else t.detach().requires_grad_() for t in differentiable]  # conv bias may be None
+        with torch.enable_grad():  # the scan's inputs again, as a graph from the leaves
+            inputs = ctx.mixer.scan_inputs(*leaves)
+        u, dt, B, C, z = inputs
+        batch, dim, L = u.shape
+        du, ddelta, dz, dA, dB, dC, dD, dbias = ssm_cpu.extension().backward(
+            ssm_cpu.channels_last(grad_out.transpose(1, 2)), u.new_zeros(batch, dim, A.shape[1]), u, dt, A,
+            *(time_major_BC(X, batch, dim, L, name) for X, name in ((B, "B"), (C, "C"))), D, z, dt_bias, True,
+            checkpoints)
+        dB, dC = (dX[:, 0].transpose(1, 2) for dX in (dB, dC))  # (B, 1, L, N) -> (B, N, L)
+        grads = iter(torch.autograd.grad(inputs, [t for t in leaves if t is not None], (du, ddelta, dB, dC, dz)))
+        return (*(None if t is None else next(grads) for t in leaves), dA, dD, dbias, None)

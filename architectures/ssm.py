@@ -79,10 +79,14 @@ def _expand_BC(X: torch.Tensor, dim: int, name: str) -> torch.Tensor:
     raise ValueError(f"selective_scan: {name} must be (D, N), (B, N, L) or (B, G, N, L), got {tuple(X.shape)}")
 
 
-def _prepare_delta(u, delta, A, delta_bias, delta_softplus):
-    """u and delta in fp32, delta with its bias and softplus applied; refuses complex A."""
+def _refuse_complex_A(A: torch.Tensor) -> None:
     if A.is_complex():
         raise ValueError("selective_scan: only real A is supported (Mamba's S6 uses real A)")
+
+
+def _prepare_delta(u, delta, A, delta_bias, delta_softplus):
+    """u and delta in fp32, delta with its bias and softplus applied; refuses complex A."""
+    _refuse_complex_A(A)
     delta = delta.float()
     if delta_bias is not None:
         delta = delta + delta_bias.float()[:, None]
@@ -237,36 +241,47 @@ def selective_scan_fused(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
                          return_last_state=False):
     """The selective scan by the fused CPU kernel of :mod:`architectures.ssm_cpu`; same semantics.
 
-    Only (B, D, L)-sized tensors and B, C are read and written. B and C go in time-major,
-    (B, G, L, N); a fixed (D, N) B or C is expanded to (B, D, L, N) first, which the kernel handles
-    but the chunked scan does more cheaply (:func:`selective_scan` sends that case there).
-    Raises RuntimeError when the extension cannot be built; see :func:`selective_scan`.
+    Only (B, D, L)-sized tensors and B, C are read and written. The kernel works channels-last: u,
+    delta and z that are transposed views of (B, L, D) tensors (as the Mamba mixer passes them) go
+    in without a copy, others are copied once, and the output is such a view. B and C go in
+    time-major, (B, G, L, N), as views where their strides allow; a fixed (D, N) B or C is
+    broadcast over batch and time (stride 0). Raises RuntimeError when the extension cannot be
+    built; see :func:`selective_scan`.
     """
     if ssm_cpu.extension() is None:
         raise RuntimeError(f"selective_scan: the fused CPU scan is unavailable ({ssm_cpu._unavailable})")
+    _refuse_complex_A(A)
     dtype_in = u.dtype
     batch, dim, L = u.shape
-    u, delta = _prepare_delta(u, delta, A, delta_bias, delta_softplus)
-    Bt, Ct = (_time_major_BC(X, batch, dim, L, name) for X, name in ((B, "B"), (C, "C")))
-    y, last = ssm_cpu.FusedSelectiveScan.apply(u.contiguous(), delta.contiguous(), A.float().contiguous(), Bt, Ct)
-    out = _finish(y, u, D, z).to(dtype_in)
+    Bt, Ct = (time_major_BC(X, batch, dim, L, name) for X, name in ((B, "B"), (C, "C")))
+    def vector(v):  # D, delta_bias (D,)
+        return None if v is None else v.float().contiguous()
+
+    channels_last = ssm_cpu.channels_last
+    out, last = ssm_cpu.FusedSelectiveScan.apply(
+        channels_last(u.float()), channels_last(delta.float()), A.float().contiguous(), Bt, Ct, vector(D),
+        None if z is None else channels_last(z.float()), vector(delta_bias), delta_softplus)
+    out = out.to(dtype_in)
     return (out, last) if return_last_state else out
 
 
-def _time_major_BC(X: torch.Tensor, batch: int, dim: int, L: int, name: str) -> torch.Tensor:
-    """B or C -> (B, G, L, N) fp32 contiguous: (B, N, L) gives G = 1, fixed (D, N) gives G = D."""
+def time_major_BC(X: torch.Tensor, batch: int, dim: int, L: int, name: str) -> torch.Tensor:
+    """B or C -> (B, G, L, N) fp32 with unit stride over N: (B, N, L) gives G = 1, (B, G, N, L)
+    gives G groups and a fixed (D, N) gives G = D broadcast over batch and time (views where possible)."""
     if X.is_complex():
         raise ValueError(f"selective_scan: complex {name} is not supported (A, B, C must be real)")
     X = X.float()
     if X.dim() == 2:
-        return X[None, :, None, :].expand(batch, -1, L, -1).contiguous()  # (B, D, L, N)
-    if X.dim() == 3:
-        return X.transpose(1, 2).unsqueeze(1).contiguous()  # (B, 1, L, N)
-    if X.dim() == 4:
+        X = X.contiguous()[None, :, None, :].expand(batch, -1, L, -1)  # (B, D, L, N), strides (0, N, 0, 1)
+    elif X.dim() == 3:
+        X = X.transpose(1, 2).unsqueeze(1)  # (B, 1, L, N)
+    elif X.dim() == 4:
         if dim % X.shape[1]:
             raise ValueError(f"selective_scan: {name} has {X.shape[1]} groups, which do not divide D={dim}")
-        return X.transpose(2, 3).contiguous()  # (B, G, L, N)
-    raise ValueError(f"selective_scan: {name} must be (D, N), (B, N, L) or (B, G, N, L), got {tuple(X.shape)}")
+        X = X.transpose(2, 3)  # (B, G, L, N)
+    else:
+        raise ValueError(f"selective_scan: {name} must be (D, N), (B, N, L) or (B, G, N, L), got {tuple(X.shape)}")
+    return X if X.stride(-1) == 1 else X.contiguous()
 
 
 SCAN_IMPLEMENTATIONS = ("auto", "fused", "chunked", "reference")

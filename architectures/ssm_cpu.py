@@ -54,14 +54,23 @@ def _register_fake_kernels() -> None:
     """Output shapes of the two ops, so torch.compile can trace through them (trainer.compile)."""
 
     @torch.library.register_fake("seq_arena_scan::forward")
-    def _(u, delta, A, B, C):
+    def _(u, delta, A, B, C, D, z, delta_bias, softplus):
         batch, dim, L = u.shape
-        return [torch.empty_like(u), u.new_empty(batch, dim, A.shape[1]),
-                u.new_empty(batch, dim, -(-L // 64), A.shape[1])]  # y, last state, checkpoints (kChunk = 64)
+        return [channels_last(u), u.new_empty(batch, dim, A.shape[1]),
+                u.new_empty(batch, dim, -(-L // 64), A.shape[1])]  # out, last state, checkpoints (kChunk = 64)
 
     @torch.library.register_fake("seq_arena_scan::backward")
-    def _(grad_y, grad_last, u, delta, A, B, C, checkpoints):
-        return [torch.empty_like(u), torch.empty_like(u), torch.empty_like(A), torch.empty_like(B), torch.empty_like(C)]
+    def _(grad_out, grad_last, u, delta, A, B, C, D, z, delta_bias, softplus, checkpoints):
+        batch, dim, L = u.shape
+        dz = channels_last(u) if z is not None else u.new_empty(0)
+        return [channels_last(u), channels_last(u), dz, torch.empty_like(A), u.new_empty(batch, B.shape[1], L, A.shape[1]),
+                u.new_empty(batch, C.shape[1], L, A.shape[1]), u.new_empty(dim), u.new_empty(dim)]
+
+
+def channels_last(x: torch.Tensor) -> torch.Tensor:
+    """x (batch, D, L) as the kernel reads and writes it: a view of a (batch, L, D) tensor (no copy
+    when x is one already)."""
+    return x if x.stride(1) == 1 else x.transpose(1, 2).contiguous().transpose(1, 2)
 
 
 def extension():
@@ -82,22 +91,30 @@ def extension():
 
 
 class FusedSelectiveScan(torch.autograd.Function):
-    """y = C_t . h_t, h_t = exp(delta_t A) h_{t-1} + delta_t u_t B_t, by the C++ kernel.
+    """mamba-ssm's ``selective_scan_fn`` by the C++ kernel, per channel d:
 
-    Inputs: u, delta (batch, D, L); A (D, N); B, C (batch, G, L, N); all fp32 and contiguous.
-    Outputs: y (batch, D, L) and the last state (batch, D, N).
+        dt_t = softplus(delta_t + delta_bias_d),  h_t = exp(dt_t A) h_{t-1} + dt_t u_t B_t,
+        out_t = (C_t . h_t + D_d u_t) SiLU(z_t)        (softplus, D, z and delta_bias optional)
+
+    Inputs (fp32): u, delta, z (batch, D, L), channels-last (unit stride over D: transposed views
+    of (batch, L, D) activations); A (D, N), D and delta_bias (D,) contiguous; B, C (batch, G, L, N)
+    with unit stride over N. Outputs: out (batch, D, L, channels-last) and the last state (batch, D, N).
     Saved for the backward: the inputs and the state at every 64th step (batch, D, L / 64, N).
     """
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C):
-        y, last, checkpoints = _extension.forward(u, delta, A, B, C)
-        ctx.save_for_backward(u, delta, A, B, C, checkpoints)
-        return y, last
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus):
+        out, last, checkpoints = _extension.forward(u, delta, A, B, C, D, z, delta_bias, softplus)
+        ctx.softplus = softplus
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, checkpoints)
+        return out, last
 
     @staticmethod
-    def backward(ctx, grad_y, grad_last):
-        u, delta, A, B, C, checkpoints = ctx.saved_tensors
-        grad_y = torch.zeros_like(u) if grad_y is None else grad_y.contiguous()
+    def backward(ctx, grad_out, grad_last):
+        u, delta, A, B, C, D, z, delta_bias, checkpoints = ctx.saved_tensors
+        grad_out = torch.zeros_like(u) if grad_out is None else channels_last(grad_out)
         grad_last = u.new_zeros(u.shape[0], u.shape[1], A.shape[1]) if grad_last is None else grad_last.contiguous()
-        return tuple(_extension.backward(grad_y, grad_last, u, delta, A, B, C, checkpoints))
+        du, ddelta, dz, dA, dB, dC, dD, dbias = _extension.backward(
+            grad_out, grad_last, u, delta, A, B, C, D, z, delta_bias, ctx.softplus, checkpoints)
+        return (du, ddelta, dA, dB, dC, dD if D is not None else None, dz if z is not None else None,
+                dbias if delta_bias is not None else None, None)

@@ -258,6 +258,27 @@ def test_bidirectional_mixer_sees_the_future(name):
         assert not torch.allclose(mixer(x)[:, 0], mixer(x2)[:, 0])
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_bidirectional_mamba_is_the_block_run_both_ways_and_summed(bias):
+    """The shared in_proj / out_proj of the two passes change no value or gradient."""
+    torch.manual_seed(0)
+    mixer = Mamba(8, causal=False, bidirectional=True, bias=bias, **MAMBA_KW)
+    x = torch.randn(2, 21, 8, requires_grad=True)
+    mask = torch.ones(2, 21, dtype=torch.bool)
+    mask[0, 13:] = False
+
+    def one_pass(inputs):
+        return mixer.out_proj(mixer.ssm(mixer.in_proj(inputs)))
+
+    want = one_pass(x) + reverse_within_length(one_pass(reverse_within_length(x, mask)), mask)
+    got = mixer(x, mask)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    g = torch.randn_like(want)
+    leaves = (x, *mixer.parameters())
+    for a, b in zip(torch.autograd.grad(got, leaves, g), torch.autograd.grad(want, leaves, g), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_reverse_within_length_keeps_pads_and_is_an_involution():
     x = torch.arange(10.0).view(2, 5, 1)
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)

@@ -45,8 +45,9 @@ def values_and_grads(fn, leaves):
 
 @pytest.mark.parametrize("L", [1, 37, 64, 65, 130])  # the kernel checkpoints every 64 steps
 @pytest.mark.parametrize("layout", ["(B,N,L)", "(B,G,N,L)", "(D,N)"])
-def test_fused_equals_chunked_equals_reference_values_and_gradients(L, layout):
-    leaves = scan_leaves(L, layout)
+@pytest.mark.parametrize("dim", [4, 32])  # one channel per lane; blocks of 16 lanes
+def test_fused_equals_chunked_equals_reference_values_and_gradients(L, layout, dim):
+    leaves = scan_leaves(L, layout, dim=dim)
     names = ["out", "last state", "du", "ddelta", "dA", "dB", "dC", "dD", "dz", "ddelta_bias"]
     want = values_and_grads(selective_scan_reference, leaves)
     for fn in (selective_scan_fused, selective_scan_torch):
@@ -102,12 +103,14 @@ def test_scan_option_is_validated():
         Mamba(8, causal=True, d_state=4, d_conv=4, expand=2, dt_min=1e-3, dt_max=0.1, dt_init_floor=1e-4, scan="cuda")
 
 
-def test_mamba_mixer_is_the_same_with_every_scan_and_under_bf16_autocast():
+@pytest.mark.parametrize("conv_bias", [True, False])
+def test_mamba_mixer_is_the_same_with_every_scan_and_under_bf16_autocast(conv_bias):
+    """fused: the scan's inputs recomputed in the backward (RecomputedScanInputs)."""
     results = {}
     for scan in ("fused", "chunked", "reference"):
         torch.manual_seed(0)
         mixer = Mamba(8, causal=True, d_state=4, d_conv=4, expand=2, dt_min=1e-3, dt_max=0.1, dt_init_floor=1e-4,
-                      scan=scan)
+                      conv_bias=conv_bias, scan=scan)
         x = torch.randn(2, 70, 8, requires_grad=True)
         y = mixer(x)
         y.square().sum().backward()
@@ -126,8 +129,8 @@ def test_causal_depthwise_conv1d_equals_torch_conv1d():
     from architectures.mamba import causal_depthwise_conv1d
 
     conv = torch.nn.Conv1d(6, 6, 4, groups=6, padding=3)
-    x = torch.randn(2, 6, 11, requires_grad=True)
-    want = conv(x)[..., :11]
+    x = torch.randn(2, 12, 11)[:, ::2].transpose(1, 2).requires_grad_()  # (B, L, E), strided as in_proj's split
+    want = conv(x.transpose(1, 2))[..., :11].transpose(1, 2)
     got = causal_depthwise_conv1d(x, conv.weight, conv.bias)
     torch.testing.assert_close(got, want)
     g = torch.randn_like(want)
@@ -135,4 +138,4 @@ def test_causal_depthwise_conv1d_equals_torch_conv1d():
     grads_got = torch.autograd.grad(got, (x, conv.weight, conv.bias), g)
     for a, b in zip(grads_got, grads_want, strict=True):
         torch.testing.assert_close(a, b)
-    torch.testing.assert_close(causal_depthwise_conv1d(x, conv.weight, None), want - conv.bias[:, None])
+    torch.testing.assert_close(causal_depthwise_conv1d(x, conv.weight, None), want - conv.bias)

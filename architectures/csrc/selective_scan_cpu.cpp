@@ -1,24 +1,31 @@
-// Mamba's selective scan on CPU, fused: forward and backward touch only (batch, D, L)-sized tensors
-// and B, C; the (N,)-sized state of one channel lives in a small local buffer, never in memory as a
+// Mamba's selective scan on CPU, fused: forward and backward touch only (batch, L, D)-sized tensors
+// and B, C; the (N,)-sized states live in a small local buffer, never in memory as a
 // (batch, D, L, N) tensor. Built at first use by architectures/ssm_cpu.py (torch.utils.cpp_extension).
 //
-//   h_t = exp(delta_t A) h_{t-1} + delta_t u_t B_t,   y_t = C_t . h_t                     (per channel d)
+// The op is mamba-ssm's selective_scan_fn (delta bias and softplus, the D skip and the SiLU(z) gate
+// included), per channel d:
+//   dt_t = softplus(delta_t + bias_d)          (or delta_t + bias_d without softplus)
+//   h_t = exp(dt_t A) h_{t-1} + dt_t u_t B_t,  y_t = C_t . h_t + D_d u_t,  out_t = y_t SiLU(z_t)
 //
 // Like mamba-ssm's CUDA kernel, the forward keeps the state entering every chunk of kChunk steps
-// (batch, D, L / kChunk, N); the backward recomputes each chunk's states from it, then runs the
-// adjoint recurrence backwards through the chunk:
-//   lam_t = g_t C_t + exp(delta_{t+1} A) lam_{t+1}    (dL/dh_t, lam_{L-1} also gets dL/dh_last)
-//   dL/dB_t += lam_t delta_t u_t,   dL/dC_t += g_t h_t,   dL/d(delta_t u_t) = lam_t . B_t
-//   dL/d(delta_t A_n) = lam_t,n h_{t-1},n exp(delta_t A_n)
+// (batch, D, L / kChunk, N); the backward recomputes each chunk's states (and y, for the gate) from
+// it, then runs the adjoint recurrence backwards through the chunk (g_t = dL/dy_t):
+//   lam_t = g_t C_t + exp(dt_{t+1} A) lam_{t+1}    (dL/dh_t, lam_{L-1} also gets dL/dh_last)
+//   dL/dB_t += lam_t dt_t u_t,   dL/dC_t += g_t h_t,   dL/d(dt_t u_t) = lam_t . B_t
+//   dL/d(dt_t A_n) = lam_t,n h_{t-1},n exp(dt_t A_n)
 //
-// Layouts (all fp32, contiguous): u, delta (batch, D, L); A (D, N); B, C (batch, G, L, N), time-major
-// so that one step reads N contiguous floats; channel d uses group d / (D / G).
+// Vectorised over channels: a task owns a block of W adjacent channels of one batch row (W = 16
+// where the channels of a group allow, else 1), and every per-step operation, the softplus and the
+// gate included, runs on the W lanes at once; the state is (N, W). So u, delta, z are read and the
+// outputs written channels-last: (batch, D, L) views of (batch, L, D) tensors (unit stride over D,
+// any other strides), which is the layout the Mamba mixer has anyway. A is (D, N) contiguous; B, C
+// are (batch, G, L, N) with unit stride over N and any other strides (channel d uses group
+// d / (D / G); a stride of 0 broadcasts).
 // Only ATen's per-operator headers and torch/library.h (no torch/extension.h, no pybind11): the
 // build takes about a third of the time. The ops are registered as torch.ops.seq_arena_scan.*.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
@@ -27,15 +34,27 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <vector>
+
+// The per-task functions are compiled for AVX2 + FMA (x86-64-v3), SSE4.1 (v2, which rounds in vector
+// registers: std::floor in fast_exp) and the baseline, picked at run time; the helpers they call are
+// inlined into each copy.
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
+#define SCAN_CLONES __attribute__((target_clones("arch=x86-64-v3", "arch=x86-64-v2", "default")))
+#else
+#define SCAN_CLONES
+#endif
+#define SCAN_INLINE inline __attribute__((always_inline))
 
 namespace {
 
 constexpr int64_t kChunk = 64;  // steps per checkpoint: (kChunk + 1) * N floats stay in L1
+constexpr int64_t kLanes = 16;  // channels per task where the groups allow: two AVX2 vectors, one AVX-512
 
 // exp(x) for float (Cephes' expf polynomial, ~1 ulp on [-87, 88]); plain arithmetic, so the loops
 // over the N state entries that call it vectorise (std::exp would be a scalar libm call).
-inline float fast_exp(float x) {
+SCAN_INLINE float fast_exp(float x) {
   x = std::min(std::max(x, -87.0f), 88.0f);
   float fx = std::floor(x * 1.44269504088896341f + 0.5f);
   x = x - fx * 0.693359375f + fx * 2.12194440e-4f;
@@ -53,166 +72,365 @@ inline float fast_exp(float x) {
   return y * scale;
 }
 
-// One (batch, channel) row forward: y (L), the chunk checkpoints (n_chunks, N) and the last state (N).
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
-// Copies for AVX2 + FMA (x86-64-v3) and SSE4.1 (v2, which rounds in vector registers), picked at run time.
-__attribute__((target_clones("arch=x86-64-v3", "arch=x86-64-v2", "default")))
-#endif
-void scan_row_forward(const float* u, const float* delta, const float* A, const float* B, const float* C,
-                      int64_t L, int64_t N, float* y, float* checkpoints, float* h) {
-  std::fill(h, h + N, 0.0f);
-  for (int64_t t = 0; t < L; ++t) {
-    if (t % kChunk == 0) std::copy(h, h + N, checkpoints + (t / kChunk) * N);
-    const float dt = delta[t], du = dt * u[t];
-    const float* Bt = B + t * N;
-    const float* Ct = C + t * N;
-    float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-    for (int64_t n = 0; n < N; ++n) {
-      h[n] = fast_exp(dt * A[n]) * h[n] + du * Bt[n];
-      acc += h[n] * Ct[n];
-    }
-    y[t] = acc;
+// log(w) for w in [1, 2] (Cephes' logf polynomial, ~1 ulp).
+SCAN_INLINE float log_1_to_2(float w) {
+  const float e = w > 1.41421356f ? 1.0f : 0.0f;
+  const float x = (e > 0.0f ? 0.5f * w : w) - 1.0f;
+  const float z = x * x;
+  float y = 7.0376836292e-2f;
+  y = y * x - 1.1514610310e-1f;
+  y = y * x + 1.1676998740e-1f;
+  y = y * x - 1.2420140846e-1f;
+  y = y * x + 1.4249322787e-1f;
+  y = y * x - 1.6668057665e-1f;
+  y = y * x + 2.0000714765e-1f;
+  y = y * x - 2.4999993993e-1f;
+  y = y * x + 3.3333331174e-1f;
+  y = y * x * z - 2.12194440e-4f * e - 0.5f * z;
+  return x + y + 0.693359375f * e;
+}
+
+// softplus(x) = log(1 + e^x), as torch's (x itself above 20), and its derivative sigmoid(x).
+// log1p(v) for v = e^-|x| in (0, 1] is log(w) v / (w - 1) with w = 1 + v (exact to rounding even
+// where w rounds to 1). Branch-free, so that loops over lanes vectorise.
+SCAN_INLINE void softplus_and_grad(float x, float& value, float& grad) {
+  const float v = fast_exp(-std::fabs(x)), w = 1.0f + v;
+  const float log1p_v = w == 1.0f ? v : log_1_to_2(w) * v / (w - 1.0f);
+  value = x > 20.0f ? x : std::max(x, 0.0f) + log1p_v;
+  grad = (x >= 0.0f ? 1.0f : v) / w;
+}
+
+SCAN_INLINE float sigmoid(float x) { return 1.0f / (1.0f + fast_exp(-x)); }
+
+// The op's inputs. Element (b, d, t) of u is u[b * u_b + t * u_t + d]; likewise delta and z.
+struct Scan {
+  int64_t batch, D, L, N, G, n_chunks;
+  const float *u, *delta, *A, *B, *C, *Dskip, *z, *bias;  // Dskip, z, bias may be null
+  int64_t u_b, u_t, dl_b, dl_t, z_b, z_t;
+  int64_t B_b, B_g, B_t, C_b, C_g, C_t;
+  bool softplus;
+
+  int64_t group(int64_t d) const { return d / (D / G); }
+  const float* B_row(int64_t b, int64_t d) const { return B + b * B_b + group(d) * B_g; }
+  const float* C_row(int64_t b, int64_t d) const { return C + b * C_b + group(d) * C_g; }
+};
+
+// The per-lane inputs of step t for channels d0 .. d0 + W: dt (after bias and softplus), its
+// derivative dsp (1 without softplus), u and dt u. bias holds the W lanes' delta bias (or zeros).
+template <int64_t W>
+SCAN_INLINE void load_step(const Scan& s, int64_t b, int64_t d0, int64_t t, const float* bias, float* dt, float* dsp,
+                           float* uu, float* du) {
+  const float* u = s.u + b * s.u_b + t * s.u_t + d0;
+  const float* delta = s.delta + b * s.dl_b + t * s.dl_t + d0;
+  if (s.softplus) {
+#pragma omp simd
+    for (int64_t j = 0; j < W; ++j) softplus_and_grad(delta[j] + bias[j], dt[j], dsp[j]);
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < W; ++j) dt[j] = delta[j] + bias[j], dsp[j] = 1.0f;
+  }
+#pragma omp simd
+  for (int64_t j = 0; j < W; ++j) uu[j] = u[j], du[j] = dt[j] * u[j];
+}
+
+// The W lanes' delta bias and D skip (zeros where absent).
+template <int64_t W>
+SCAN_INLINE void load_lane_constants(const Scan& s, int64_t d0, float* bias, float* skip) {
+  for (int64_t j = 0; j < W; ++j) {
+    bias[j] = s.bias ? s.bias[d0 + j] : 0.0f;
+    skip[j] = s.Dskip ? s.Dskip[d0 + j] : 0.0f;
   }
 }
 
-// One (batch, channel) row backward. Accumulates into dB, dC (L, N) and dA (N); writes du, ddelta (L).
-// lam (N) holds dL/dh_last on entry; hbuf ((kChunk + 1) * N) and abuf (kChunk * N) are scratch.
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
-__attribute__((target_clones("arch=x86-64-v3", "arch=x86-64-v2", "default")))
-#endif
-void scan_row_backward(const float* u, const float* delta, const float* A, const float* B, const float* C,
-                       const float* grad_y, const float* checkpoints, int64_t L, int64_t N,
-                       float* du_out, float* ddelta_out, float* dA, float* dB, float* dC,
-                       float* lam, float* hbuf, float* abuf) {
-  const int64_t n_chunks = (L + kChunk - 1) / kChunk;
-  for (int64_t c = n_chunks - 1; c >= 0; --c) {
-    const int64_t t0 = c * kChunk, T = std::min(kChunk, L - t0);
-    std::copy(checkpoints + c * N, checkpoints + (c + 1) * N, hbuf);  // hbuf[k] = h_{t0 + k - 1}
-    for (int64_t k = 0; k < T; ++k) {  // recompute the chunk's decays and states
-      const float dt = delta[t0 + k], du = dt * u[t0 + k];
-      const float* Bt = B + (t0 + k) * N;
-      float* a = abuf + k * N;
-      const float* hp = hbuf + k * N;
-      float* hn = hbuf + (k + 1) * N;
+// Forward of channels d0 .. d0 + W of batch row b: out (batch, L, D), the checkpoints (batch, D,
+// n_chunks, N) and the last state (batch, D, N). Scratch: h and At, (N, W) each.
+template <int64_t W>
+SCAN_CLONES void forward_task(const Scan& s, int64_t b, int64_t d0, float* out, float* checkpoints, float* last,
+                              float* h, float* At) {
+  const int64_t N = s.N, D = s.D;
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t j = 0; j < W; ++j) At[n * W + j] = s.A[(d0 + j) * N + n], h[n * W + j] = 0.0f;
+  const float *Bb = s.B_row(b, d0), *Cb = s.C_row(b, d0);  // the block lies in one group
+  float bias[W], skip[W], dt[W], dsp[W], uu[W], du[W], acc[W];
+  load_lane_constants<W>(s, d0, bias, skip);
+  for (int64_t t = 0; t < s.L; ++t) {
+    if (t % kChunk == 0)
+      for (int64_t j = 0; j < W; ++j)
+        for (int64_t n = 0; n < N; ++n) checkpoints[((b * D + d0 + j) * s.n_chunks + t / kChunk) * N + n] = h[n * W + j];
+    load_step<W>(s, b, d0, t, bias, dt, dsp, uu, du);
+    const float *Bt = Bb + t * s.B_t, *Ct = Cb + t * s.C_t;
+    for (int64_t j = 0; j < W; ++j) acc[j] = 0.0f;
+    for (int64_t n = 0; n < N; ++n) {
+      float* hn = h + n * W;
+      const float* An = At + n * W;
 #pragma omp simd
+      for (int64_t j = 0; j < W; ++j) {
+        hn[j] = fast_exp(dt[j] * An[j]) * hn[j] + du[j] * Bt[n];
+        acc[j] += hn[j] * Ct[n];
+      }
+    }
+    float* o = out + (b * s.L + t) * D + d0;
+    if (s.z) {
+      const float* z = s.z + b * s.z_b + t * s.z_t + d0;
+#pragma omp simd
+      for (int64_t j = 0; j < W; ++j) o[j] = (acc[j] + skip[j] * uu[j]) * z[j] * sigmoid(z[j]);
+    } else {
+#pragma omp simd
+      for (int64_t j = 0; j < W; ++j) o[j] = acc[j] + skip[j] * uu[j];
+    }
+  }
+  for (int64_t j = 0; j < W; ++j)
+    for (int64_t n = 0; n < N; ++n) last[(b * D + d0 + j) * N + n] = h[n * W + j];
+}
+
+// The gradients a backward task writes: du, ddelta, dz (batch, L, D); the per-row sums dA
+// (batch, D, N), dD and dbias (batch, D); dB, dC ((L, N) rows of this task's own copy).
+struct Grads {
+  float *du, *ddelta, *dz, *dA, *dD, *dbias, *dB, *dC;
+};
+
+// Scratch of a backward task: per chunk step and lane, dt, dsp, u, dt u, dL/dy (kChunk * W each);
+// the states ((kChunk + 1) * N * W, h_{t0 + k - 1} in row k), decays (kChunk * N * W), the adjoint
+// lam, At and dA ((N, W) each).
+struct Scratch {
+  std::vector<float> dt, dsp, uu, du, g, h, a, lam, At, dA;
+  explicit Scratch(int64_t N)
+      : dt(kChunk * kLanes), dsp(kChunk * kLanes), uu(kChunk * kLanes), du(kChunk * kLanes), g(kChunk * kLanes),
+        h((kChunk + 1) * N * kLanes), a(kChunk * N * kLanes), lam(N * kLanes), At(N * kLanes), dA(N * kLanes) {}
+};
+
+// Backward of channels d0 .. d0 + W of batch row b, chunk by chunk from the end.
+template <int64_t W>
+SCAN_CLONES void backward_task(const Scan& s, int64_t b, int64_t d0, const float* grad_out, int64_t go_b,
+                               int64_t go_t, const float* grad_last, const float* checkpoints, Grads gr,
+                               Scratch& sc) {
+  const int64_t N = s.N, D = s.D, NW = N * W;
+  float *At = sc.At.data(), *lam = sc.lam.data(), *dA = sc.dA.data();
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t j = 0; j < W; ++j) {
+      At[n * W + j] = s.A[(d0 + j) * N + n];
+      lam[n * W + j] = grad_last[(b * D + d0 + j) * N + n];
+      dA[n * W + j] = 0.0f;
+    }
+  const float *Bb = s.B_row(b, d0), *Cb = s.C_row(b, d0);
+  float bias[W], skip[W], dD[W] = {}, dbias[W] = {};
+  load_lane_constants<W>(s, d0, bias, skip);
+  for (int64_t c = s.n_chunks - 1; c >= 0; --c) {
+    const int64_t t0 = c * kChunk, T = std::min(kChunk, s.L - t0);
+    float *h = sc.h.data(), *a = sc.a.data();
+    for (int64_t j = 0; j < W; ++j)
+      for (int64_t n = 0; n < N; ++n) h[n * W + j] = checkpoints[((b * D + d0 + j) * s.n_chunks + c) * N + n];
+    for (int64_t k = 0; k < T; ++k) {  // recompute the chunk's decays and states
+      float *dt = sc.dt.data() + k * W, *du = sc.du.data() + k * W;
+      load_step<W>(s, b, d0, t0 + k, bias, dt, sc.dsp.data() + k * W, sc.uu.data() + k * W, du);
+      const float* Bt = Bb + (t0 + k) * s.B_t;
       for (int64_t n = 0; n < N; ++n) {
-        a[n] = fast_exp(dt * A[n]);
-        hn[n] = a[n] * hp[n] + du * Bt[n];
+        float* ak = a + k * NW + n * W;
+        const float *hp = h + k * NW + n * W, *An = At + n * W;
+        float* hn = h + (k + 1) * NW + n * W;
+#pragma omp simd
+        for (int64_t j = 0; j < W; ++j) {
+          ak[j] = fast_exp(dt[j] * An[j]);
+          hn[j] = ak[j] * hp[j] + du[j] * Bt[n];
+        }
+      }
+    }
+    for (int64_t k = 0; k < T; ++k) {  // dL/dy, and dL/dz through the gate from the recomputed y
+      const float* go = grad_out + b * go_b + (t0 + k) * go_t + d0;
+      float* g = sc.g.data() + k * W;
+      if (!s.z) {
+        for (int64_t j = 0; j < W; ++j) g[j] = go[j];
+        continue;
+      }
+      const float* Ct = Cb + (t0 + k) * s.C_t;
+      const float* z = s.z + b * s.z_b + (t0 + k) * s.z_t + d0;
+      const float* uu = sc.uu.data() + k * W;
+      float y[W];
+      for (int64_t j = 0; j < W; ++j) y[j] = skip[j] * uu[j];
+      for (int64_t n = 0; n < N; ++n) {
+        const float* hn = h + (k + 1) * NW + n * W;
+#pragma omp simd
+        for (int64_t j = 0; j < W; ++j) y[j] += hn[j] * Ct[n];
+      }
+      float* dz = gr.dz + (b * s.L + t0 + k) * D + d0;
+#pragma omp simd
+      for (int64_t j = 0; j < W; ++j) {
+        const float sg = sigmoid(z[j]);
+        g[j] = go[j] * z[j] * sg;                                     // dL/dy
+        dz[j] = go[j] * y[j] * sg * (1.0f + z[j] * (1.0f - sg));  // SiLU'(z) = s (1 + z (1 - s))
       }
     }
     for (int64_t k = T - 1; k >= 0; --k) {  // the adjoint recurrence, backwards in time
       const int64_t t = t0 + k;
-      const float dt = delta[t], ut = u[t], g = grad_y[t], du = dt * ut;
-      const float* Bt = B + t * N;
-      const float* Ct = C + t * N;
-      float* dBt = dB + t * N;
-      float* dCt = dC + t * N;
-      const float* a = abuf + k * N;
-      const float* hp = hbuf + k * N;
-      const float* hn = hbuf + (k + 1) * N;
-      float d_du = 0.0f, d_dtA = 0.0f;
-#pragma omp simd reduction(+ : d_du, d_dtA)
+      const float *dt = sc.dt.data() + k * W, *du = sc.du.data() + k * W, *g = sc.g.data() + k * W;
+      const float *uu = sc.uu.data() + k * W, *dsp = sc.dsp.data() + k * W;
+      const float *Bt = Bb + t * s.B_t, *Ct = Cb + t * s.C_t;
+      float* dBt = gr.dB + t * N;
+      float* dCt = gr.dC + t * N;
+      float d_du[W] = {}, d_dtA[W] = {};
       for (int64_t n = 0; n < N; ++n) {
-        const float l = lam[n] + g * Ct[n];  // dL/dh_t
-        dCt[n] += g * hn[n];
-        dBt[n] += l * du;
-        d_du += l * Bt[n];
-        const float s = l * hp[n] * a[n];  // dL/d(delta_t A_n)
-        d_dtA += s * A[n];
-        dA[n] += s * dt;
-        lam[n] = l * a[n];  // carried to h_{t-1}
+        float* ln = lam + n * W;
+        const float *ak = a + k * NW + n * W, *hp = h + k * NW + n * W, *hn = h + (k + 1) * NW + n * W;
+        const float *An = At + n * W;
+        float* dAn = dA + n * W;
+        float sum_dB = 0.0f, sum_dC = 0.0f;
+#pragma omp simd reduction(+ : sum_dB, sum_dC)
+        for (int64_t j = 0; j < W; ++j) {
+          const float l = ln[j] + g[j] * Ct[n];  // dL/dh_t
+          sum_dC += g[j] * hn[j];
+          sum_dB += l * du[j];
+          d_du[j] += l * Bt[n];
+          const float sa = l * hp[j] * ak[j];  // dL/d(dt_t A_n)
+          d_dtA[j] += sa * An[j];
+          dAn[j] += sa * dt[j];
+          ln[j] = l * ak[j];  // carried to h_{t-1}
+        }
+        dBt[n] += sum_dB;
+        dCt[n] += sum_dC;
       }
-      du_out[t] = d_du * dt;
-      ddelta_out[t] = d_du * ut + d_dtA;
+      float* dur = gr.du + (b * s.L + t) * D + d0;
+      float* ddr = gr.ddelta + (b * s.L + t) * D + d0;
+#pragma omp simd
+      for (int64_t j = 0; j < W; ++j) {
+        const float ddt = (d_du[j] * uu[j] + d_dtA[j]) * dsp[j];  // through softplus to delta + bias
+        dur[j] = d_du[j] * dt[j] + g[j] * skip[j];
+        ddr[j] = ddt;
+        dD[j] += g[j] * uu[j];
+        dbias[j] += ddt;
+      }
     }
+  }
+  for (int64_t j = 0; j < W; ++j) {
+    gr.dD[b * D + d0 + j] = dD[j];
+    gr.dbias[b * D + d0 + j] = dbias[j];
+    for (int64_t n = 0; n < N; ++n) gr.dA[(b * D + d0 + j) * N + n] = dA[n * W + j];
   }
 }
 
-void check_inputs(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
-                  const at::Tensor& B, const at::Tensor& C) {
+Scan describe(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
+              const at::Tensor& C, const std::optional<at::Tensor>& Dskip, const std::optional<at::Tensor>& z,
+              const std::optional<at::Tensor>& bias, bool softplus) {
   for (const auto* t : {&u, &delta, &A, &B, &C}) {
-    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->device().is_cpu(),
-                "selective_scan_cpu: inputs must be contiguous fp32 CPU tensors");
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->device().is_cpu(), "selective_scan_cpu: fp32 CPU tensors expected");
   }
-  TORCH_CHECK(u.dim() == 3 && delta.sizes() == u.sizes() && A.dim() == 2 && A.size(0) == u.size(1),
-              "selective_scan_cpu: u, delta (batch, D, L) and A (D, N) expected");
+  TORCH_CHECK(u.dim() == 3 && delta.sizes() == u.sizes() && u.stride(1) == 1 && delta.stride(1) == 1 &&
+                  A.dim() == 2 && A.size(0) == u.size(1) && A.is_contiguous(),
+              "selective_scan_cpu: u, delta (batch, D, L) with unit stride over D and contiguous A (D, N) expected");
   TORCH_CHECK(B.dim() == 4 && B.sizes() == C.sizes() && B.size(0) == u.size(0) && B.size(2) == u.size(2) &&
-                  B.size(3) == A.size(1) && u.size(1) % B.size(1) == 0,
-              "selective_scan_cpu: B, C (batch, G, L, N) expected with G dividing D");
+                  B.size(3) == A.size(1) && u.size(1) % B.size(1) == 0 && B.stride(3) == 1 && C.stride(3) == 1,
+              "selective_scan_cpu: B, C (batch, G, L, N) with unit stride over N expected, G dividing D");
+  Scan s{};
+  s.batch = u.size(0), s.D = u.size(1), s.L = u.size(2), s.N = A.size(1), s.G = B.size(1);
+  s.n_chunks = (s.L + kChunk - 1) / kChunk;
+  s.u = u.data_ptr<float>(), s.delta = delta.data_ptr<float>(), s.A = A.data_ptr<float>();
+  s.B = B.data_ptr<float>(), s.C = C.data_ptr<float>();
+  s.u_b = u.stride(0), s.u_t = u.stride(2), s.dl_b = delta.stride(0), s.dl_t = delta.stride(2);
+  s.B_b = B.stride(0), s.B_g = B.stride(1), s.B_t = B.stride(2);
+  s.C_b = C.stride(0), s.C_g = C.stride(1), s.C_t = C.stride(2);
+  for (const auto* t : {&Dskip, &bias}) {
+    TORCH_CHECK(!t->has_value() || ((*t)->dim() == 1 && (*t)->size(0) == s.D && (*t)->is_contiguous() &&
+                                    (*t)->scalar_type() == at::kFloat),
+                "selective_scan_cpu: D and delta_bias must be contiguous fp32 (D,)");
+  }
+  s.Dskip = Dskip.has_value() ? Dskip->data_ptr<float>() : nullptr;
+  s.bias = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  if (z.has_value()) {
+    TORCH_CHECK(z->sizes() == u.sizes() && z->scalar_type() == at::kFloat && z->stride(1) == 1,
+                "selective_scan_cpu: z like u (unit stride over D) expected");
+    s.z = z->data_ptr<float>(), s.z_b = z->stride(0), s.z_t = z->stride(2);
+  }
+  s.softplus = softplus;
+  return s;
+}
+
+// Channels per task: kLanes where the blocks tile the groups, else 1.
+int64_t lanes(const Scan& s) { return (s.D / s.G) % kLanes == 0 ? kLanes : 1; }
+
+// A (batch, L, D) tensor, returned as its (batch, D, L) view.
+at::Tensor channels_last(const at::Tensor& u) {
+  return at::empty({u.size(0), u.size(2), u.size(1)}, u.options()).transpose(1, 2);
 }
 
 }  // namespace
 
-// Returns y (batch, D, L), the last state (batch, D, N) and the chunk checkpoints (batch, D, n_chunks, N).
-std::vector<at::Tensor> selective_scan_forward(at::Tensor u, at::Tensor delta, at::Tensor A,
-                                                  at::Tensor B, at::Tensor C) {
-  check_inputs(u, delta, A, B, C);
-  const int64_t batch = u.size(0), D = u.size(1), L = u.size(2), N = A.size(1), G = B.size(1);
-  const int64_t n_chunks = (L + kChunk - 1) / kChunk, per_group = D / G;
-  auto y = at::empty_like(u);
-  auto last = at::empty({batch, D, N}, u.options());
-  auto checkpoints = at::empty({batch, D, n_chunks, N}, u.options());
-  const float *pu = u.data_ptr<float>(), *pd = delta.data_ptr<float>(), *pA = A.data_ptr<float>();
-  const float *pB = B.data_ptr<float>(), *pC = C.data_ptr<float>();
-  float *py = y.data_ptr<float>(), *plast = last.data_ptr<float>(), *pck = checkpoints.data_ptr<float>();
-  at::parallel_for(0, batch * D, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {  // row = b * D + d
-      const int64_t b = row / D, d = row % D, bg = b * G + d / per_group;
-      scan_row_forward(pu + row * L, pd + row * L, pA + d * N, pB + bg * L * N, pC + bg * L * N, L, N,
-                       py + row * L, pck + row * n_chunks * N, plast + row * N);
+// Returns out (batch, D, L; a view of a (batch, L, D) tensor), the last state (batch, D, N) and
+// the chunk checkpoints (batch, D, n_chunks, N).
+std::vector<at::Tensor> selective_scan_forward(at::Tensor u, at::Tensor delta, at::Tensor A, at::Tensor B,
+                                                  at::Tensor C, std::optional<at::Tensor> Dskip,
+                                                  std::optional<at::Tensor> z, std::optional<at::Tensor> bias,
+                                                  bool softplus) {
+  const Scan s = describe(u, delta, A, B, C, Dskip, z, bias, softplus);
+  const int64_t W = lanes(s), n_blocks = s.D / W;
+  auto out = channels_last(u);
+  auto last = at::empty({s.batch, s.D, s.N}, u.options());
+  auto checkpoints = at::empty({s.batch, s.D, s.n_chunks, s.N}, u.options());
+  float *pout = out.data_ptr<float>(), *pck = checkpoints.data_ptr<float>(), *plast = last.data_ptr<float>();
+  at::parallel_for(0, s.batch * n_blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> h(s.N * kLanes), At(s.N * kLanes);
+    for (int64_t task = begin; task < end; ++task) {  // task = b * n_blocks + block
+      const int64_t b = task / n_blocks, d0 = (task % n_blocks) * W;
+      if (W == kLanes) forward_task<kLanes>(s, b, d0, pout, pck, plast, h.data(), At.data());
+      else forward_task<1>(s, b, d0, pout, pck, plast, h.data(), At.data());
     }
   });
-  return {y, last, checkpoints};
+  return {out, last, checkpoints};
 }
 
-// Returns du, ddelta (batch, D, L), dA (D, N), dB, dC (batch, G, L, N).
-std::vector<at::Tensor> selective_scan_backward(at::Tensor grad_y, at::Tensor grad_last, at::Tensor u,
-                                                   at::Tensor delta, at::Tensor A, at::Tensor B,
-                                                   at::Tensor C, at::Tensor checkpoints) {
-  check_inputs(u, delta, A, B, C);
-  TORCH_CHECK(grad_y.sizes() == u.sizes() && grad_y.is_contiguous() && grad_last.is_contiguous(),
-              "selective_scan_cpu: contiguous gradients expected");
-  const int64_t batch = u.size(0), D = u.size(1), L = u.size(2), N = A.size(1), G = B.size(1);
-  const int64_t n_chunks = (L + kChunk - 1) / kChunk, per_group = D / G;
-  // Channels of one group add into the same dB, dC rows, so one task owns a (batch, group, split)
-  // and the splits of a group get their own dB, dC copies, summed at the end. Enough splits to
-  // keep every thread busy when batch * G is small.
+// Returns du, ddelta, dz (batch, D, L; views of (batch, L, D) tensors; dz empty without z), dA
+// (D, N), dB, dC (batch, G, L, N), dD and ddelta_bias (D,).
+std::vector<at::Tensor> selective_scan_backward(at::Tensor grad_out, at::Tensor grad_last, at::Tensor u,
+                                                   at::Tensor delta, at::Tensor A, at::Tensor B, at::Tensor C,
+                                                   std::optional<at::Tensor> Dskip, std::optional<at::Tensor> z,
+                                                   std::optional<at::Tensor> bias, bool softplus,
+                                                   at::Tensor checkpoints) {
+  const Scan s = describe(u, delta, A, B, C, Dskip, z, bias, softplus);
+  TORCH_CHECK(grad_out.sizes() == u.sizes() && grad_out.stride(1) == 1 && grad_last.is_contiguous() &&
+                  checkpoints.is_contiguous(),
+              "selective_scan_cpu: gradient of out like u and contiguous grad_last expected");
+  const int64_t N = s.N, G = s.G, L = s.L, batch = s.batch, W = lanes(s), blocks_per_group = s.D / G / W;
+  // Channel blocks of one group add into the same dB, dC rows, so one task owns a (batch, group,
+  // split) and the splits of a group get their own dB, dC copies, summed at the end. Enough splits
+  // to keep every thread busy when batch * G is small.
   const int64_t threads = at::get_num_threads();
-  const int64_t splits = std::min(per_group, std::max<int64_t>(1, (2 * threads + batch * G - 1) / (batch * G)));
-  auto du = at::empty_like(u);
-  auto ddelta = at::empty_like(u);
-  auto dA = at::zeros({batch, D, N}, u.options());
+  const int64_t splits =
+      std::min(blocks_per_group, std::max<int64_t>(1, (2 * threads + batch * G - 1) / (batch * G)));
+  auto du = channels_last(u), ddelta = channels_last(u);
+  auto dz = s.z ? channels_last(u) : at::empty({0}, u.options());
+  auto dA = at::empty({batch, s.D, N}, u.options());
+  auto dD = at::empty({batch, s.D}, u.options());
+  auto dbias = at::empty({batch, s.D}, u.options());
   auto dB = at::zeros({splits, batch, G, L, N}, u.options());
   auto dC = at::zeros({splits, batch, G, L, N}, u.options());
-  const float *pu = u.data_ptr<float>(), *pd = delta.data_ptr<float>(), *pA = A.data_ptr<float>();
-  const float *pB = B.data_ptr<float>(), *pC = C.data_ptr<float>(), *pg = grad_y.data_ptr<float>();
-  const float *pgl = grad_last.data_ptr<float>(), *pck = checkpoints.data_ptr<float>();
-  float *pdu = du.data_ptr<float>(), *pdd = ddelta.data_ptr<float>(), *pdA = dA.data_ptr<float>();
-  float *pdB = dB.data_ptr<float>(), *pdC = dC.data_ptr<float>();
+  const Grads grads{du.data_ptr<float>(), ddelta.data_ptr<float>(), s.z ? dz.data_ptr<float>() : nullptr,
+                    dA.data_ptr<float>(),  dD.data_ptr<float>(),     dbias.data_ptr<float>(),
+                    dB.data_ptr<float>(),  dC.data_ptr<float>()};
+  const float *pg = grad_out.data_ptr<float>(), *pgl = grad_last.data_ptr<float>(), *pck = checkpoints.data_ptr<float>();
+  const int64_t go_b = grad_out.stride(0), go_t = grad_out.stride(2);
   at::parallel_for(0, splits * batch * G, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> lam(N), hbuf((kChunk + 1) * N), abuf(kChunk * N);
-    for (int64_t task = begin; task < end; ++task) {  // task = (s * batch + b) * G + g
-      const int64_t g = task % G, b = (task / G) % batch, s = task / (G * batch), bg = b * G + g;
-      const int64_t d0 = g * per_group + s * per_group / splits, d1 = g * per_group + (s + 1) * per_group / splits;
-      for (int64_t d = d0; d < d1; ++d) {
-        const int64_t row = b * D + d;
-        std::copy(pgl + row * N, pgl + (row + 1) * N, lam.begin());
-        scan_row_backward(pu + row * L, pd + row * L, pA + d * N, pB + bg * L * N, pC + bg * L * N, pg + row * L,
-                          pck + row * n_chunks * N, L, N, pdu + row * L, pdd + row * L, pdA + row * N,
-                          pdB + task * L * N, pdC + task * L * N, lam.data(), hbuf.data(), abuf.data());
+    Scratch scratch(N);
+    for (int64_t task = begin; task < end; ++task) {  // task = (split * batch + b) * G + group
+      const int64_t grp = task % G, b = (task / G) % batch, split = task / (G * batch);
+      Grads mine = grads;  // this task's own dB, dC copy
+      mine.dB += task * L * N;
+      mine.dC += task * L * N;
+      const int64_t first = split * blocks_per_group / splits, stop = (split + 1) * blocks_per_group / splits;
+      for (int64_t block = first; block < stop; ++block) {
+        const int64_t d0 = (grp * blocks_per_group + block) * W;
+        if (W == kLanes) backward_task<kLanes>(s, b, d0, pg, go_b, go_t, pgl, pck, mine, scratch);
+        else backward_task<1>(s, b, d0, pg, go_b, go_t, pgl, pck, mine, scratch);
       }
     }
   });
-  return {du, ddelta, dA.sum(0), dB.sum(0), dC.sum(0)};
+  return {du, ddelta, dz, dA.sum(0), dB.sum(0), dC.sum(0), dD.sum(0), dbias.sum(0)};
 }
 
 // A CPU kernel under a declared schema (not a catch-all), so that Python can register the ops'
 // output shapes for torch.compile (torch.library.register_fake in ssm_cpu.py).
 TORCH_LIBRARY(seq_arena_scan, m) {
-  m.def("forward(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C) -> Tensor[]");
-  m.def("backward(Tensor grad_y, Tensor grad_last, Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, "
-        "Tensor checkpoints) -> Tensor[]");
+  m.def("forward(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, Tensor? delta_bias, "
+        "bool softplus) -> Tensor[]");
+  m.def("backward(Tensor grad_out, Tensor grad_last, Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, "
+        "Tensor? D, Tensor? z, Tensor? delta_bias, bool softplus, Tensor checkpoints) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(seq_arena_scan, CPU, m) {
