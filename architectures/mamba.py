@@ -67,6 +67,18 @@ def causal_depthwise_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
     return y
 
 
+def conv_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, fused: bool) -> torch.Tensor:
+    """SiLU(causal_depthwise_conv1d(x, weight, bias)), x (B, L, E) channels-last.
+
+    With ``fused``, fp32 CPU tensors outside autocast go to the C++ kernel (one pass each way,
+    keeping only x for the backward) when the extension builds; everything else to PyTorch.
+    """
+    if (fused and x.device.type == "cpu" and x.dtype == torch.float32 and x.stride(-1) == 1
+            and not torch.is_autocast_enabled("cpu") and ssm_cpu.extension() is not None):
+        return ssm_cpu.CausalConvSiLU.apply(x, weight, bias)
+    return F.silu(causal_depthwise_conv1d(x, weight, bias))
+
+
 class Mamba(nn.Module):
     """The Mamba mixer: (B, L, D) -> (B, L, D).
 
@@ -173,7 +185,7 @@ class Mamba(nn.Module):
         its B, C (B, N, L): transposed views of (B, L, .) tensors, which the fused kernel reads in
         place (and answers in the same (B, L, E) layout)."""
         xs, z = xz.split(self.d_inner, dim=-1)  # (B, L, E) views
-        u = F.silu(causal_depthwise_conv1d(xs, conv_weight, conv_bias))  # (B, L, E)
+        u = conv_silu(xs, conv_weight, conv_bias, fused=self.scan_implementation in ("auto", "fused"))  # (B, L, E)
         dt, B, C = F.linear(u, x_proj_weight).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = F.linear(dt, dt_proj_weight)  # (B, L, E); dt_proj's bias goes in as delta_bias
         return u.transpose(1, 2), dt.transpose(1, 2), B.transpose(1, 2), C.transpose(1, 2), z.transpose(1, 2)

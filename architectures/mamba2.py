@@ -15,6 +15,13 @@ of the paper (section 6; ``ssd_minimal_discrete``): inside each chunk of T posit
 by a loop over chunks (linear in L; ``ssd_minimal`` uses an nc x nc matrix there). A length that is
 not a multiple of T is padded with dt = 0, which leaves the state unchanged. On CUDA tensors
 :func:`ssd` calls mamba-ssm's ``mamba_chunk_scan_combined`` when that package imports.
+
+On CPU the mixer runs SSD by the fused selective scan (:func:`ssd_by_selective_scan`): SSD is the
+selective scan whose A is one scalar per head, so each of the E = nh P channels is a Mamba channel
+with its head's dt and A, and the C++ kernel of :mod:`architectures.ssm_cpu` computes it (with the
+dt bias and softplus, the D skip and the SiLU(z) gate) without materialising anything of size
+(B, L, E, N) or (chunk x chunk); the chunked algorithm costs chunk_size multiply-adds per position
+and head on top (``model.mixer.scan`` picks; all paths are tested equal).
 """
 
 from __future__ import annotations
@@ -25,7 +32,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from architectures.mamba import reverse_within_length
+from architectures import ssm_cpu
+from architectures.mamba import conv_silu, reverse_within_length
+from architectures.ssm import SCAN_IMPLEMENTATIONS, selective_scan_fused
 
 try:  # the fused Triton/CUDA kernels; absent on CPU-only machines
     from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined as _cuda_chunk_scan
@@ -122,6 +131,32 @@ def ssd(x, dt, A, B, C, *, chunk_size: int):
     return ssd_chunked(x, dt, A, B, C, chunk_size=chunk_size)[0]
 
 
+def ssd_by_selective_scan(x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=False):
+    """SSD by the fused CPU selective scan, each head's P channels as Mamba channels sharing its dt and A.
+
+    Args:
+        x: (b, l, nh, P) inputs; dt: (b, l, nh) step sizes (before bias and softplus when given);
+        A: (nh,); B, C: (b, l, G, N), G dividing nh (group g serves heads g nh/G .. (g+1) nh/G - 1,
+        as :func:`ssd_reference`).
+        D: (nh,) skip, z: (b, l, nh P) gate, dt_bias: (nh,), dt_softplus: as the selective scan's.
+
+    Returns:
+        (b, l, nh P): y (+ D x) (times SiLU(z)), in float32.
+    """
+    b, L, nh, P = x.shape
+
+    def per_channel(v):  # (nh,) -> (E,)
+        return None if v is None else v.float().repeat_interleave(P)
+
+    u = x.reshape(b, L, nh * P).transpose(1, 2)  # (b, E, L), a view of (b, L, E)
+    delta = dt.repeat_interleave(P, dim=-1).transpose(1, 2)  # (b, E, L), a view of (b, L, E)
+    A = per_channel(A)[:, None].expand(-1, B.shape[-1])  # (E, N): the head's scalar for every state entry
+    B, C = (X.permute(0, 2, 3, 1) for X in (B, C))  # (b, G, N, L) views
+    y = selective_scan_fused(u, delta, A, B, C, per_channel(D), None if z is None else z.transpose(1, 2),
+                             per_channel(dt_bias), dt_softplus)  # (b, E, L), a view of (b, L, E)
+    return y.transpose(1, 2)
+
+
 class Mamba2(nn.Module):
     """The Mamba-2 mixer: (B, L, D) -> (B, L, D).
 
@@ -140,14 +175,21 @@ class Mamba2(nn.Module):
         conv_bias: bias in the convolution (True).
         bias: biases in in_proj and out_proj (False).
         bidirectional: on non-causal tasks, also run the block on the reversed sequence and sum.
+        scan: how SSD runs: ``auto`` (the fused selective scan for fp32 CPU tensors when its extension
+            builds, else :func:`ssd`), ``fused``, ``chunked`` (:func:`ssd`) or ``reference``
+            (:func:`ssd_reference`, step by step; for checking).
     """
 
     def __init__(
         self, d_model: int, *, causal: bool, layer_idx: int = 0, d_state: int, d_conv: int, expand: int,
         head_dim: int, n_groups: int, chunk_size: int, A_init_min: float, A_init_max: float, dt_min: float,
         dt_max: float, dt_init_floor: float, conv_bias: bool = True, bias: bool = False, bidirectional: bool = False,
+        scan: str = "auto",
     ):
         super().__init__()
+        if scan not in SCAN_IMPLEMENTATIONS:
+            raise ValueError(f"model.mixer.scan (conf/model/mamba2.yaml) must be one of {SCAN_IMPLEMENTATIONS}, got {scan!r}")
+        self.scan_implementation = scan
         E = expand * d_model
         if E % head_dim:
             raise ValueError(f"model.mixer.head_dim={head_dim} must divide expand * d_model = {E}")
@@ -171,35 +213,53 @@ class Mamba2(nn.Module):
         self.out_proj = nn.Linear(E, d_model, bias=bias)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        y = self.scan(x)
-        if self.bidirectional:
-            y = y + reverse_within_length(self.scan(reverse_within_length(x, mask)), mask)
-        return y
+        zxbcdt = self.in_proj(x)  # (B, L, 2E + 2GN + nh)
+        if not self.bidirectional:
+            return self.out_proj(self.ssd_and_norm(zxbcdt))
+        # The reversed pass runs the same block on reverse(x): in_proj and out_proj act token by
+        # token, so it shares in_proj's output (reversed) and one out_proj of the two passes' sum;
+        # both passes run as one batch of 2B (as the Mamba mixer).
+        batch = x.shape[0]
+        y = self.ssd_and_norm(torch.cat([zxbcdt, reverse_within_length(zxbcdt, mask)]))  # (2B, L, E)
+        out = self.out_proj(y[:batch] + reverse_within_length(y[batch:], mask))  # (B, L, D)
+        return out if self.out_proj.bias is None else out + self.out_proj.bias  # one bias per pass
 
     def split(self, zxbcdt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """in_proj's output (..., 2E + 2GN + nh) -> z (..., E), xBC (..., E + 2GN), dt (..., nh)."""
         E, GN = self.d_inner, self.n_groups * self.d_state
         return zxbcdt.split([E, E + 2 * GN, self.n_heads], dim=-1)
 
-    def gate_and_project(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """out_proj(RMSNorm(y * SiLU(z))), normalised per group; y, z (..., E)."""
-        y = y * F.silu(z.float())
-        y = self.norm(y.unflatten(-1, (self.n_groups, -1))).flatten(-2)  # (..., G, E/G) -> (..., E)
-        return self.out_proj(y.to(z.dtype))
+    def gate_and_norm(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """RMSNorm(y * SiLU(z)), normalised per group; y, z (..., E); in z's dtype."""
+        return self.norm_groups(y * F.silu(z.float())).to(z.dtype)
 
-    def scan(self, x: torch.Tensor) -> torch.Tensor:
-        """One causal pass over x (B, L, D)."""
-        batch, L, _ = x.shape
-        z, xBC, dt = self.split(self.in_proj(x))
-        xBC = F.silu(self.conv1d(xBC.transpose(1, 2))[..., :L]).transpose(1, 2)  # (B, L, E + 2GN), causal
+    def norm_groups(self, y: torch.Tensor) -> torch.Tensor:
+        return self.norm(y.unflatten(-1, (self.n_groups, -1))).flatten(-2)  # (..., G, E/G) -> (..., E)
+
+    def ssd_and_norm(self, zxbcdt: torch.Tensor) -> torch.Tensor:
+        """One causal pass from in_proj's output (B, L, 2E + 2GN + nh) to RMSNorm(y * SiLU(z)) (B, L, E)."""
+        batch, L, _ = zxbcdt.shape
+        z, xBC, dt = self.split(zxbcdt)
+        fused_conv = self.scan_implementation in ("auto", "fused")
+        xBC = conv_silu(xBC, self.conv1d.weight, self.conv1d.bias, fused=fused_conv)  # (B, L, E + 2GN)
         xs, B, C = xBC.split([self.d_inner, self.n_groups * self.d_state, self.n_groups * self.d_state], dim=-1)
         xs = xs.unflatten(-1, (self.n_heads, self.head_dim))  # (B, L, nh, P)
-        dt = F.softplus(dt.float() + self.dt_bias.float())  # (B, L, nh)
         A = -torch.exp(self.A_log.float())  # (nh,)
         groups = (batch, L, self.n_groups, self.d_state)
-        y = ssd(xs, dt, A, B.reshape(groups), C.reshape(groups), chunk_size=self.chunk_size)  # (B, L, nh, P)
+        B, C = B.reshape(groups), C.reshape(groups)
+        fused = self.scan_implementation == "fused" or (
+            self.scan_implementation == "auto" and zxbcdt.device.type == "cpu" and zxbcdt.dtype == torch.float32
+            and ssm_cpu.extension() is not None)
+        if fused:  # the D skip, dt's bias and softplus and the gate inside the kernel
+            y = ssd_by_selective_scan(xs, dt, A, B, C, D=self.D, z=z, dt_bias=self.dt_bias, dt_softplus=True)
+            return self.norm_groups(y).to(z.dtype)
+        dt = F.softplus(dt.float() + self.dt_bias.float())  # (B, L, nh)
+        if self.scan_implementation == "reference":
+            y = ssd_reference(xs, dt, A, B, C)[0]
+        else:
+            y = ssd(xs, dt, A, B, C, chunk_size=self.chunk_size)  # (B, L, nh, P)
         y = y + xs.float() * self.D.float()[:, None]
-        return self.gate_and_project(y.flatten(-2), z)
+        return self.gate_and_norm(y.flatten(-2), z)
 
     def step(self, x_t: torch.Tensor, state: tuple | None) -> tuple[torch.Tensor, tuple]:
         """One token: x_t (B, D); state (conv (B, E + 2GN, d_conv), ssm (B, nh, P, N)) or None."""
@@ -222,4 +282,4 @@ class Mamba2(nn.Module):
         decay = torch.exp(dt * -torch.exp(self.A_log.float()))  # (B, nh)
         ssm_state = decay[..., None, None] * ssm_state + (dt[..., None] * xs)[..., None] * B[:, :, None, :]
         y = torch.einsum("bhpn,bhn->bhp", ssm_state, C) + xs * self.D.float()[:, None]  # (B, nh, P)
-        return self.gate_and_project(y.flatten(-2), z), (conv_state, ssm_state)
+        return self.out_proj(self.gate_and_norm(y.flatten(-2), z)), (conv_state, ssm_state)

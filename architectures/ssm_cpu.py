@@ -1,11 +1,13 @@
-"""The fused selective scan for CPU: a small C++ extension (``csrc/selective_scan_cpu.cpp``), built
-at first use with ``torch.utils.cpp_extension`` and cached (in ``$TORCH_EXTENSIONS_DIR``, by default
-``~/.cache/torch_extensions``).
+"""Mamba's fused CPU kernels: a small C++ extension (``csrc/selective_scan_cpu.cpp`` and
+``csrc/causal_conv1d_cpu.cpp``), built at first use with ``torch.utils.cpp_extension`` and cached
+(in ``$TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``, under a name carrying the
+sources' hash).
 
-It plays the part mamba-ssm's CUDA kernel plays on GPUs: one pass over time per (batch, channel)
-row with the (N,) state in a local buffer, so forward and backward read and write only
-(batch, D, L)-sized tensors and B, C, never a (batch, D, L, N) one. The backward recomputes the
-states chunk by chunk from the states saved at chunk boundaries, as the CUDA kernel does.
+The selective scan plays the part mamba-ssm's CUDA kernel plays on GPUs: one pass over time per
+block of channels with the states in a local buffer, so forward and backward read and write only
+(batch, L, D)-sized tensors and B, C, never a (batch, D, L, N) one. The backward recomputes the
+states chunk by chunk from the states saved at chunk boundaries, as the CUDA kernel does. The
+causal depthwise convolution with SiLU plays the part of the causal-conv1d package.
 
 Building needs a C++ compiler (g++ or clang++) and ninja (a pip package, a dependency of seq-arena).
 When either is missing the build fails once, :func:`extension` warns once and returns None, and
@@ -14,13 +16,15 @@ When either is missing the build fails once, :func:`extension` warns once and re
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pathlib
 import warnings
 
 import torch
 
-SOURCE = pathlib.Path(__file__).parent / "csrc" / "selective_scan_cpu.cpp"
+CSRC = pathlib.Path(__file__).parent / "csrc"
+SOURCES = (CSRC / "selective_scan_cpu.cpp", CSRC / "causal_conv1d_cpu.cpp")  # and their fast_math.h
 
 _extension = None  # the built module, once loaded
 _unavailable: str | None = None  # why it could not be built, once tried
@@ -37,8 +41,10 @@ def _build():
     except ImportError:
         pass
     cpp_extension.load(
-        name="seq_arena_selective_scan_cpu",
-        sources=[str(SOURCE)],
+        # One cache entry per version of the source, so that checkouts of different versions (or
+        # two worktrees) sharing the cache do not rebuild over each other.
+        name=f"seq_arena_selective_scan_cpu_{_source_hash()}",
+        sources=[str(path) for path in SOURCES],
         # OpenMP: at::parallel_for runs serially without it. No trapping math and no errno: the exp
         # polynomial's floor and the loops over the state vectorise (5x), IEEE results unchanged.
         extra_cflags=["-O3", "-fopenmp", "-fno-trapping-math", "-fno-math-errno"],
@@ -48,6 +54,14 @@ def _build():
     )
     _register_fake_kernels()
     return torch.ops.seq_arena_scan
+
+
+def _source_hash() -> str:
+    """12 hex digits of the sources' and header's SHA-256."""
+    digest = hashlib.sha256()
+    for path in (*SOURCES, CSRC / "fast_math.h"):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
 
 
 def _register_fake_kernels() -> None:
@@ -66,6 +80,14 @@ def _register_fake_kernels() -> None:
         return [channels_last(u), channels_last(u), dz, torch.empty_like(A), u.new_empty(batch, B.shape[1], L, A.shape[1]),
                 u.new_empty(batch, C.shape[1], L, A.shape[1]), u.new_empty(dim), u.new_empty(dim)]
 
+    @torch.library.register_fake("seq_arena_scan::conv_silu_forward")
+    def _(x, w, bias):
+        return x.new_empty(x.shape)
+
+    @torch.library.register_fake("seq_arena_scan::conv_silu_backward")
+    def _(x, w, bias, grad_y):
+        return [x.new_empty(x.shape), torch.empty_like(w), w.new_empty(w.shape[0])]
+
 
 def channels_last(x: torch.Tensor) -> torch.Tensor:
     """x (batch, D, L) as the kernel reads and writes it: a view of a (batch, L, D) tensor (no copy
@@ -82,7 +104,7 @@ def extension():
         except Exception as error:  # a missing compiler or ninja surfaces as several exception types
             _unavailable = f"{type(error).__name__}: {str(error).strip().splitlines()[-1] if str(error).strip() else ''}"
             warnings.warn(
-                f"selective_scan: the fused CPU scan ({SOURCE.name}) could not be built ({_unavailable}); "
+                f"selective_scan: the fused CPU scan ({SOURCES[0].name}) could not be built ({_unavailable}); "
                 "using the chunked PyTorch scan, which is slower and keeps (batch, D, L, N) tensors. "
                 "It needs a C++ compiler (g++) and ninja (pip install ninja).",
                 stacklevel=3,
@@ -118,3 +140,21 @@ class FusedSelectiveScan(torch.autograd.Function):
             grad_out, grad_last, u, delta, A, B, C, D, z, delta_bias, ctx.softplus, checkpoints)
         return (du, ddelta, dA, dB, dC, dD if D is not None else None, dz if z is not None else None,
                 dbias if delta_bias is not None else None, None)
+
+
+class CausalConvSiLU(torch.autograd.Function):
+    """SiLU(causal depthwise conv1d) by the C++ kernel (csrc/causal_conv1d_cpu.cpp), channels-last:
+    x (batch, L, C) with unit stride over C, weight (C, 1, K), bias (C,) or None -> (batch, L, C).
+    Saves only its inputs: the backward recomputes the pre-activation."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        taps = weight[:, 0].contiguous()  # (C, K)
+        ctx.save_for_backward(x, taps, bias)
+        return _extension.conv_silu_forward(x, taps, bias)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, taps, bias = ctx.saved_tensors
+        dx, dtaps, dbias = _extension.conv_silu_backward(x, taps, bias, grad_y.contiguous())
+        return dx, dtaps.unsqueeze(1), dbias if bias is not None else None

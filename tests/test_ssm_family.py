@@ -15,7 +15,8 @@ from omegaconf import OmegaConf
 
 from architectures.h3 import H3, causal_conv_reference
 from architectures.hyena import Hyena
-from architectures.mamba2 import Mamba2, ssd, ssd_chunked, ssd_reference
+from architectures.mamba import reverse_within_length
+from architectures.mamba2 import Mamba2, ssd, ssd_by_selective_scan, ssd_chunked, ssd_reference
 from architectures.s4 import S4, DPLRKernel, cauchy, cauchy_reference, hippo_legs_nplr
 from architectures.ssm import kernel_convolution
 from harness.api import build, compose_config
@@ -258,6 +259,51 @@ def test_ssd_long_sequence_with_strong_decay_is_stable():
     got = ssd(x, dt, A, B, C, chunk_size=64)
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("L", [1, 37, 130])
+def test_ssd_by_the_fused_selective_scan_equals_recurrence_values_and_gradients(L):
+    inputs = [t.requires_grad_() for t in ssd_inputs(L, nh=4, P=8, N=5, G=2)]  # 16 channels per group: a lane block
+    want_y, _ = ssd_reference(*inputs)
+    got_y = ssd_by_selective_scan(*inputs)
+    torch.testing.assert_close(got_y, want_y.flatten(-2), rtol=1e-4, atol=1e-4)
+    w = torch.randn(want_y.shape, generator=torch.Generator().manual_seed(1))
+    grads_want = torch.autograd.grad((want_y * w).sum(), inputs)
+    grads_got = torch.autograd.grad((got_y * w.flatten(-2)).sum(), inputs)
+    for got, want in zip(grads_got, grads_want, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_mamba2_mixer_is_the_same_with_every_scan(bidirectional):
+    """fused (D, dt bias and softplus, gate in the kernel), chunked and reference: values and every gradient."""
+    results = {}
+    mask = torch.ones(2, 21, dtype=torch.bool)
+    mask[0, 15:] = False
+    for scan in ("fused", "chunked", "reference"):
+        torch.manual_seed(0)
+        layer = Mamba2(16, causal=not bidirectional, bidirectional=bidirectional, scan=scan, **MAMBA2_KW)
+        x = torch.randn(2, 21, 16, requires_grad=True)
+        y = layer(x, mask)
+        y.square().sum().backward()
+        results[scan] = [y, x.grad, *(p.grad for p in layer.parameters())]
+    for scan in ("fused", "chunked"):
+        for got, want in zip(results[scan], results["reference"], strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_bidirectional_mamba2_is_the_block_run_both_ways_and_summed():
+    torch.manual_seed(0)
+    layer = Mamba2(16, causal=False, bidirectional=True, bias=True, **MAMBA2_KW)
+    x = torch.randn(2, 21, 16)
+    mask = torch.ones(2, 21, dtype=torch.bool)
+    mask[0, 13:] = False
+
+    def one_pass(inputs):
+        return layer.out_proj(layer.ssd_and_norm(layer.in_proj(inputs)))
+
+    want = one_pass(x) + reverse_within_length(one_pass(reverse_within_length(x, mask)), mask)
+    torch.testing.assert_close(layer(x, mask), want, rtol=1e-5, atol=1e-6)
 
 
 def test_mamba2_step_equals_forward():

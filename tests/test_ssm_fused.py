@@ -139,3 +139,20 @@ def test_causal_depthwise_conv1d_equals_torch_conv1d():
     for a, b in zip(grads_got, grads_want, strict=True):
         torch.testing.assert_close(a, b)
     torch.testing.assert_close(causal_depthwise_conv1d(x, conv.weight, None), want - conv.bias)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("channels", [6, 70])  # one block of 64 channels, and a second partial one
+def test_fused_conv_silu_equals_pytorch_values_and_gradients(bias, channels):
+    from architectures.mamba import conv_silu
+
+    conv = torch.nn.Conv1d(channels, channels, 4, groups=channels, padding=3, bias=bias)
+    x = torch.randn(2, 11, 2 * channels)[..., :channels].requires_grad_()  # strided over L, as in_proj's split
+    leaves = [x, conv.weight] + ([conv.bias] if bias else [])
+    want = conv_silu(x, conv.weight, conv.bias, fused=False)
+    got = conv_silu(x, conv.weight, conv.bias, fused=True)
+    assert got.grad_fn is not None and "CausalConvSiLU" in type(got.grad_fn).__name__
+    torch.testing.assert_close(got, want)
+    g = torch.randn_like(want)
+    for a, b in zip(torch.autograd.grad(got, leaves, g), torch.autograd.grad(want, leaves, g), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

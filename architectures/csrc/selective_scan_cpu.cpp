@@ -37,70 +37,14 @@
 #include <optional>
 #include <vector>
 
-// The per-task functions are compiled for AVX2 + FMA (x86-64-v3), SSE4.1 (v2, which rounds in vector
-// registers: std::floor in fast_exp) and the baseline, picked at run time; the helpers they call are
-// inlined into each copy.
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
-#define SCAN_CLONES __attribute__((target_clones("arch=x86-64-v3", "arch=x86-64-v2", "default")))
-#else
-#define SCAN_CLONES
-#endif
-#define SCAN_INLINE inline __attribute__((always_inline))
+#include "fast_math.h"
 
 namespace {
 
+using namespace seq_arena;
+
 constexpr int64_t kChunk = 64;  // steps per checkpoint: (kChunk + 1) * N floats stay in L1
 constexpr int64_t kLanes = 16;  // channels per task where the groups allow: two AVX2 vectors, one AVX-512
-
-// exp(x) for float (Cephes' expf polynomial, ~1 ulp on [-87, 88]); plain arithmetic, so the loops
-// over the N state entries that call it vectorise (std::exp would be a scalar libm call).
-SCAN_INLINE float fast_exp(float x) {
-  x = std::min(std::max(x, -87.0f), 88.0f);
-  float fx = std::floor(x * 1.44269504088896341f + 0.5f);
-  x = x - fx * 0.693359375f + fx * 2.12194440e-4f;
-  float z = x * x;
-  float y = 1.9875691500e-4f;
-  y = y * x + 1.3981999507e-3f;
-  y = y * x + 8.3334519073e-3f;
-  y = y * x + 4.1665795894e-2f;
-  y = y * x + 1.6666665459e-1f;
-  y = y * x + 5.0000001201e-1f;
-  y = y * z + x + 1.0f;
-  int32_t bits = (static_cast<int32_t>(fx) + 127) << 23;  // 2^fx
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return y * scale;
-}
-
-// log(w) for w in [1, 2] (Cephes' logf polynomial, ~1 ulp).
-SCAN_INLINE float log_1_to_2(float w) {
-  const float e = w > 1.41421356f ? 1.0f : 0.0f;
-  const float x = (e > 0.0f ? 0.5f * w : w) - 1.0f;
-  const float z = x * x;
-  float y = 7.0376836292e-2f;
-  y = y * x - 1.1514610310e-1f;
-  y = y * x + 1.1676998740e-1f;
-  y = y * x - 1.2420140846e-1f;
-  y = y * x + 1.4249322787e-1f;
-  y = y * x - 1.6668057665e-1f;
-  y = y * x + 2.0000714765e-1f;
-  y = y * x - 2.4999993993e-1f;
-  y = y * x + 3.3333331174e-1f;
-  y = y * x * z - 2.12194440e-4f * e - 0.5f * z;
-  return x + y + 0.693359375f * e;
-}
-
-// softplus(x) = log(1 + e^x), as torch's (x itself above 20), and its derivative sigmoid(x).
-// log1p(v) for v = e^-|x| in (0, 1] is log(w) v / (w - 1) with w = 1 + v (exact to rounding even
-// where w rounds to 1). Branch-free, so that loops over lanes vectorise.
-SCAN_INLINE void softplus_and_grad(float x, float& value, float& grad) {
-  const float v = fast_exp(-std::fabs(x)), w = 1.0f + v;
-  const float log1p_v = w == 1.0f ? v : log_1_to_2(w) * v / (w - 1.0f);
-  value = x > 20.0f ? x : std::max(x, 0.0f) + log1p_v;
-  grad = (x >= 0.0f ? 1.0f : v) / w;
-}
-
-SCAN_INLINE float sigmoid(float x) { return 1.0f / (1.0f + fast_exp(-x)); }
 
 // The op's inputs. Element (b, d, t) of u is u[b * u_b + t * u_t + d]; likewise delta and z.
 struct Scan {
@@ -109,6 +53,7 @@ struct Scan {
   int64_t u_b, u_t, dl_b, dl_t, z_b, z_t;
   int64_t B_b, B_g, B_t, C_b, C_g, C_t;
   bool softplus;
+  bool scalar_A;  // A[d, n] = A[d, 0] for every n (Mamba-2's SSD): one exp per channel and step
 
   int64_t group(int64_t d) const { return d / (D / G); }
   const float* B_row(int64_t b, int64_t d) const { return B + b * B_b + group(d) * B_g; }
@@ -144,7 +89,7 @@ SCAN_INLINE void load_lane_constants(const Scan& s, int64_t d0, float* bias, flo
 
 // Forward of channels d0 .. d0 + W of batch row b: out (batch, L, D), the checkpoints (batch, D,
 // n_chunks, N) and the last state (batch, D, N). Scratch: h and At, (N, W) each.
-template <int64_t W>
+template <int64_t W, bool kScalarA>
 SCAN_CLONES void forward_task(const Scan& s, int64_t b, int64_t d0, float* out, float* checkpoints, float* last,
                               float* h, float* At) {
   const int64_t N = s.N, D = s.D;
@@ -159,13 +104,15 @@ SCAN_CLONES void forward_task(const Scan& s, int64_t b, int64_t d0, float* out, 
         for (int64_t n = 0; n < N; ++n) checkpoints[((b * D + d0 + j) * s.n_chunks + t / kChunk) * N + n] = h[n * W + j];
     load_step<W>(s, b, d0, t, bias, dt, dsp, uu, du);
     const float *Bt = Bb + t * s.B_t, *Ct = Cb + t * s.C_t;
-    for (int64_t j = 0; j < W; ++j) acc[j] = 0.0f;
+    float decay[W];  // exp(dt A), the same for every n when A is scalar per channel
+#pragma omp simd
+    for (int64_t j = 0; j < W; ++j) acc[j] = 0.0f, decay[j] = kScalarA ? fast_exp(dt[j] * At[j]) : 0.0f;
     for (int64_t n = 0; n < N; ++n) {
       float* hn = h + n * W;
       const float* An = At + n * W;
 #pragma omp simd
       for (int64_t j = 0; j < W; ++j) {
-        hn[j] = fast_exp(dt[j] * An[j]) * hn[j] + du[j] * Bt[n];
+        hn[j] = (kScalarA ? decay[j] : fast_exp(dt[j] * An[j])) * hn[j] + du[j] * Bt[n];
         acc[j] += hn[j] * Ct[n];
       }
     }
@@ -200,7 +147,7 @@ struct Scratch {
 };
 
 // Backward of channels d0 .. d0 + W of batch row b, chunk by chunk from the end.
-template <int64_t W>
+template <int64_t W, bool kScalarA>
 SCAN_CLONES void backward_task(const Scan& s, int64_t b, int64_t d0, const float* grad_out, int64_t go_b,
                                int64_t go_t, const float* grad_last, const float* checkpoints, Grads gr,
                                Scratch& sc) {
@@ -224,13 +171,16 @@ SCAN_CLONES void backward_task(const Scan& s, int64_t b, int64_t d0, const float
       float *dt = sc.dt.data() + k * W, *du = sc.du.data() + k * W;
       load_step<W>(s, b, d0, t0 + k, bias, dt, sc.dsp.data() + k * W, sc.uu.data() + k * W, du);
       const float* Bt = Bb + (t0 + k) * s.B_t;
+      float decay[W];
+#pragma omp simd
+      for (int64_t j = 0; j < W; ++j) decay[j] = kScalarA ? fast_exp(dt[j] * At[j]) : 0.0f;
       for (int64_t n = 0; n < N; ++n) {
         float* ak = a + k * NW + n * W;
         const float *hp = h + k * NW + n * W, *An = At + n * W;
         float* hn = h + (k + 1) * NW + n * W;
 #pragma omp simd
         for (int64_t j = 0; j < W; ++j) {
-          ak[j] = fast_exp(dt[j] * An[j]);
+          ak[j] = kScalarA ? decay[j] : fast_exp(dt[j] * An[j]);
           hn[j] = ak[j] * hp[j] + du[j] * Bt[n];
         }
       }
@@ -340,6 +290,9 @@ Scan describe(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
     s.z = z->data_ptr<float>(), s.z_b = z->stride(0), s.z_t = z->stride(2);
   }
   s.softplus = softplus;
+  s.scalar_A = true;
+  for (int64_t d = 0; d < s.D && s.scalar_A; ++d)
+    for (int64_t n = 1; n < s.N; ++n) s.scalar_A = s.scalar_A && s.A[d * s.N + n] == s.A[d * s.N];
   return s;
 }
 
@@ -369,8 +322,9 @@ std::vector<at::Tensor> selective_scan_forward(at::Tensor u, at::Tensor delta, a
     std::vector<float> h(s.N * kLanes), At(s.N * kLanes);
     for (int64_t task = begin; task < end; ++task) {  // task = b * n_blocks + block
       const int64_t b = task / n_blocks, d0 = (task % n_blocks) * W;
-      if (W == kLanes) forward_task<kLanes>(s, b, d0, pout, pck, plast, h.data(), At.data());
-      else forward_task<1>(s, b, d0, pout, pck, plast, h.data(), At.data());
+      if (W == 1) forward_task<1, false>(s, b, d0, pout, pck, plast, h.data(), At.data());
+      else if (s.scalar_A) forward_task<kLanes, true>(s, b, d0, pout, pck, plast, h.data(), At.data());
+      else forward_task<kLanes, false>(s, b, d0, pout, pck, plast, h.data(), At.data());
     }
   });
   return {out, last, checkpoints};
@@ -416,8 +370,9 @@ std::vector<at::Tensor> selective_scan_backward(at::Tensor grad_out, at::Tensor 
       const int64_t first = split * blocks_per_group / splits, stop = (split + 1) * blocks_per_group / splits;
       for (int64_t block = first; block < stop; ++block) {
         const int64_t d0 = (grp * blocks_per_group + block) * W;
-        if (W == kLanes) backward_task<kLanes>(s, b, d0, pg, go_b, go_t, pgl, pck, mine, scratch);
-        else backward_task<1>(s, b, d0, pg, go_b, go_t, pgl, pck, mine, scratch);
+        if (W == 1) backward_task<1, false>(s, b, d0, pg, go_b, go_t, pgl, pck, mine, scratch);
+        else if (s.scalar_A) backward_task<kLanes, true>(s, b, d0, pg, go_b, go_t, pgl, pck, mine, scratch);
+        else backward_task<kLanes, false>(s, b, d0, pg, go_b, go_t, pgl, pck, mine, scratch);
       }
     }
   });
