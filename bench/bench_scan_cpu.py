@@ -29,9 +29,10 @@ from architectures.ssm import selective_scan_fused, selective_scan_torch
 
 
 def scan_inputs(L: int, batch: int, dim: int, N: int) -> list[torch.Tensor]:
-    """u, delta (pre-softplus), A, B, C, D, z, delta_bias as the Mamba mixer passes them."""
+    """u, delta (pre-softplus), A, B, C, D, z, delta_bias as the Mamba mixer passes them: u, delta,
+    z (batch, dim, L) as views of (batch, L, dim) tensors."""
     g = torch.Generator().manual_seed(0)
-    u, delta, z = (torch.randn(batch, dim, L, generator=g) for _ in range(3))
+    u, delta, z = (torch.randn(batch, L, dim, generator=g).transpose(1, 2) for _ in range(3))
     A = -torch.arange(1, N + 1).float().repeat(dim, 1)
     B, C = (torch.randn(batch, N, L, generator=g) for _ in range(2))
     D, delta_bias = torch.ones(dim), torch.full((dim,), -4.0)
