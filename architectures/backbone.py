@@ -39,6 +39,7 @@ from architectures.layers import (
     prefix_lm_layout,
     sinusoidal_positions,
 )
+from architectures.lra import HEADS, INITS, LRADualHead, head_width, lra_released_init
 from architectures.reversible import reversible_stack
 from tasks.base import TaskSpec
 
@@ -113,6 +114,12 @@ class SequenceModel(nn.Module):
         tie_embeddings: share the input embedding with the ``lm`` output layer when sizes match.
         reversible: reversible residual blocks (:mod:`architectures.reversible`) that recompute
             their activations in the backward pass instead of keeping them.
+        init: ``default`` (PyTorch's initialisers) or ``lra_released``: LRA's released init
+            (:func:`architectures.lra.lra_released_init`: N(0, 1) embeddings, xavier-uniform
+            kernels, bias-free attention projections), before a mixer's own ``init_model``.
+        head: ``default`` (classify: hidden width d_model; pair: [u, v, u * v, u - v]) or
+            ``lra_released``: LRA's released heads (hidden width d_ff; pair: [u, v] through two
+            hidden layers, :class:`architectures.lra.LRADualHead`).
 
     ``activation_checkpointing`` (set by the trainer from ``trainer.activation_checkpointing``,
     harness.compile) recomputes each block in the backward pass instead (:func:`run_block`).
@@ -134,8 +141,14 @@ class SequenceModel(nn.Module):
         pooling: str = "mean",
         tie_embeddings: bool = False,
         reversible: bool = False,
+        init: str = "default",
+        head: str = "default",
     ):
         super().__init__()
+        if init not in INITS:
+            raise ValueError(f"model.init must be one of {INITS}, got {init!r}")
+        if head not in HEADS:
+            raise ValueError(f"model.head must be one of {HEADS}, got {head!r}")
         if positional not in POSITIONALS:
             raise ValueError(f"model.positional must be one of {POSITIONALS}, got {positional!r}")
         if pooling not in POOLINGS:
@@ -169,7 +182,10 @@ class SequenceModel(nn.Module):
         )
         self.norm = make_norm(norm, d_model)
         if spec.kind == "classify":
-            self.head = ClassifierHead(d_model, spec.n_outputs)
+            self.head = ClassifierHead(d_model, spec.n_outputs,
+                                       d_hidden=head_width(d_model, d_ff) if head == "lra_released" else None)
+        elif spec.kind == "pair" and head == "lra_released":
+            self.head = LRADualHead(d_model, spec.n_outputs, d_hidden=head_width(d_model, d_ff))
         elif spec.kind == "pair":
             self.head = PairHead(d_model, spec.n_outputs)
         else:
@@ -180,6 +196,8 @@ class SequenceModel(nn.Module):
         # as there): ``MixerClass.init_model(model, n_layers=..., d_ff=...)``, e.g. Mamba's _init_weights
         # modules with state to update once per training call (not per block recomputation)
         self.per_call_modules = [m for m in self.modules() if hasattr(m, "before_training_forward")]
+        if init == "lra_released":
+            lra_released_init(self)
         init_model = getattr(getattr(mixer, "func", mixer), "init_model", None)
         if init_model is not None:
             init_model(self, n_layers=n_layers, d_ff=d_ff)

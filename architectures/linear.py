@@ -171,6 +171,10 @@ class LinearAttention(nn.Module):
         chunk_size: chunk length of the causal form (speed only; results are identical).
     """
 
+    # the query/key/value/output projections and the kernels each fuses, for init=lra_released
+    # (architectures/lra.py)
+    released_projections = {"qkv": 3, "out": 1}
+
     def __init__(self, d_model: int, *, causal: bool, layer_idx: int = 0, n_heads: int, chunk_size: int = 64):
         super().__init__()
         if d_model % n_heads:
@@ -248,6 +252,10 @@ class LinformerAttention(nn.Module):
         dropout: attention-weight dropout in training.
         block: columns per projection parameter (speed and memory only; results are identical).
     """
+
+    # the query/key/value/output projections and the kernels each fuses, for init=lra_released
+    # (architectures/lra.py)
+    released_projections = {"qkv": 3, "out": 1}
 
     def __init__(
         self, d_model: int, *, causal: bool, layer_idx: int = 0, n_heads: int, seq_len: int, k: int = 256,

@@ -334,14 +334,15 @@ class LocalAttention(SparseAttention):
             ``i - (window - window // 2 - 1) <= j <= i + window // 2``.
         dropout: attention-weight dropout in training.
         positional: ``none``, or ``rope``, ``xpos``, ``alibi`` or ``t5`` (see :class:`MultiHeadAttention`).
+        qkv_dim: width of queries, keys and values over the heads (see :class:`MultiHeadAttention`).
     """
 
     def __init__(
         self, d_model: int, *, causal: bool, layer_idx: int = 0, n_heads: int, window: int,
-        dropout: float = 0.0, positional: str = "none",
+        dropout: float = 0.0, positional: str = "none", qkv_dim: int | None = None,
     ):
         super().__init__(d_model, causal=causal, layer_idx=layer_idx, n_heads=n_heads, dropout=dropout,
-                         positional=positional)
+                         positional=positional, qkv_dim=qkv_dim)
         if window < 1:
             raise ValueError(f"model.mixer.window must be at least 1, got {window}")
         self.window = window
@@ -367,10 +368,10 @@ class LongformerAttention(LocalAttention):
 
     def __init__(
         self, d_model: int, *, causal: bool, layer_idx: int = 0, n_heads: int, window: int, n_global: int,
-        dropout: float = 0.0, positional: str = "none",
+        dropout: float = 0.0, positional: str = "none", qkv_dim: int | None = None,
     ):
         super().__init__(d_model, causal=causal, layer_idx=layer_idx, n_heads=n_heads, window=window,
-                         dropout=dropout, positional=positional)
+                         dropout=dropout, positional=positional, qkv_dim=qkv_dim)
         if n_global < 0:
             raise ValueError(f"model.mixer.n_global must be >= 0, got {n_global}")
         self.n_global = n_global
@@ -380,7 +381,7 @@ class BigBirdAttention(SparseAttention):
     """Block-sparse window + global + random attention, the ``bigbird`` mixer.
 
     Args:
-        d_model, causal, n_heads, dropout, positional: as :class:`LocalAttention`.
+        d_model, causal, n_heads, dropout, positional, qkv_dim: as :class:`LocalAttention`.
         layer_idx: position in the stack; with ``seed`` it fixes this layer's random blocks.
         block_size: tokens per block.
         n_window_blocks: odd number of blocks around (and including) the query block.
@@ -392,10 +393,10 @@ class BigBirdAttention(SparseAttention):
     def __init__(
         self, d_model: int, *, causal: bool, layer_idx: int = 0, n_heads: int, block_size: int,
         n_window_blocks: int, n_global_blocks: int, n_random_blocks: int, seed: int, dropout: float = 0.0,
-        positional: str = "none",
+        positional: str = "none", qkv_dim: int | None = None,
     ):
         super().__init__(d_model, causal=causal, layer_idx=layer_idx, n_heads=n_heads, dropout=dropout,
-                         positional=positional)
+                         positional=positional, qkv_dim=qkv_dim)
         if block_size < 1:
             raise ValueError(f"model.mixer.block_size must be at least 1, got {block_size}")
         if n_window_blocks < 1 or n_window_blocks % 2 == 0:

@@ -60,6 +60,10 @@ class SynthesizerAttention(nn.Module):
         positional: ``rope`` or ``xpos`` rotate queries and keys (only with ``dot_product``).
     """
 
+    # the query/key/value/output projections and the kernels each fuses, for init=lra_released
+    # (architectures/lra.py)
+    released_projections = {"qk": 2, "v": 1, "out": 1}
+
     def __init__(
         self, d_model: int, *, causal: bool, layer_idx: int = 0, n_heads: int, mode: str, max_len: int,
         factorized: bool = False, k: int = 32, dot_product: bool = False, dropout: float = 0.0,

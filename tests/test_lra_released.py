@@ -1,0 +1,134 @@
+"""LRA's released model details as backbone options (architectures/lra.py): the init, the heads,
+attention-weight dropout from `size`, qkv_dim != d_model, and that none of them changes the hash
+of a config that does not set it."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from architectures.attention import MultiHeadAttention, dense_attention
+from architectures.backbone import SequenceModel
+from architectures.lra import TRUNCATED_NORMAL_STD, LRADualHead
+from architectures.sparse import LocalAttention, sliding_window_mask
+from harness.api import build_model, compose_config
+from harness.config import result_config
+from harness.records import config_hash
+from tasks.base import TaskSpec
+
+CLASSIFY = TaskSpec(kind="classify", vocab_size=50, n_outputs=5, seq_len=24)
+PAIR = TaskSpec(kind="pair", vocab_size=50, n_outputs=2, seq_len=24)
+
+
+def transformer(spec: TaskSpec, **kwargs) -> SequenceModel:
+    def mixer(d_model, **kw):
+        return MultiHeadAttention(d_model, n_heads=4, **kw)
+    return SequenceModel(spec=spec, mixer=mixer, d_model=64, n_layers=2, d_ff=128, **kwargs)
+
+
+def test_released_init_draws_lra_kernels_and_drops_attention_biases():
+    torch.manual_seed(0)
+    model = transformer(CLASSIFY, init="lra_released", positional="learned")
+    for block in model.blocks:
+        mha = block.mixer
+        assert mha.qkv.bias is None and mha.out.bias is None  # nn.SelfAttention(bias=False)
+        # one xavier draw per query / key / value kernel (64 x 64): bound sqrt(6 / 128); PyTorch's
+        # default bound is 1 / sqrt(64) and one draw over the fused 64 x 192 sqrt(6 / 256)
+        limit = math.sqrt(6 / 128)
+        for part in mha.qkv.weight.chunk(3):
+            assert 0.95 * limit < part.abs().max() <= limit
+        for linear in (block.ffn.up, block.ffn.down):
+            bound = math.sqrt(6 / (linear.in_features + linear.out_features))
+            assert 0.95 * bound < linear.weight.abs().max() <= bound
+            assert 0 < linear.bias.abs().max() < 1e-5  # normal(stddev=1e-6)
+    assert abs(model.pos_embed.weight.std().item() - 0.02) < 0.003
+    assert abs(model.embed.weight.std().item() - 1.0) < 0.05
+    first = model.head.mlp[0]
+    std = math.sqrt(1 / first.in_features) / TRUNCATED_NORMAL_STD
+    assert first.weight.abs().max() <= 2 * std and abs(first.weight.std().item() - 0.88 * std) < 0.1 * std
+    assert not first.bias.any()
+    x = {"tokens": torch.randint(1, 50, (2, 24))}
+    model(x).sum().backward()  # the bias-free projections train
+
+
+def test_default_init_is_unchanged():
+    model = transformer(CLASSIFY)
+    assert model.blocks[0].mixer.qkv.bias is not None
+    assert model.blocks[0].mixer.qkv.weight.abs().max() <= 1 / 8  # PyTorch's kaiming-uniform bound
+
+
+def test_released_heads():
+    clf = transformer(CLASSIFY, head="lra_released")
+    assert clf.head.mlp[0].out_features == 128  # mlp_dim = d_ff, not d_model
+    pair = transformer(PAIR, head="lra_released")
+    assert isinstance(pair.head, LRADualHead)
+    widths = [(m.in_features, m.out_features) for m in pair.head.mlp if isinstance(m, torch.nn.Linear)]
+    assert widths == [(128, 128), (128, 64), (64, 2)]  # [u, v] -> mlp_dim -> mlp_dim // 2 -> classes
+    u, v = torch.randn(3, 64), torch.randn(3, 64)
+    expected = pair.head.mlp(torch.cat([u, v], -1))
+    torch.testing.assert_close(pair.head(u, v), expected)
+    batch = {"tokens": torch.randint(1, 50, (2, 24)), "tokens2": torch.randint(1, 50, (2, 24))}
+    assert pair(batch).shape == (2, 2)
+    with pytest.raises(ValueError, match="model.head"):
+        transformer(CLASSIFY, head="nli")
+    with pytest.raises(ValueError, match="model.init"):
+        transformer(CLASSIFY, init="flax")
+
+
+@pytest.mark.parametrize("name", ["linformer", "performer", "reformer", "synthesizer", "sinkhorn", "bigbird",
+                                  "block_local", "linear_transformer", "s4d"])
+def test_every_lra_model_builds_and_trains_with_the_released_options(name):
+    cfg = compose_config([f"model={name}", "task=mqar", "size.d_model=32", "size.n_layers=1", "size.init=lra_released",
+                          "size.head=lra_released", "size.attention_dropout=0.1"])
+    spec = TaskSpec(kind="classify", vocab_size=20, n_outputs=3, seq_len=64)
+    torch.manual_seed(0)
+    model = build_model(cfg, type("Task", (), {"spec": spec})())
+    model.train()
+    model({"tokens": torch.randint(1, 20, (2, 64))}).sum().backward()
+    for name_, linear in model.blocks[0].mixer.named_children():
+        if name_ in getattr(model.blocks[0].mixer, "released_projections", {}):
+            assert linear.bias is None
+
+
+def test_attention_dropout_comes_from_size():
+    cfg = compose_config(["model=transformer", "task=mqar", "size.attention_dropout=0.1"])
+    assert cfg.model.mixer.dropout == 0.1
+    mha = MultiHeadAttention(16, causal=False, n_heads=2, dropout=0.5).train()
+    x = torch.randn(1, 8, 16)
+    assert not torch.allclose(mha(x), mha(x))  # weights dropped in training
+    mha.eval()
+    torch.testing.assert_close(mha(x), mha(x))
+
+
+@pytest.mark.parametrize("make", ["mha", "local"])
+def test_qkv_dim_narrower_than_d_model_equals_the_dense_reference(make):
+    torch.manual_seed(0)
+    if make == "mha":
+        mixer, allowed = MultiHeadAttention(32, causal=False, n_heads=4, qkv_dim=16), None
+    else:
+        mixer, allowed = LocalAttention(32, causal=False, n_heads=4, window=5, qkv_dim=16), sliding_window_mask(12, 5, False)
+    assert mixer.qkv.weight.shape == (48, 32) and mixer.out.weight.shape == (32, 16)
+    x = torch.randn(2, 12, 32, requires_grad=True)
+    y = mixer(x)
+    q, k, v = mixer.project(x)
+    assert q.shape == (2, 4, 12, 4)  # head size qkv_dim / n_heads
+    ref = mixer.merge(dense_attention(q, k, v, allowed))
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+    g, g_ref = (torch.autograd.grad(t.square().sum(), x)[0] for t in (y, ref))
+    torch.testing.assert_close(g, g_ref, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="qkv_dim"):
+        MultiHeadAttention(32, causal=False, n_heads=4, qkv_dim=18)
+
+
+def test_the_new_keys_keep_old_hashes_and_count_when_set():
+    cfg = compose_config(["model=transformer", "task=mqar"])
+    before = config_hash(result_config(cfg))
+    older = OmegaConf.create(OmegaConf.to_container(cfg))  # a config of before these keys
+    del older.model.init, older.model.head, older.model.mixer.qkv_dim
+    assert config_hash(result_config(older)) == before
+    for override in ("size.init=lra_released", "size.head=lra_released", "size.qkv_dim=32",
+                     "size.attention_dropout=0.1"):
+        assert config_hash(result_config(compose_config(["model=transformer", "task=mqar", override]))) != before
