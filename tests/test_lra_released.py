@@ -132,3 +132,17 @@ def test_the_new_keys_keep_old_hashes_and_count_when_set():
     for override in ("size.init=lra_released", "size.head=lra_released", "size.qkv_dim=32",
                      "size.attention_dropout=0.1"):
         assert config_hash(result_config(compose_config(["model=transformer", "task=mqar", override]))) != before
+
+
+def test_lra_table1_uses_the_released_details():
+    image = compose_config(["experiment=lra_table1", "model=transformer", "task=image"])
+    m = image.model
+    assert (m.init, m.head, m.positional, m.mixer.qkv_dim, m.mixer.dropout) == \
+        ("lra_released", "lra_released", "learned", 64, 0.2)  # base_cifar10_config, transformer_base
+    assert image.trainer.schedule == "cosine"  # constant * linear_warmup * cosine_decay
+    listops = compose_config(["experiment=lra_table1", "model=transformer", "task=listops"])
+    assert (listops.model.mixer.dropout, listops.model.mixer.qkv_dim, listops.trainer.schedule) == (0.1, None, "rsqrt")
+    bird = compose_config(["experiment=lra_table1", "model=bigbird", "task=text"]).model.mixer
+    assert (bird.pattern, bird.block_size, bird.dropout) == ("lra_released", 64, 0.0)
+    local = compose_config(["experiment=lra_table1", "model=block_local", "task=pathfinder"]).model.mixer
+    assert (local.grouping, local.block_size) == ("lra_released", 64)
