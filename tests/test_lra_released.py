@@ -146,3 +146,16 @@ def test_lra_table1_uses_the_released_details():
     assert (bird.pattern, bird.block_size, bird.dropout) == ("lra_released", 64, 0.0)
     local = compose_config(["experiment=lra_table1", "model=block_local", "task=pathfinder"]).model.mixer
     assert (local.grouping, local.block_size) == ("lra_released", 64)
+
+
+def test_lra_speed_runs_the_lra_table1_models():
+    mixers = {m: compose_config(["experiment=lra_speed", f"model={m}", "task.seq_len=2048"], config_name="bench")
+              .model.mixer for m in ("block_local", "longformer", "performer", "linformer", "reformer")}
+    assert mixers["block_local"].grouping == "lra_released"
+    assert (mixers["longformer"].window, mixers["longformer"].n_global) == (512, 0)
+    assert mixers["performer"].kernel == "relu"
+    assert (mixers["linformer"].k, mixers["linformer"].share_kv) == (16, True)
+    assert mixers["reformer"].chunk_len == 205  # a tenth of 2048, rounded up
+    t = compose_config(["experiment=lra_speed", "model=transformer"], config_name="bench")
+    assert (t.model.init, t.model.head, t.model.mixer.dropout, t.model.d_model, t.task.name) == \
+        ("lra_released", "lra_released", 0.1, 256, "text")
