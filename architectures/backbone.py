@@ -62,14 +62,15 @@ def run_block(block: nn.Module, *args, checkpointed: bool) -> torch.Tensor:
 class Block(nn.Module):
     """Pre-norm residual block: x + mixer(norm(x)), then x + ffn(norm(x))."""
 
-    def __init__(self, d_model: int, mixer: nn.Module, *, d_ff: int, dropout: float, norm: str):
+    def __init__(self, d_model: int, mixer: nn.Module, *, d_ff: int, dropout: float, norm: str,
+                 ffn_activation: str = "gelu"):
         super().__init__()
         self.norm1 = make_norm(norm, d_model)
         self.mixer = mixer
         # a block without feed-forward (d_ff=0, e.g. Mamba) has no second norm either, so that
         # every parameter gets a gradient (DDP requires it)
         self.norm2 = make_norm(norm, d_model) if d_ff > 0 else None
-        self.ffn = FeedForward(d_model, d_ff=d_ff, dropout=dropout) if d_ff > 0 else None
+        self.ffn = FeedForward(d_model, d_ff=d_ff, dropout=dropout, activation=ffn_activation) if d_ff > 0 else None
         self.dropout = nn.Dropout(dropout)
 
     def f(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -120,6 +121,8 @@ class SequenceModel(nn.Module):
         head: ``default`` (classify: hidden width d_model; pair: [u, v, u * v, u - v]) or
             ``lra_released``: LRA's released heads (hidden width d_ff; pair: [u, v] through two
             hidden layers, :class:`architectures.lra.LRADualHead`).
+        ffn_activation: ``gelu`` (exact) or ``gelu_tanh`` (the approximation flax's gelu computes,
+            LRA's released models).
 
     ``activation_checkpointing`` (set by the trainer from ``trainer.activation_checkpointing``,
     harness.compile) recomputes each block in the backward pass instead (:func:`run_block`).
@@ -143,6 +146,7 @@ class SequenceModel(nn.Module):
         reversible: bool = False,
         init: str = "default",
         head: str = "default",
+        ffn_activation: str = "gelu",
     ):
         super().__init__()
         if init not in INITS:
@@ -177,7 +181,7 @@ class SequenceModel(nn.Module):
         extra.update(input_length_kwargs(mixer, self.max_len))
         self.blocks = nn.ModuleList(
             Block(d_model, build_mixer(mixer, d_model, causal=spec.causal, layer_idx=i, **extra),
-                  d_ff=d_ff, dropout=dropout, norm=norm)
+                  d_ff=d_ff, dropout=dropout, norm=norm, ffn_activation=ffn_activation)
             for i in range(n_layers)
         )
         self.norm = make_norm(norm, d_model)

@@ -35,8 +35,8 @@ NON_RESULT_TRAINER_KEYS = ("device", "progress", "log_every", "checkpoint_every"
 LATER_TRAINER_DEFAULTS = {"compile": False, "activation_checkpointing": False, "schedule": "cosine",
                           "eps": 1e-8, "decay": "matrices", "test_weights": "best"}
 # Model keys added the same way (LRA's released details, architectures/lra.py): the shared
-# backbone's init and head, the attention mixers' qkv_dim and BigBird's pattern
-LATER_MODEL_DEFAULTS = {"init": "default", "head": "default"}
+# backbone's init, head and feed-forward activation, the attention mixers' qkv_dim and BigBird's pattern
+LATER_MODEL_DEFAULTS = {"init": "default", "head": "default", "ffn_activation": "gelu"}
 LATER_MIXER_DEFAULTS = {"qkv_dim": None, "pattern": "itc"}  # pattern: bigbird's
 NON_RESULT_TASK_KEYS = ("cache_dir",)  # generated data are cached under a key of their own
 # Where a task reads its data: part of a run's identity (other data, another result), compared

@@ -109,7 +109,8 @@ def test_qkv_dim_narrower_than_d_model_equals_the_dense_reference(make):
     if make == "mha":
         mixer, allowed = MultiHeadAttention(32, causal=False, n_heads=4, qkv_dim=16), None
     else:
-        mixer, allowed = LocalAttention(32, causal=False, n_heads=4, window=5, qkv_dim=16), sliding_window_mask(12, 5, False)
+        mixer = LocalAttention(32, causal=False, n_heads=4, window=5, qkv_dim=16)
+        allowed = sliding_window_mask(12, 5, False)
     assert mixer.qkv.weight.shape == (48, 32) and mixer.out.weight.shape == (32, 16)
     x = torch.randn(2, 12, 32, requires_grad=True)
     y = mixer(x)
@@ -127,10 +128,10 @@ def test_the_new_keys_keep_old_hashes_and_count_when_set():
     cfg = compose_config(["model=transformer", "task=mqar"])
     before = config_hash(result_config(cfg))
     older = OmegaConf.create(OmegaConf.to_container(cfg))  # a config of before these keys
-    del older.model.init, older.model.head, older.model.mixer.qkv_dim
+    del older.model.init, older.model.head, older.model.ffn_activation, older.model.mixer.qkv_dim
     assert config_hash(result_config(older)) == before
     for override in ("size.init=lra_released", "size.head=lra_released", "size.qkv_dim=32",
-                     "size.attention_dropout=0.1"):
+                     "size.ffn_activation=gelu_tanh", "size.attention_dropout=0.1"):
         assert config_hash(result_config(compose_config(["model=transformer", "task=mqar", override]))) != before
 
 
@@ -159,3 +160,21 @@ def test_lra_speed_runs_the_lra_table1_models():
     t = compose_config(["experiment=lra_speed", "model=transformer"], config_name="bench")
     assert (t.model.init, t.model.head, t.model.mixer.dropout, t.model.d_model, t.task.name) == \
         ("lra_released", "lra_released", 0.1, 256, "text")
+
+
+def test_ffn_activation_gelu_tanh_is_flax_gelu():
+    from architectures.layers import FeedForward
+
+    torch.manual_seed(0)
+    ffn = FeedForward(8, d_ff=16, activation="gelu_tanh")
+    x = torch.randn(4, 8) * 3
+    h = ffn.up(x)
+    flax_gelu = 0.5 * h * (1 + torch.tanh(math.sqrt(2 / math.pi) * (h + 0.044715 * h ** 3)))  # jax.nn.gelu
+    torch.testing.assert_close(ffn(x), ffn.down(flax_gelu))
+    exact = FeedForward(8, d_ff=16)
+    exact.load_state_dict(ffn.state_dict())
+    assert not torch.allclose(exact(x), ffn(x))
+    cfg = compose_config(["experiment=lra_table1", "model=transformer", "task=text"])
+    assert cfg.model.ffn_activation == "gelu_tanh"
+    with pytest.raises(ValueError, match="model.ffn_activation"):
+        FeedForward(8, d_ff=16, activation="relu")
