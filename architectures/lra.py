@@ -18,8 +18,9 @@ backbone does not by default, for Table 1's and Table 2's rows:
     deviations (``variance_scaling(1, fan_in, truncated_normal)``), zero biases;
   - LayerNorms: ones and zeros, as PyTorch's.
 
-  A mixer's other parameters (Linformer's length projections, the Synthesizer's logits,
-  Sinkhorn's sorting network, ...) keep the mixer's own initialisation.
+  A mixer may re-draw its other parameters as its released code does (``lra_released_init_``:
+  the Synthesizer's random logits); the rest (Linformer's length projections, Sinkhorn's
+  sorting network, ...) keep the mixer's own initialisation.
 * ``model.head=lra_released`` (:class:`architectures.layers.ClassifierHead` with ``d_hidden =
   d_ff``, and :class:`LRADualHead`): ``common_layers.classifier_head`` is Dense(mlp_dim) -> ReLU
   -> Dense(classes), mlp_dim being the feed-forward width; ``classifier_head_dual`` with
@@ -97,6 +98,9 @@ def lra_released_init(model: nn.Module) -> None:
             if isinstance(linear, nn.Linear):
                 xavier_parts_(linear.weight, parts)
                 linear.register_parameter("bias", None)  # nn.SelfAttention(bias=False)
+        mixer_init = getattr(block.mixer, "lra_released_init_", None)
+        if mixer_init is not None:
+            mixer_init()
         if block.ffn is not None:
             for linear in (block.ffn.up, block.ffn.down):
                 nn.init.xavier_uniform_(linear.weight)

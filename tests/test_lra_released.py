@@ -178,3 +178,18 @@ def test_ffn_activation_gelu_tanh_is_flax_gelu():
     assert cfg.model.ffn_activation == "gelu_tanh"
     with pytest.raises(ValueError, match="model.ffn_activation"):
         FeedForward(8, d_ff=16, activation="relu")
+
+
+def test_released_init_draws_the_synthesizers_logits_as_flax_xavier():
+    from architectures.synthesizer import SynthesizerAttention
+
+    def mixer(d_model, **kw):
+        return SynthesizerAttention(d_model, n_heads=4, mode="random", max_len=kw.pop("max_len", 64),
+                                    dot_product=True, **kw)
+    torch.manual_seed(0)
+    spec = TaskSpec(kind="classify", vocab_size=50, n_outputs=5, seq_len=64)
+    model = SequenceModel(spec=spec, mixer=mixer, d_model=32, n_layers=1, d_ff=64, pooling="mean",
+                          init="lra_released")
+    random = model.blocks[0].mixer.random  # (heads, max_len, max_len)
+    bound = math.sqrt(6 / (2 * 64 * 4))  # flax fans: max_len x heads each way
+    assert 0.95 * bound < random.abs().max() <= bound  # ours by default: N(0, 1 / max_len), far wider
