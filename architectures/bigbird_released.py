@@ -52,6 +52,9 @@ def released_random_blocks(n_blocks: int, *, block_size: int, n_random_blocks: i
                            seed: int) -> np.ndarray:
     """Each head's random key blocks (n_heads, n_blocks - 2, r) for query blocks 1 .. n_blocks - 2,
     drawn as ``get_block_rand_mask`` draws them after ``numpy.random.seed(seed)``."""
+    if n_blocks < 4:  # the release's band needs blocks 0, 1, nb - 2 and nb - 1 to be distinct
+        raise ValueError(f"bigbird pattern=lra_released needs at least 4 blocks of model.mixer.block_size="
+                         f"{block_size}, got {n_blocks}; use a longer sequence or smaller blocks")
     rng = np.random.RandomState(seed)
     r = n_random_blocks
     length = n_blocks * block_size

@@ -16,6 +16,9 @@ only some keys:
   per layer (a ``torch.Generator`` seeded from ``seed`` and ``layer_idx``) and drawn from the
   sequence's real (unpadded) blocks, so padding never changes a real token's output. In causal
   mode a query block sees only blocks at or before it, and its random blocks come from the past.
+  ``pattern: lra_released`` is the pattern of LRA's released code instead (the first and the
+  last block of the padded sequence global, random blocks per head; its kernel lives in
+  :mod:`architectures.bigbird_released`).
 
 The portable path chunks queries into blocks, gathers only the key blocks each needs and runs
 SDPA on the blocks: O(L * window) time and memory, never an L x L mask. A score bias that
