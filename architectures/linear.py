@@ -169,14 +169,19 @@ class LinearAttention(nn.Module):
         layer_idx: position in the stack (unused; part of the mixer contract).
         n_heads: number of heads; ``d_model`` must divide evenly.
         chunk_size: chunk length of the causal form (speed only; results are identical).
+        mask_padding: leave padding keys out of the sums (true); false lets them in, as LRA's
+            released linear attention and FAVOR do (they take no padding mask: linear_attention
+            has none, performer's dot_product_attention ignores its bias).
     """
 
     # the query/key/value/output projections and the kernels each fuses, for init=lra_released
     # (architectures/lra.py)
     released_projections = {"qkv": 3, "out": 1}
 
-    def __init__(self, d_model: int, *, causal: bool, layer_idx: int = 0, n_heads: int, chunk_size: int = 64):
+    def __init__(self, d_model: int, *, causal: bool, layer_idx: int = 0, n_heads: int, chunk_size: int = 64,
+                 mask_padding: bool = True):
         super().__init__()
+        self.mask_padding = mask_padding
         if d_model % n_heads:
             raise ValueError(f"model.d_model={d_model} is not divisible by the head count {n_heads} "
                              "(size.n_heads for every model, model.mixer.n_heads for this one)")
@@ -201,7 +206,7 @@ class LinearAttention(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         B, L, D = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)  # (B, H, L, hd)
-        y = self.attend(q, k, v, mask)  # (B, H, L, hd)
+        y = self.attend(q, k, v, mask if self.mask_padding else None)  # (B, H, L, hd)
         return self.out(y.transpose(1, 2).reshape(B, L, D))
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

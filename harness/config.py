@@ -35,9 +35,11 @@ NON_RESULT_TRAINER_KEYS = ("device", "progress", "log_every", "checkpoint_every"
 LATER_TRAINER_DEFAULTS = {"compile": False, "activation_checkpointing": False, "schedule": "cosine",
                           "eps": 1e-8, "decay": "matrices", "test_weights": "best"}
 # Model keys added the same way (LRA's released details, architectures/lra.py): the shared
-# backbone's init, head and feed-forward activation, the attention mixers' qkv_dim and BigBird's pattern
+# backbone's init, head and feed-forward activation, the attention mixers' qkv_dim, BigBird's pattern and
+# the kernelised mixers' mask_padding
 LATER_MODEL_DEFAULTS = {"init": "default", "head": "default", "ffn_activation": "gelu"}
-LATER_MIXER_DEFAULTS = {"qkv_dim": None, "pattern": "itc"}  # pattern: bigbird's
+LATER_MIXER_DEFAULTS = {"qkv_dim": None, "pattern": "itc", "mask_padding": True}  # bigbird's pattern,
+# linear_transformer's and performer's mask_padding
 NON_RESULT_TASK_KEYS = ("cache_dir",)  # generated data are cached under a key of their own
 # Where a task reads its data: part of a run's identity (other data, another result), compared
 # as absolute paths, since a relative one means another folder when run from elsewhere.

@@ -193,3 +193,25 @@ def test_released_init_draws_the_synthesizers_logits_as_flax_xavier():
     random = model.blocks[0].mixer.random  # (heads, max_len, max_len)
     bound = math.sqrt(6 / (2 * 64 * 4))  # flax fans: max_len x heads each way
     assert 0.95 * bound < random.abs().max() <= bound  # ours by default: N(0, 1 / max_len), far wider
+
+
+@pytest.mark.parametrize("kernel", ["linear", "relu", "softmax"])
+def test_mask_padding_false_lets_padding_keys_in_as_the_release(kernel):
+    from architectures.linear import LinearAttention
+    from architectures.performer import PerformerAttention
+
+    def make(mask_padding):
+        torch.manual_seed(0)
+        if kernel == "linear":
+            return LinearAttention(16, causal=False, n_heads=2, mask_padding=mask_padding)
+        return PerformerAttention(16, causal=False, n_heads=2, kernel=kernel, n_features=64, redraw_every=0,
+                                  mask_padding=mask_padding)
+    released, ours = make(False), make(True)
+    x = torch.randn(2, 10, 16)
+    real = torch.ones(2, 10, dtype=torch.bool)
+    real[1, 6:] = False
+    torch.testing.assert_close(released(x, real), ours(x, None))  # as if nothing were padded
+    assert not torch.allclose(released(x, real)[1, :6], ours(x, real)[1, :6])
+    torch.testing.assert_close(released(x, real)[0], ours(x, real)[0])  # an unpadded row: the same
+    cfg = compose_config(["experiment=lra_table1", "model=performer", "task=text"])
+    assert cfg.model.mixer.mask_padding is False
