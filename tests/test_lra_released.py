@@ -215,3 +215,19 @@ def test_mask_padding_false_lets_padding_keys_in_as_the_release(kernel):
     torch.testing.assert_close(released(x, real)[0], ours(x, real)[0])  # an unpadded row: the same
     cfg = compose_config(["experiment=lra_table1", "model=performer", "task=text"])
     assert cfg.model.mixer.mask_padding is False
+
+
+def test_linformer_as_released_sees_the_cls_token_no_padding_mask_and_gain_one():
+    cfg = compose_config(["experiment=lra_table1", "model=linformer", "task=listops", "size.d_model=32",
+                          "size.n_layers=1", "task.seq_len=64"])
+    spec = TaskSpec(kind="classify", vocab_size=20, n_outputs=10, seq_len=64)
+    torch.manual_seed(0)
+    model = build_model(cfg, type("Task", (), {"spec": spec})())
+    mixer = model.blocks[0].mixer
+    assert mixer.seq_len == 65 and not mixer.mask_padding  # 64 tokens + the CLS token
+    E = torch.cat(list(mixer.proj_k), 1)  # (16, 65)
+    bound = math.sqrt(6 / (16 + 65))  # xavier_uniform, gain 1
+    assert 0.95 * bound < E.abs().max() <= bound
+    tokens = torch.randint(1, 20, (2, 64))
+    tokens[1, 40:] = 0
+    assert model({"tokens": tokens}).shape == (2, 10)
