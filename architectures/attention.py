@@ -64,29 +64,39 @@ class MultiHeadAttention(nn.Module):
         dropout: attention-weight dropout in training.
         positional: ``none`` or a position inside attention, ``rope``, ``xpos``, ``alibi`` or
             ``t5`` (set by ``model.positional``; the backbone passes only these).
+        qkv_dim: total width of queries, keys and values over the heads (LRA's ``qkv_dim``; its
+            image and pathfinder configs use ``emb_dim / 2``); None: ``d_model``. The output
+            projection maps it back to ``d_model``.
     """
+
+    # the query/key/value/output projections and the kernels each fuses, for init=lra_released
+    # (architectures/lra.py)
+    released_projections = {"qkv": 3, "out": 1}
 
     def __init__(
         self, d_model: int, *, causal: bool, layer_idx: int = 0, n_heads: int, dropout: float = 0.0,
-        positional: str = "none",
+        positional: str = "none", qkv_dim: int | None = None,
     ):
         super().__init__()
-        if d_model % n_heads:
-            raise ValueError(f"model.d_model={d_model} is not divisible by the head count {n_heads} "
-                             "(size.n_heads for every model, model.mixer.n_heads for this one)")
+        qkv_dim = qkv_dim or d_model
+        if qkv_dim % n_heads:
+            raise ValueError(f"the attention width {qkv_dim} (model.mixer.qkv_dim, else model.d_model) is not "
+                             f"divisible by the head count {n_heads} (size.n_heads for every model, "
+                             "model.mixer.n_heads for this one)")
         self.causal = causal
         self.n_heads = n_heads
+        self.head_dim = qkv_dim // n_heads
         self.dropout = dropout
-        self.qkv = nn.Linear(d_model, 3 * d_model)
-        self.out = nn.Linear(d_model, d_model)
+        self.qkv = nn.Linear(d_model, 3 * qkv_dim)
+        self.out = nn.Linear(qkv_dim, d_model)
         # rotary: a rotation of q and k (rope, xpos); score_bias: distance -> (H, Lq, S) bias (alibi, t5)
         self.rotary, self.score_bias = attention_positions(
-            positional, head_dim=d_model // n_heads, n_heads=n_heads, causal=causal)
+            positional, head_dim=self.head_dim, n_heads=n_heads, causal=causal)
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Split x (B, L, D) into rotated q, k and v of shape (B, H, L, hd)."""
-        B, L, D = x.shape
-        q, k, v = self.qkv(x).view(B, L, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
+        B, L, _ = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         if self.rotary is not None:
             q, k = self.rotary(q, k)
         return q, k, v

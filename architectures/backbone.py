@@ -39,6 +39,7 @@ from architectures.layers import (
     prefix_lm_layout,
     sinusoidal_positions,
 )
+from architectures.lra import HEADS, INITS, LRADualHead, head_width, lra_released_init
 from architectures.reversible import reversible_stack
 from tasks.base import TaskSpec
 
@@ -61,14 +62,15 @@ def run_block(block: nn.Module, *args, checkpointed: bool) -> torch.Tensor:
 class Block(nn.Module):
     """Pre-norm residual block: x + mixer(norm(x)), then x + ffn(norm(x))."""
 
-    def __init__(self, d_model: int, mixer: nn.Module, *, d_ff: int, dropout: float, norm: str):
+    def __init__(self, d_model: int, mixer: nn.Module, *, d_ff: int, dropout: float, norm: str,
+                 ffn_activation: str = "gelu"):
         super().__init__()
         self.norm1 = make_norm(norm, d_model)
         self.mixer = mixer
         # a block without feed-forward (d_ff=0, e.g. Mamba) has no second norm either, so that
         # every parameter gets a gradient (DDP requires it)
         self.norm2 = make_norm(norm, d_model) if d_ff > 0 else None
-        self.ffn = FeedForward(d_model, d_ff=d_ff, dropout=dropout) if d_ff > 0 else None
+        self.ffn = FeedForward(d_model, d_ff=d_ff, dropout=dropout, activation=ffn_activation) if d_ff > 0 else None
         self.dropout = nn.Dropout(dropout)
 
     def f(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -113,6 +115,14 @@ class SequenceModel(nn.Module):
         tie_embeddings: share the input embedding with the ``lm`` output layer when sizes match.
         reversible: reversible residual blocks (:mod:`architectures.reversible`) that recompute
             their activations in the backward pass instead of keeping them.
+        init: ``default`` (PyTorch's initialisers) or ``lra_released``: LRA's released init
+            (:func:`architectures.lra.lra_released_init`: N(0, 1) embeddings, xavier-uniform
+            kernels, bias-free attention projections), before a mixer's own ``init_model``.
+        head: ``default`` (classify: hidden width d_model; pair: [u, v, u * v, u - v]) or
+            ``lra_released``: LRA's released heads (hidden width d_ff; pair: [u, v] through two
+            hidden layers, :class:`architectures.lra.LRADualHead`).
+        ffn_activation: ``gelu`` (exact) or ``gelu_tanh`` (the approximation flax's gelu computes,
+            LRA's released models).
 
     ``activation_checkpointing`` (set by the trainer from ``trainer.activation_checkpointing``,
     harness.compile) recomputes each block in the backward pass instead (:func:`run_block`).
@@ -134,8 +144,15 @@ class SequenceModel(nn.Module):
         pooling: str = "mean",
         tie_embeddings: bool = False,
         reversible: bool = False,
+        init: str = "default",
+        head: str = "default",
+        ffn_activation: str = "gelu",
     ):
         super().__init__()
+        if init not in INITS:
+            raise ValueError(f"model.init must be one of {INITS}, got {init!r}")
+        if head not in HEADS:
+            raise ValueError(f"model.head must be one of {HEADS}, got {head!r}")
         if positional not in POSITIONALS:
             raise ValueError(f"model.positional must be one of {POSITIONALS}, got {positional!r}")
         if pooling not in POOLINGS:
@@ -164,12 +181,15 @@ class SequenceModel(nn.Module):
         extra.update(input_length_kwargs(mixer, self.max_len))
         self.blocks = nn.ModuleList(
             Block(d_model, build_mixer(mixer, d_model, causal=spec.causal, layer_idx=i, **extra),
-                  d_ff=d_ff, dropout=dropout, norm=norm)
+                  d_ff=d_ff, dropout=dropout, norm=norm, ffn_activation=ffn_activation)
             for i in range(n_layers)
         )
         self.norm = make_norm(norm, d_model)
         if spec.kind == "classify":
-            self.head = ClassifierHead(d_model, spec.n_outputs)
+            self.head = ClassifierHead(d_model, spec.n_outputs,
+                                       d_hidden=head_width(d_model, d_ff) if head == "lra_released" else None)
+        elif spec.kind == "pair" and head == "lra_released":
+            self.head = LRADualHead(d_model, spec.n_outputs, d_hidden=head_width(d_model, d_ff))
         elif spec.kind == "pair":
             self.head = PairHead(d_model, spec.n_outputs)
         else:
@@ -180,6 +200,8 @@ class SequenceModel(nn.Module):
         # as there): ``MixerClass.init_model(model, n_layers=..., d_ff=...)``, e.g. Mamba's _init_weights
         # modules with state to update once per training call (not per block recomputation)
         self.per_call_modules = [m for m in self.modules() if hasattr(m, "before_training_forward")]
+        if init == "lra_released":
+            lra_released_init(self)
         init_model = getattr(getattr(mixer, "func", mixer), "init_model", None)
         if init_model is not None:
             init_model(self, n_layers=n_layers, d_ff=d_ff)

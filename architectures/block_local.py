@@ -103,14 +103,16 @@ class BlockLocalAttention(MultiHeadAttention):
         grouping: ``contiguous`` or ``lra_released``.
         dropout: attention-weight dropout in training.
         positional: ``none``, or ``rope``, ``xpos``, ``alibi`` or ``t5`` (see :class:`MultiHeadAttention`).
+        qkv_dim: width of queries, keys and values over the heads (see :class:`MultiHeadAttention`).
     """
 
     def __init__(
         self, d_model: int, *, causal: bool, layer_idx: int = 0, n_heads: int, block_size: int = 50,
         grouping: str = "contiguous", dropout: float = 0.0, positional: str = "none",
+        qkv_dim: int | None = None,
     ):
         super().__init__(d_model, causal=causal, layer_idx=layer_idx, n_heads=n_heads, dropout=dropout,
-                         positional=positional)
+                         positional=positional, qkv_dim=qkv_dim)
         if block_size < 1:
             raise ValueError(f"model.mixer.block_size must be at least 1, got {block_size}")
         if grouping not in GROUPINGS:

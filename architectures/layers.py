@@ -27,11 +27,22 @@ def make_norm(kind: str, d_model: int) -> nn.Module:
     raise ValueError(f"model.norm must be 'layernorm' or 'rmsnorm', got {kind!r}")
 
 
-class FeedForward(nn.Module):
-    """Position-wise MLP: Linear -> GELU -> Linear (or SwiGLU with ``gated=True``)."""
+FFN_ACTIVATIONS = ("gelu", "gelu_tanh")  # gelu_tanh: jax.nn.gelu's default approximation (flax, LRA)
 
-    def __init__(self, d_model: int, *, d_ff: int, dropout: float = 0.0, gated: bool = False):
+
+class FeedForward(nn.Module):
+    """Position-wise MLP: Linear -> GELU -> Linear (or SwiGLU with ``gated=True``).
+
+    ``activation``: ``gelu`` (the exact erf form) or ``gelu_tanh`` (the tanh approximation, which
+    jax.nn.gelu computes by default and so flax models such as LRA's released ones use).
+    """
+
+    def __init__(self, d_model: int, *, d_ff: int, dropout: float = 0.0, gated: bool = False,
+                 activation: str = "gelu"):
         super().__init__()
+        if activation not in FFN_ACTIVATIONS:
+            raise ValueError(f"model.ffn_activation must be one of {FFN_ACTIVATIONS}, got {activation!r}")
+        self.approximate = "tanh" if activation == "gelu_tanh" else "none"
         self.gated = gated
         self.up = nn.Linear(d_model, 2 * d_ff if gated else d_ff)
         self.down = nn.Linear(d_ff, d_model)
@@ -43,7 +54,7 @@ class FeedForward(nn.Module):
             a, b = h.chunk(2, dim=-1)
             h = F.silu(a) * b
         else:
-            h = F.gelu(h)
+            h = F.gelu(h, approximate=self.approximate)
         return self.down(self.dropout(h))
 
 

@@ -169,10 +169,19 @@ class LinearAttention(nn.Module):
         layer_idx: position in the stack (unused; part of the mixer contract).
         n_heads: number of heads; ``d_model`` must divide evenly.
         chunk_size: chunk length of the causal form (speed only; results are identical).
+        mask_padding: leave padding keys out of the sums (true); false lets them in, as LRA's
+            released linear attention and FAVOR do (they take no padding mask: linear_attention
+            has none, performer's dot_product_attention ignores its bias).
     """
 
-    def __init__(self, d_model: int, *, causal: bool, layer_idx: int = 0, n_heads: int, chunk_size: int = 64):
+    # the query/key/value/output projections and the kernels each fuses, for init=lra_released
+    # (architectures/lra.py)
+    released_projections = {"qkv": 3, "out": 1}
+
+    def __init__(self, d_model: int, *, causal: bool, layer_idx: int = 0, n_heads: int, chunk_size: int = 64,
+                 mask_padding: bool = True):
         super().__init__()
+        self.mask_padding = mask_padding
         if d_model % n_heads:
             raise ValueError(f"model.d_model={d_model} is not divisible by the head count {n_heads} "
                              "(size.n_heads for every model, model.mixer.n_heads for this one)")
@@ -197,7 +206,7 @@ class LinearAttention(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         B, L, D = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)  # (B, H, L, hd)
-        y = self.attend(q, k, v, mask)  # (B, H, L, hd)
+        y = self.attend(q, k, v, mask if self.mask_padding else None)  # (B, H, L, hd)
         return self.out(y.transpose(1, 2).reshape(B, L, D))
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -247,13 +256,24 @@ class LinformerAttention(nn.Module):
             "key-value sharing").
         dropout: attention-weight dropout in training.
         block: columns per projection parameter (speed and memory only; results are identical).
+        max_len: when given, the longest input instead of ``seq_len`` (a yaml ``max_len: null``
+            is filled by the backbone, which counts a prepended CLS token).
+        mask_padding: zero padding keys and values before the projection (true); false lets
+            them in, as LRA's released Linformer does (it masks nothing).
     """
+
+    # the query/key/value/output projections and the kernels each fuses, for init=lra_released
+    # (architectures/lra.py)
+    released_projections = {"qkv": 3, "out": 1}
 
     def __init__(
         self, d_model: int, *, causal: bool, layer_idx: int = 0, n_heads: int, seq_len: int, k: int = 256,
-        share_kv: bool = False, dropout: float = 0.0, block: int = 128,
+        share_kv: bool = False, dropout: float = 0.0, block: int = 128, max_len: int | None = None,
+        mask_padding: bool = True,
     ):
         super().__init__()
+        seq_len = max_len or seq_len
+        self.mask_padding = mask_padding
         if causal:
             raise UnsupportedTask(
                 "linformer projects keys and values along the whole sequence, so every position "
@@ -280,6 +300,17 @@ class LinformerAttention(nn.Module):
         nn.init.xavier_uniform_(weight, gain=1 / math.sqrt(2))  # as fairseq's Linformer
         return nn.ParameterList(nn.Parameter(w.clone()) for w in weight.split(self.block, dim=1))
 
+    @torch.no_grad()
+    def lra_released_init_(self) -> None:
+        """LRA's released projection (linformer_attention.py): one (max_len, k) kernel drawn by
+        the block's xavier_uniform, gain 1 (ours by default: fairseq's gain 1 / sqrt(2))."""
+        for projection in (self.proj_k, self.proj_v):
+            if projection is not None:
+                weight = torch.empty(projection[0].shape[0], self.seq_len)
+                nn.init.xavier_uniform_(weight)
+                for part, w in zip(projection, weight.split(self.block, dim=1)):
+                    part.copy_(w)
+
     def columns(self, projection: nn.ParameterList, L: int) -> torch.Tensor:
         """The first L columns (k, L), from the blocks that hold them and no others."""
         used = list(projection[: -(-L // self.block)])
@@ -293,7 +324,7 @@ class LinformerAttention(nn.Module):
                 f"sequence of {L}; set model.mixer.seq_len to the longest input"
             )
         q, k, v = self.qkv(x).view(B, L, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)  # (B, H, L, hd)
-        if mask is not None:  # zero pad keys/values so they add nothing to the projection
+        if mask is not None and self.mask_padding:  # zero pad keys/values: they add nothing to the projection
             keep = mask[:, None, :, None].to(k.dtype)
             k, v = k * keep, v * keep
         E = self.columns(self.proj_k, L)  # (k, L)

@@ -176,6 +176,10 @@ class LSHAttention(nn.Module):
             xPos's different scaling of queries and keys cannot act on a shared projection).
     """
 
+    # the query/key/value/output projections and the kernels each fuses, for init=lra_released
+    # (architectures/lra.py)
+    released_projections = {"qk": 1, "v": 1, "out": 1}
+
     def __init__(
         self, d_model: int, *, causal: bool, layer_idx: int = 0, n_heads: int, chunk_len: int, n_buckets: int,
         n_hashes: int, seed: int = 0, dropout: float = 0.0, positional: str = "none",

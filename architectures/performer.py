@@ -232,9 +232,10 @@ class PerformerAttention(LinearAttention):
 
     def __init__(
         self, d_model: int, *, causal: bool, layer_idx: int = 0, n_heads: int, n_features: int = 256,
-        redraw_every: int = 1, kernel: str = "softmax", chunk_size: int = 64,
+        redraw_every: int = 1, kernel: str = "softmax", chunk_size: int = 64, mask_padding: bool = True,
     ):
-        super().__init__(d_model, causal=causal, layer_idx=layer_idx, n_heads=n_heads, chunk_size=chunk_size)
+        super().__init__(d_model, causal=causal, layer_idx=layer_idx, n_heads=n_heads, chunk_size=chunk_size,
+                         mask_padding=mask_padding)
         if n_features < 1 or redraw_every < 0:
             raise ValueError(
                 f"model.mixer.n_features must be >= 1 and redraw_every >= 0, got {n_features}, {redraw_every}"

@@ -127,7 +127,7 @@ class SinkhornAttention(MultiHeadAttention):
     """Sparse Sinkhorn attention: (B, L, D) -> (B, L, D) (see the module docstring).
 
     Args:
-        d_model, causal, n_heads, dropout: as :class:`MultiHeadAttention`.
+        d_model, causal, n_heads, dropout, qkv_dim: as :class:`MultiHeadAttention`.
         positional: ``rope`` or ``xpos`` (rotations, as :class:`MultiHeadAttention`); the sorted
             blocks' scores take no distance bias.
         layer_idx: position in the stack (unused).
@@ -140,6 +140,7 @@ class SinkhornAttention(MultiHeadAttention):
     def __init__(
         self, d_model: int, *, causal: bool, layer_idx: int = 0, n_heads: int, block_size: int, max_blocks: int,
         sinkhorn_iters: int, temperature: float, dropout: float = 0.0, positional: str = "none",
+        qkv_dim: int | None = None,
     ):
         if causal and sinkhorn_iters > 0:
             raise UnsupportedTask(
@@ -147,13 +148,13 @@ class SinkhornAttention(MultiHeadAttention):
                 "would see the future; set model.mixer.sinkhorn_iters=0 for the causal softmax sort")
         refuse_score_bias(positional, "sinkhorn (attention over sorted blocks)")
         super().__init__(d_model, causal=causal, layer_idx=layer_idx, n_heads=n_heads, dropout=dropout,
-                         positional=positional)
+                         positional=positional, qkv_dim=qkv_dim)
         if block_size < 1 or max_blocks < 1 or sinkhorn_iters < 0 or temperature <= 0:
             raise ValueError("model.mixer: block_size and max_blocks must be >= 1, sinkhorn_iters >= 0 and "
                              f"temperature > 0; got {block_size}, {max_blocks}, {sinkhorn_iters}, {temperature}")
         self.block_size, self.max_blocks = block_size, max_blocks
         self.sinkhorn_iters, self.temperature = sinkhorn_iters, temperature
-        self.sortnet = nn.Linear(d_model // n_heads, max_blocks)  # shared by the heads, as in LRA's code
+        self.sortnet = nn.Linear(self.head_dim, max_blocks)  # shared by the heads, as in LRA's code
 
     def permutation(self, k: torch.Tensor, key_real: torch.Tensor) -> torch.Tensor:
         """The soft permutation (B, H, n, n) of the key blocks, from k (B, H, n * b, hd)."""

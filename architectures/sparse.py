@@ -16,6 +16,9 @@ only some keys:
   per layer (a ``torch.Generator`` seeded from ``seed`` and ``layer_idx``) and drawn from the
   sequence's real (unpadded) blocks, so padding never changes a real token's output. In causal
   mode a query block sees only blocks at or before it, and its random blocks come from the past.
+  ``pattern: lra_released`` is the pattern of LRA's released code instead (the first and the
+  last block of the padded sequence global, random blocks per head; its kernel lives in
+  :mod:`architectures.bigbird_released`).
 
 The portable path chunks queries into blocks, gathers only the key blocks each needs and runs
 SDPA on the blocks: O(L * window) time and memory, never an L x L mask. A score bias that
@@ -35,6 +38,8 @@ import torch
 import torch.nn.functional as F
 
 from architectures.attention import MultiHeadAttention
+
+BIGBIRD_PATTERNS = ("itc", "lra_released")  # the paper's ITC pattern; LRA's released one
 
 # ----------------------------------------------------------------------------- dense references
 
@@ -334,14 +339,15 @@ class LocalAttention(SparseAttention):
             ``i - (window - window // 2 - 1) <= j <= i + window // 2``.
         dropout: attention-weight dropout in training.
         positional: ``none``, or ``rope``, ``xpos``, ``alibi`` or ``t5`` (see :class:`MultiHeadAttention`).
+        qkv_dim: width of queries, keys and values over the heads (see :class:`MultiHeadAttention`).
     """
 
     def __init__(
         self, d_model: int, *, causal: bool, layer_idx: int = 0, n_heads: int, window: int,
-        dropout: float = 0.0, positional: str = "none",
+        dropout: float = 0.0, positional: str = "none", qkv_dim: int | None = None,
     ):
         super().__init__(d_model, causal=causal, layer_idx=layer_idx, n_heads=n_heads, dropout=dropout,
-                         positional=positional)
+                         positional=positional, qkv_dim=qkv_dim)
         if window < 1:
             raise ValueError(f"model.mixer.window must be at least 1, got {window}")
         self.window = window
@@ -367,10 +373,10 @@ class LongformerAttention(LocalAttention):
 
     def __init__(
         self, d_model: int, *, causal: bool, layer_idx: int = 0, n_heads: int, window: int, n_global: int,
-        dropout: float = 0.0, positional: str = "none",
+        dropout: float = 0.0, positional: str = "none", qkv_dim: int | None = None,
     ):
         super().__init__(d_model, causal=causal, layer_idx=layer_idx, n_heads=n_heads, window=window,
-                         dropout=dropout, positional=positional)
+                         dropout=dropout, positional=positional, qkv_dim=qkv_dim)
         if n_global < 0:
             raise ValueError(f"model.mixer.n_global must be >= 0, got {n_global}")
         self.n_global = n_global
@@ -380,22 +386,36 @@ class BigBirdAttention(SparseAttention):
     """Block-sparse window + global + random attention, the ``bigbird`` mixer.
 
     Args:
-        d_model, causal, n_heads, dropout, positional: as :class:`LocalAttention`.
+        d_model, causal, n_heads, dropout, positional, qkv_dim: as :class:`LocalAttention`.
         layer_idx: position in the stack; with ``seed`` it fixes this layer's random blocks.
         block_size: tokens per block.
         n_window_blocks: odd number of blocks around (and including) the query block.
         n_global_blocks: leading blocks that attend everywhere and are attended by all.
         n_random_blocks: random key blocks per query block.
         seed: seed of the random pattern.
+        pattern: ``itc`` (the paper's pattern, above) or ``lra_released``: LRA's released BigBird
+            (:mod:`architectures.bigbird_released`: the first and last block of the padded
+            sequence global, a window of 3 blocks, random blocks drawn per head as its code
+            draws them); it needs ``n_window_blocks`` 3 and ``n_global_blocks`` 2.
     """
 
     def __init__(
         self, d_model: int, *, causal: bool, layer_idx: int = 0, n_heads: int, block_size: int,
         n_window_blocks: int, n_global_blocks: int, n_random_blocks: int, seed: int, dropout: float = 0.0,
-        positional: str = "none",
+        positional: str = "none", qkv_dim: int | None = None, pattern: str = "itc",
     ):
         super().__init__(d_model, causal=causal, layer_idx=layer_idx, n_heads=n_heads, dropout=dropout,
-                         positional=positional)
+                         positional=positional, qkv_dim=qkv_dim)
+        if pattern not in BIGBIRD_PATTERNS:
+            raise ValueError(f"model.mixer.pattern must be one of {BIGBIRD_PATTERNS}, got {pattern!r}")
+        if pattern == "lra_released" and (n_window_blocks, n_global_blocks) != (3, 2):
+            raise ValueError("model.mixer.pattern=lra_released is LRA's fixed pattern: a window of 3 blocks and 2 "
+                             "global blocks (the first and the last); set model.mixer.n_window_blocks=3 and "
+                             f"n_global_blocks=2 (got {n_window_blocks} and {n_global_blocks})")
+        if pattern == "lra_released" and positional in ("alibi", "t5"):
+            raise ValueError(f"model.positional={positional} is not available with model.mixer.pattern=lra_released "
+                             "(its blocked kernel adds no score bias); use none, sinusoidal, learned, rope or xpos")
+        self.pattern = pattern
         if block_size < 1:
             raise ValueError(f"model.mixer.block_size must be at least 1, got {block_size}")
         if n_window_blocks < 1 or n_window_blocks % 2 == 0:
@@ -407,6 +427,46 @@ class BigBirdAttention(SparseAttention):
         self.n_global_blocks, self.n_random_blocks = n_global_blocks, n_random_blocks
         self.seed, self.layer_idx = seed, layer_idx
         self._random_tables: dict[int, torch.Tensor] = {}
+
+    def released_key_blocks(self, n_blocks: int) -> torch.Tensor:
+        """LRA's released pattern for ``n_blocks`` padded blocks: (H, n_blocks - 2, 5 + r) key blocks,
+        drawn once per length with this layer's seed (the release seeds with the layer index)."""
+        from architectures import bigbird_released as released  # it builds on this module's kernels
+
+        key = ("released", n_blocks)
+        if key not in self._random_tables:
+            self._random_tables[key] = released.released_key_blocks(released.released_random_blocks(
+                n_blocks, block_size=self.block_size, n_random_blocks=self.n_random_blocks, n_heads=self.n_heads,
+                seed=self.seed * 1_000_003 + self.layer_idx))
+        return self._random_tables[key]
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if self.pattern == "itc":
+            return super().forward(x, mask)
+        if self.causal:  # the release falls back to dense causal attention
+            return MultiHeadAttention.forward(self, x, mask)
+        from architectures import bigbird_released as released  # it builds on this module's kernels
+
+        q, k, v = self.project(x)  # (B, H, L, hd)
+        L = q.shape[2]
+        q, k, v, key_real = released.pad_as_released(q, k, v, mask, self.block_size)  # (B, H, Lp, hd), (B, Lp)
+        key_blocks = self.released_key_blocks(q.shape[2] // self.block_size)
+        dropout = self.dropout if self.training else 0.0
+        if x.is_cuda and dropout == 0.0:  # FlexAttention has no attention dropout
+            blocks = released.released_block_mask(key_blocks).to(x.device)  # (H, nb, nb)
+            b = self.block_size
+
+            def mask_mod(bi, h, i, j):
+                return blocks[h, i // b, j // b] & key_real[bi, j]
+
+            y = flex_sparse_attention(q, k, v, mask_mod)
+        else:
+            y = released.released_bigbird_attention(q, k, v, key_blocks=key_blocks, key_real=key_real,
+                                           block_size=self.block_size, dropout=dropout)
+        y = y[:, :, :L]
+        if mask is not None:  # the release zeroes the outputs of pad queries
+            y = y * mask[:, None, :, None]
+        return self.merge(y)
 
     def random_table(self, n_blocks: int) -> torch.Tensor:
         """This layer's random key blocks (n_blocks, n_random_blocks) for a sequence of n_blocks."""
@@ -443,3 +503,4 @@ class BigBirdAttention(SparseAttention):
             return allowed & (j <= i) if causal else allowed
 
         return mask_mod
+

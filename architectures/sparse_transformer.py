@@ -159,14 +159,15 @@ class SparseTransformerAttention(SparseAttention):
         c: the paper's ``c``: summary positions at the end of each block (``fixed`` only).
         dropout: attention-weight dropout in training.
         positional: ``none``, or ``rope``, ``xpos``, ``alibi`` or ``t5`` (see :class:`MultiHeadAttention`).
+        qkv_dim: width of queries, keys and values over the heads (see :class:`MultiHeadAttention`).
     """
 
     def __init__(
         self, d_model: int, *, causal: bool, layer_idx: int = 0, n_heads: int, pattern: str, stride: int,
-        c: int, dropout: float = 0.0, positional: str = "none",
+        c: int, dropout: float = 0.0, positional: str = "none", qkv_dim: int | None = None,
     ):
         super().__init__(d_model, causal=causal, layer_idx=layer_idx, n_heads=n_heads, dropout=dropout,
-                         positional=positional)
+                         positional=positional, qkv_dim=qkv_dim)
         if pattern not in PATTERNS:
             raise ValueError(f"model.mixer.pattern must be one of {PATTERNS}, got {pattern!r}")
         if stride < 1:

@@ -60,6 +60,10 @@ class SynthesizerAttention(nn.Module):
         positional: ``rope`` or ``xpos`` rotate queries and keys (only with ``dot_product``).
     """
 
+    # the query/key/value/output projections and the kernels each fuses, for init=lra_released
+    # (architectures/lra.py)
+    released_projections = {"qk": 2, "v": 1, "out": 1}
+
     def __init__(
         self, d_model: int, *, causal: bool, layer_idx: int = 0, n_heads: int, mode: str, max_len: int,
         factorized: bool = False, k: int = 32, dot_product: bool = False, dropout: float = 0.0,
@@ -93,6 +97,22 @@ class SynthesizerAttention(nn.Module):
             self.random2 = nn.Parameter(torch.randn(n_heads, max_len, k) / math.sqrt(k))
         else:
             self.random = nn.Parameter(torch.randn(n_heads, max_len, max_len) / math.sqrt(max_len))
+
+    @torch.no_grad()
+    def lra_released_init_(self) -> None:
+        """LRA's released synthetic logits (synthesizer_attention.py): ``self.param('random',
+        (heads, max_length, max_length), kernel_init)`` with the block's xavier_uniform, whose
+        fans over a 3-d shape count the leading axis as receptive field: fan_in = max_len x heads,
+        fan_out = max_len x heads (factorised: (heads, max_len, k) and (heads, k, max_len))."""
+        H, L = self.n_heads, self.max_len
+        if self.mode == "random" and not self.factorized:
+            bound = math.sqrt(6 / (2 * L * H))
+            self.random.uniform_(-bound, bound)
+        elif self.factorized:
+            k = self.random1.shape[-1]
+            bound = math.sqrt(6 / (L * H + k * H))  # both factors: fans L x H and k x H
+            self.random1.uniform_(-bound, bound)
+            self.random2.uniform_(-bound, bound)
 
     def synthetic_logits(self, x: torch.Tensor) -> torch.Tensor:
         """The synthetic logits for x (B, L, D): (B, H, L, L) for dense, (1, H, L, L) for random."""

@@ -34,6 +34,12 @@ NON_RESULT_TRAINER_KEYS = ("device", "progress", "log_every", "checkpoint_every"
 # records of before keep their config_hash (and a sweep does not rerun them).
 LATER_TRAINER_DEFAULTS = {"compile": False, "activation_checkpointing": False, "schedule": "cosine",
                           "eps": 1e-8, "decay": "matrices", "test_weights": "best"}
+# Model keys added the same way (LRA's released details, architectures/lra.py): the shared
+# backbone's init, head and feed-forward activation, the attention mixers' qkv_dim, BigBird's pattern and
+# the kernelised mixers' mask_padding
+LATER_MODEL_DEFAULTS = {"init": "default", "head": "default", "ffn_activation": "gelu"}
+LATER_MIXER_DEFAULTS = {"qkv_dim": None, "pattern": "itc", "mask_padding": True}  # bigbird's pattern,
+# linear_transformer's and performer's mask_padding
 NON_RESULT_TASK_KEYS = ("cache_dir",)  # generated data are cached under a key of their own
 # Where a task reads its data: part of a run's identity (other data, another result), compared
 # as absolute paths, since a relative one means another folder when run from elsewhere.
@@ -87,6 +93,9 @@ def register_resolvers() -> None:
     if not OmegaConf.has_resolver("arena_mul"):
         # widths that follow d_model: d_ff: ${arena_mul:${.d_model},4}
         OmegaConf.register_new_resolver("arena_mul", lambda a, b: int(a * b))
+    if not OmegaConf.has_resolver("arena_ceil_div"):
+        # LRA's Reformer chunks: a tenth of the input, rounded up: ${arena_ceil_div:${task.seq_len},10}
+        OmegaConf.register_new_resolver("arena_ceil_div", lambda a, b: -(-int(a) // int(b)))
     if not OmegaConf.has_resolver("arena_models"):
         # hydra.sweeper.params.model: ${arena_models:${sweep.exclude_models}}
         OmegaConf.register_new_resolver("arena_models", sweep_models)
@@ -127,9 +136,11 @@ def result_config(cfg: DictConfig) -> dict:
         for key in keys:
             kept.get(node, {}).pop(key, None)
     trainer = kept.get("trainer", {})
-    for key, default in LATER_TRAINER_DEFAULTS.items():
-        if key in trainer and trainer[key] == default:
-            del trainer[key]
+    for node, defaults in ((trainer, LATER_TRAINER_DEFAULTS), (kept.get("model", {}), LATER_MODEL_DEFAULTS),
+                           (kept.get("model", {}).get("mixer") or {}, LATER_MIXER_DEFAULTS)):
+        for key, default in defaults.items():
+            if key in node and node[key] == default:
+                del node[key]
     task = kept.get("task", {})
     for key in DATA_PATH_KEYS:
         if isinstance(task.get(key), str):

@@ -271,6 +271,10 @@ def test_published_numbers_are_tidy_and_cited():
 
 def test_comparison_sets_ours_beside_published_only_for_the_matched_configuration(tmp_path):
     make(tmp_path, task="listops", seq_len=2000, val=0.4, test=0.4, experiment="lra_table1")
+    make(tmp_path, model="performer", task="listops", seq_len=2000, val=0.4, test=0.4, experiment="lra_table1",
+         model_cfg={"init": "lra_released"})
+    seeds3(tmp_path, model="transformer", task="text", seq_len=4000, val=0.6, experiment="lra_table1",
+           model_cfg={"init": "lra_released"})
     bench_sweep(tmp_path)
     seeds3(tmp_path, model="h3", task="selective_copying", seq_len=4096, val=0.6,
            experiment="mamba_selective_copying")
@@ -291,8 +295,14 @@ def test_comparison_sets_ours_beside_published_only_for_the_matched_configuratio
     assert abs_["ours"] == pytest.approx(50.0) and abs_["protocol"] == "extrapolation from 256"
     rope = comp[comp["paper_model"] == "MHA-RoPE"]  # needs model.positional=rope runs
     assert rope["ours"].isna().all() and rope["match"].str.startswith("unmatched: no runs").all()
+    # LRA's Transformer on ListOps is matched to lra_table1 with the release's init: the run made
+    # without it (an lra_table1 record of before model.init) is not set beside it
     listops = comp.loc[("transformer", "listops", "Table 1", 2000, "accuracy")]
-    assert pd.isna(listops["ours"]) and "init" in listops["match"]
+    assert pd.isna(listops["ours"]) and listops["match"].startswith("unmatched: no runs")
+    text = comp.loc[("transformer", "text", "Table 1", 4000, "accuracy")]
+    assert text["ours"] == pytest.approx(60.0) and text["match"].startswith("matched: experiment=lra_table1")
+    performer = comp[(comp["model"] == "performer") & (comp["task"] == "listops")].iloc[0]
+    assert pd.isna(performer["ours"]) and "1e-6" in performer["match"]
     average = comp[comp["task"] == "average"]  # ... is never set beside LRA's average
     assert len(average) and average["ours"].isna().all() and average["diff"].isna().all()
     assert comp[comp["metric"] == "speedup"]["ours"].isna().all()  # LRA Table 2: unmatched
