@@ -170,25 +170,25 @@ class Mamba(nn.Module):
     def ssm(self, xz: torch.Tensor) -> torch.Tensor:
         """One causal pass from in_proj's output xz (B, L, 2E) to the gated scan output (B, L, E)."""
         A = -torch.exp(self.A_log.float())  # (E, N)
-        weights = (self.conv1d.weight, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight)
+        weights = (self.conv1d.weight, self.conv1d.bias, self.x_proj.weight)
         if self.scan_implementation in ("auto", "fused") and RecomputedScanInputs.applies(xz):
-            return RecomputedScanInputs.apply(xz, *weights, A, self.D, self.dt_proj.bias, self)
-        u, dt, B, C, z = self.scan_inputs(xz, *weights)
+            return RecomputedScanInputs.apply(xz, *weights, self.dt_proj.weight, A, self.D, self.dt_proj.bias, self)
+        u, dt_low, B, C, z = self.scan_inputs(xz, *weights)
+        dt = F.linear(dt_low.transpose(1, 2), self.dt_proj.weight).transpose(1, 2)  # (B, E, L); bias below
         y = selective_scan(
             u, dt, A, B, C, self.D.float(), z=z, delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
             scan=self.scan_implementation,
         )  # (B, E, L)
         return y.transpose(1, 2)  # (B, L, E)
 
-    def scan_inputs(self, xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight):
-        """From xz (B, L, 2E) to the scan's u, delta (before bias and softplus) and z (B, E, L) and
-        its B, C (B, N, L): transposed views of (B, L, .) tensors, which the fused kernel reads in
-        place (and answers in the same (B, L, E) layout)."""
+    def scan_inputs(self, xz, conv_weight, conv_bias, x_proj_weight):
+        """From xz (B, L, 2E) to the scan's u and z (B, E, L), dt_low (B, R, L), the input of
+        dt_proj, and B, C (B, N, L): transposed views of (B, L, .) tensors, which the fused kernel
+        reads in place (and answers in the same (B, L, E) layout)."""
         xs, z = xz.split(self.d_inner, dim=-1)  # (B, L, E) views
         u = conv_silu(xs, conv_weight, conv_bias, fused=self.scan_implementation in ("auto", "fused"))  # (B, L, E)
-        dt, B, C = F.linear(u, x_proj_weight).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = F.linear(dt, dt_proj_weight)  # (B, L, E); dt_proj's bias goes in as delta_bias
-        return u.transpose(1, 2), dt.transpose(1, 2), B.transpose(1, 2), C.transpose(1, 2), z.transpose(1, 2)
+        dt_low, B, C = F.linear(u, x_proj_weight).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        return u.transpose(1, 2), dt_low.transpose(1, 2), B.transpose(1, 2), C.transpose(1, 2), z.transpose(1, 2)
 
     def step(self, x_t: torch.Tensor, state: tuple | None) -> tuple[torch.Tensor, tuple]:
         """One token: x_t (B, D); state (conv (B, E, d_conv), ssm (B, E, N)) or None."""
@@ -215,11 +215,12 @@ class Mamba(nn.Module):
 
 class RecomputedScanInputs(torch.autograd.Function):
     """:meth:`Mamba.ssm` by the fused CPU scan, keeping for the backward only xz and the scan's
-    checkpoints: the convolution, x_proj and dt_proj outputs (five (B, L, E)-sized tensors) are
-    recomputed in the backward, as mamba-ssm's ``mamba_inner_fn`` does on CUDA (checkpoint_lvl 1).
+    checkpoints: the convolution and x_proj outputs are recomputed in the backward, as mamba-ssm's
+    ``mamba_inner_fn`` does on CUDA (checkpoint_lvl 1), and dt_proj runs inside the kernel (R
+    multiply-adds per channel and step), so delta (B, L, E) is never stored.
 
-    Forward inputs: xz (B, L, 2E); the convolution's weight and bias, x_proj's and dt_proj's
-    weights; A (E, N); D and dt_proj's bias (E,); the mixer (for :meth:`Mamba.scan_inputs`).
+    Forward inputs: xz (B, L, 2E); the convolution's weight and bias and x_proj's weight; dt_proj's
+    weight (E, R); A (E, N); D and dt_proj's bias (E,); the mixer (for :meth:`Mamba.scan_inputs`).
     Returns the gated scan output (B, L, E).
     """
 
@@ -231,28 +232,28 @@ class RecomputedScanInputs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, dt_bias, mixer):
-        weights = (conv_weight, conv_bias, x_proj_weight, dt_proj_weight)
-        u, dt, B, C, z = mixer.scan_inputs(xz, *weights)
+        weights = (conv_weight, conv_bias, x_proj_weight)
+        u, dt_low, B, C, z = mixer.scan_inputs(xz, *weights)
         batch, dim, L = u.shape
         out, _, checkpoints = ssm_cpu.extension().forward(
-            u, dt, A, *(time_major_BC(X, batch, dim, L, name) for X, name in ((B, "B"), (C, "C"))), D, z, dt_bias,
-            True)
+            u, dt_low, A, *(time_major_BC(X, batch, dim, L, name) for X, name in ((B, "B"), (C, "C"))), D, z,
+            dt_bias, True, dt_proj_weight)
         ctx.mixer = mixer
-        ctx.save_for_backward(xz, *weights, A, D, dt_bias, checkpoints)
+        ctx.save_for_backward(xz, *weights, dt_proj_weight, A, D, dt_bias, checkpoints)
         return out.transpose(1, 2)  # (B, L, E)
 
     @staticmethod
     def backward(ctx, grad_out):
-        *differentiable, A, D, dt_bias, checkpoints = ctx.saved_tensors  # xz and the weights, then the rest
+        *differentiable, dt_proj_weight, A, D, dt_bias, checkpoints = ctx.saved_tensors  # xz and the weights first
         leaves = [None if t is None else t.detach().requires_grad_() for t in differentiable]  # conv bias may be None
         with torch.enable_grad():  # the scan's inputs again, as a graph from the leaves
             inputs = ctx.mixer.scan_inputs(*leaves)
-        u, dt, B, C, z = inputs
+        u, dt_low, B, C, z = inputs
         batch, dim, L = u.shape
-        du, ddelta, dz, dA, dB, dC, dD, dbias = ssm_cpu.extension().backward(
-            ssm_cpu.channels_last(grad_out.transpose(1, 2)), u.new_zeros(batch, dim, A.shape[1]), u, dt, A,
+        du, ddt_low, dz, dA, dB, dC, dD, dbias, ddt_proj = ssm_cpu.extension().backward(
+            ssm_cpu.channels_last(grad_out.transpose(1, 2)), u.new_zeros(batch, dim, A.shape[1]), u, dt_low, A,
             *(time_major_BC(X, batch, dim, L, name) for X, name in ((B, "B"), (C, "C"))), D, z, dt_bias, True,
-            checkpoints)
+            checkpoints, dt_proj_weight)
         dB, dC = (dX[:, 0].transpose(1, 2) for dX in (dB, dC))  # (B, 1, L, N) -> (B, N, L)
-        grads = iter(torch.autograd.grad(inputs, [t for t in leaves if t is not None], (du, ddelta, dB, dC, dz)))
-        return (*(None if t is None else next(grads) for t in leaves), dA, dD, dbias, None)
+        grads = iter(torch.autograd.grad(inputs, [t for t in leaves if t is not None], (du, ddt_low, dB, dC, dz)))
+        return (*(None if t is None else next(grads) for t in leaves), ddt_proj, dA, dD, dbias, None)

@@ -68,17 +68,20 @@ def _register_fake_kernels() -> None:
     """Output shapes of the two ops, so torch.compile can trace through them (trainer.compile)."""
 
     @torch.library.register_fake("seq_arena_scan::forward")
-    def _(u, delta, A, B, C, D, z, delta_bias, softplus):
+    def _(u, delta, A, B, C, D, z, delta_bias, softplus, delta_proj=None):
         batch, dim, L = u.shape
         return [channels_last(u), u.new_empty(batch, dim, A.shape[1]),
                 u.new_empty(batch, dim, -(-L // 64), A.shape[1])]  # out, last state, checkpoints (kChunk = 64)
 
     @torch.library.register_fake("seq_arena_scan::backward")
-    def _(grad_out, grad_last, u, delta, A, B, C, D, z, delta_bias, softplus, checkpoints):
+    def _(grad_out, grad_last, u, delta, A, B, C, D, z, delta_bias, softplus, checkpoints, delta_proj=None):
         batch, dim, L = u.shape
         dz = channels_last(u) if z is not None else u.new_empty(0)
-        return [channels_last(u), channels_last(u), dz, torch.empty_like(A), u.new_empty(batch, B.shape[1], L, A.shape[1]),
-                u.new_empty(batch, C.shape[1], L, A.shape[1]), u.new_empty(dim), u.new_empty(dim)]
+        rank = 0 if delta_proj is None else delta_proj.shape[1]
+        ddelta = channels_last(u) if delta_proj is None else u.new_empty(batch, L, rank).transpose(1, 2)
+        return [channels_last(u), ddelta, dz, torch.empty_like(A), u.new_empty(batch, B.shape[1], L, A.shape[1]),
+                u.new_empty(batch, C.shape[1], L, A.shape[1]), u.new_empty(dim), u.new_empty(dim),
+                u.new_empty(dim, rank)]
 
     @torch.library.register_fake("seq_arena_scan::conv_silu_forward")
     def _(x, w, bias):
@@ -136,7 +139,7 @@ class FusedSelectiveScan(torch.autograd.Function):
         u, delta, A, B, C, D, z, delta_bias, checkpoints = ctx.saved_tensors
         grad_out = torch.zeros_like(u) if grad_out is None else channels_last(grad_out)
         grad_last = u.new_zeros(u.shape[0], u.shape[1], A.shape[1]) if grad_last is None else grad_last.contiguous()
-        du, ddelta, dz, dA, dB, dC, dD, dbias = _extension.backward(
+        du, ddelta, dz, dA, dB, dC, dD, dbias, _ = _extension.backward(
             grad_out, grad_last, u, delta, A, B, C, D, z, delta_bias, ctx.softplus, checkpoints)
         return (du, ddelta, dA, dB, dC, dD if D is not None else None, dz if z is not None else None,
                 dbias if delta_bias is not None else None, None)

@@ -103,15 +103,15 @@ def test_scan_option_is_validated():
         Mamba(8, causal=True, d_state=4, d_conv=4, expand=2, dt_min=1e-3, dt_max=0.1, dt_init_floor=1e-4, scan="cuda")
 
 
-@pytest.mark.parametrize("conv_bias", [True, False])
-def test_mamba_mixer_is_the_same_with_every_scan_and_under_bf16_autocast(conv_bias):
-    """fused: the scan's inputs recomputed in the backward (RecomputedScanInputs)."""
+@pytest.mark.parametrize("conv_bias,d_model", [(True, 8), (False, 8), (True, 40)])  # dt_rank 1, 1, 3
+def test_mamba_mixer_is_the_same_with_every_scan_and_under_bf16_autocast(conv_bias, d_model):
+    """fused: dt_proj inside the kernel, the scan's inputs recomputed in the backward (RecomputedScanInputs)."""
     results = {}
     for scan in ("fused", "chunked", "reference"):
         torch.manual_seed(0)
-        mixer = Mamba(8, causal=True, d_state=4, d_conv=4, expand=2, dt_min=1e-3, dt_max=0.1, dt_init_floor=1e-4,
-                      conv_bias=conv_bias, scan=scan)
-        x = torch.randn(2, 70, 8, requires_grad=True)
+        mixer = Mamba(d_model, causal=True, d_state=4, d_conv=4, expand=2, dt_min=1e-3, dt_max=0.1,
+                      dt_init_floor=1e-4, conv_bias=conv_bias, scan=scan)
+        x = torch.randn(2, 70, d_model, requires_grad=True)
         y = mixer(x)
         y.square().sum().backward()
         results[scan] = [y, x.grad, *(p.grad for p in mixer.parameters())]
