@@ -161,10 +161,9 @@ class Mamba(nn.Module):
             return self.out_proj(self.ssm(xz))
         # The reversed pass runs the same block on reverse(x). in_proj and out_proj act token by
         # token, so it shares in_proj's output (reversed), and the two passes share one out_proj of
-        # their sum; both passes' scans run as one batch of 2B.
-        batch = x.shape[0]
-        y = self.ssm(torch.cat([xz, reverse_within_length(xz, mask)]))  # (2B, L, E)
-        out = self.out_proj(y[:batch] + reverse_within_length(y[batch:], mask))  # (B, L, D)
+        # their sum.
+        y = self.ssm(xz) + reverse_within_length(self.ssm(reverse_within_length(xz, mask)), mask)  # (B, L, E)
+        out = self.out_proj(y)  # (B, L, D)
         return out if self.out_proj.bias is None else out + self.out_proj.bias  # one bias per pass
 
     def ssm(self, xz: torch.Tensor) -> torch.Tensor:
