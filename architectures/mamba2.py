@@ -217,11 +217,11 @@ class Mamba2(nn.Module):
         if not self.bidirectional:
             return self.out_proj(self.ssd_and_norm(zxbcdt))
         # The reversed pass runs the same block on reverse(x): in_proj and out_proj act token by
-        # token, so it shares in_proj's output (reversed) and one out_proj of the two passes' sum;
-        # both passes run as one batch of 2B.
-        batch = x.shape[0]
-        y = self.ssd_and_norm(torch.cat([zxbcdt, reverse_within_length(zxbcdt, mask)]))  # (2B, L, E)
-        out = self.out_proj(y[:batch] + reverse_within_length(y[batch:], mask))  # (B, L, D)
+        # token, so it shares in_proj's output (reversed) and one out_proj of the two passes' sum
+        # (as the Mamba mixer).
+        y = self.ssd_and_norm(zxbcdt) + reverse_within_length(
+            self.ssd_and_norm(reverse_within_length(zxbcdt, mask)), mask)  # (B, L, E)
+        out = self.out_proj(y)  # (B, L, D)
         return out if self.out_proj.bias is None else out + self.out_proj.bias  # one bias per pass
 
     def split(self, zxbcdt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
