@@ -254,6 +254,7 @@ def selective_scan_fused(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
     dtype_in = u.dtype
     batch, dim, L = u.shape
     Bt, Ct = (time_major_BC(X, batch, dim, L, name) for X, name in ((B, "B"), (C, "C")))
+
     def vector(v):  # D, delta_bias (D,)
         return None if v is None else v.float().contiguous()
 
