@@ -73,8 +73,7 @@ def conv_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
     With ``fused``, fp32 CPU tensors outside autocast go to the C++ kernel (one pass each way,
     keeping only x for the backward) when the extension builds; everything else to PyTorch.
     """
-    if (fused and x.device.type == "cpu" and x.dtype == torch.float32 and x.stride(-1) == 1
-            and not torch.is_autocast_enabled("cpu") and ssm_cpu.extension() is not None):
+    if fused and x.stride(-1) == 1 and ssm_cpu.serves(x):
         return ssm_cpu.CausalConvSiLU.apply(x, weight, bias)
     return F.silu(causal_depthwise_conv1d(x, weight, bias))
 
@@ -170,7 +169,7 @@ class Mamba(nn.Module):
         """One causal pass from in_proj's output xz (B, L, 2E) to the gated scan output (B, L, E)."""
         A = -torch.exp(self.A_log.float())  # (E, N)
         weights = (self.conv1d.weight, self.conv1d.bias, self.x_proj.weight)
-        if self.scan_implementation in ("auto", "fused") and RecomputedScanInputs.applies(xz):
+        if self.scan_implementation in ("auto", "fused") and ssm_cpu.serves(xz):
             return RecomputedScanInputs.apply(xz, *weights, self.dt_proj.weight, A, self.D, self.dt_proj.bias, self)
         u, dt_low, B, C, z = self.scan_inputs(xz, *weights)
         dt = F.linear(dt_low.transpose(1, 2), self.dt_proj.weight).transpose(1, 2)  # (B, E, L); bias below
@@ -222,12 +221,6 @@ class RecomputedScanInputs(torch.autograd.Function):
     weight (E, R); A (E, N); D and dt_proj's bias (E,); the mixer (for :meth:`Mamba.scan_inputs`).
     Returns the gated scan output (B, L, E).
     """
-
-    @staticmethod
-    def applies(xz: torch.Tensor) -> bool:
-        """fp32 CPU tensors outside autocast, with the fused CPU scan built."""
-        return (xz.device.type == "cpu" and xz.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
-                and ssm_cpu.extension() is not None)
 
     @staticmethod
     def forward(ctx, xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, dt_bias, mixer):

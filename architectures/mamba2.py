@@ -188,7 +188,8 @@ class Mamba2(nn.Module):
     ):
         super().__init__()
         if scan not in SCAN_IMPLEMENTATIONS:
-            raise ValueError(f"model.mixer.scan (conf/model/mamba2.yaml) must be one of {SCAN_IMPLEMENTATIONS}, got {scan!r}")
+            raise ValueError(f"model.mixer.scan (conf/model/mamba2.yaml) must be one of {SCAN_IMPLEMENTATIONS}, "
+                             f"got {scan!r}")
         self.scan_implementation = scan
         E = expand * d_model
         if E % head_dim:
@@ -247,9 +248,7 @@ class Mamba2(nn.Module):
         A = -torch.exp(self.A_log.float())  # (nh,)
         groups = (batch, L, self.n_groups, self.d_state)
         B, C = B.reshape(groups), C.reshape(groups)
-        fused = self.scan_implementation == "fused" or (
-            self.scan_implementation == "auto" and zxbcdt.device.type == "cpu" and zxbcdt.dtype == torch.float32
-            and ssm_cpu.extension() is not None)
+        fused = self.scan_implementation == "fused" or (self.scan_implementation == "auto" and ssm_cpu.serves(zxbcdt))
         if fused:  # the D skip, dt's bias and softplus and the gate inside the kernel
             y = ssd_by_selective_scan(xs, dt, A, B, C, D=self.D, z=z, dt_bias=self.dt_bias, dt_softplus=True)
             return self.norm_groups(y).to(z.dtype)

@@ -98,6 +98,12 @@ def channels_last(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(1) == 1 else x.transpose(1, 2).contiguous().transpose(1, 2)
 
 
+def serves(x: torch.Tensor) -> bool:
+    """Whether the fused kernels take x: an fp32 CPU tensor outside autocast, with the extension built."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+            and extension() is not None)
+
+
 def extension():
     """The compiled ops (``torch.ops.seq_arena_scan``), or None (after one warning) when they cannot be built."""
     global _extension, _unavailable

@@ -16,10 +16,8 @@ import pytest
 from conftest import ROOT, cli, cli_env
 
 from harness.claims import evaluate_claims, load_claims
-from harness.report import (
-    PUBLISHED_DIR, accuracy_table, compare_published, comparison_display, efficiency_table,
-    load_published, main, params_table, published_matches,
-)
+from harness.published import compare_published, load_published, published_matches
+from harness.report import PUBLISHED_DIR, accuracy_table, comparison_display, efficiency_table, main, params_table
 from harness.records import new_record
 from harness.results import (
     efficiency_cells, filter_runs, load_curves, load_runs, near_chance, records_frame,
