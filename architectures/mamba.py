@@ -31,7 +31,31 @@ import torch.nn.functional as F
 
 from architectures import ssm_cpu
 from architectures.layers import FeedForward
-from architectures.ssm import SCAN_IMPLEMENTATIONS, selective_scan, time_major_BC
+from architectures.ssm import SCAN_IMPLEMENTATIONS, selective_scan
+
+
+def reversal_order(mask: torch.Tensor | None, batch: int, L: int, device: torch.device) -> torch.Tensor:
+    """The step order (B, L) int64 that reads each sequence reversed over its real tokens (mask
+    (B, L), or None: all real), leaving right pads in place: step t is position order[b, t].
+
+    A reversal is its own inverse: position order[b, t] holds step t, and step order[b, t] is t.
+    """
+    t = torch.arange(L, device=device)  # (L,)
+    if mask is None:
+        return (L - 1 - t).expand(batch, L).contiguous()
+    lengths = mask.long().sum(1, keepdim=True)  # (B, 1)
+    return torch.where(t < lengths, lengths - 1 - t, t)  # (B, L)
+
+
+def steps_in_order(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """x (B, L, ...) read in the step order (B, L): out[b, t] = x[b, order[b, t]]."""
+    index = order.view(*order.shape, *([1] * (x.dim() - 2))).expand_as(x)
+    return x.gather(1, index)
+
+
+def positions_of_steps(y: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`steps_in_order`: y (B, L, ...) by step, put back by position."""
+    return steps_in_order(y, order.argsort(1))
 
 
 def reverse_within_length(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -39,14 +63,7 @@ def reverse_within_length(x: torch.Tensor, mask: torch.Tensor | None) -> torch.T
 
     Its own inverse: applying it twice gives x back.
     """
-    if mask is None:
-        return x.flip(1)
-    L = x.shape[1]
-    lengths = mask.long().sum(1, keepdim=True)  # (B, 1)
-    t = torch.arange(L, device=x.device)  # (L,)
-    index = torch.where(t < lengths, lengths - 1 - t, t)  # (B, L)
-    index = index.view(*index.shape, *([1] * (x.dim() - 2))).expand_as(x)
-    return x.gather(1, index)
+    return steps_in_order(x, reversal_order(mask, x.shape[0], x.shape[1], x.device))
 
 
 def causal_depthwise_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -67,14 +84,20 @@ def causal_depthwise_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
     return y
 
 
-def conv_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, fused: bool) -> torch.Tensor:
-    """SiLU(causal_depthwise_conv1d(x, weight, bias)), x (B, L, E) channels-last.
+def conv_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, fused: bool,
+              order: torch.Tensor | None = None) -> torch.Tensor:
+    """SiLU(causal_depthwise_conv1d(x, weight, bias)), x (B, L, E) channels-last; with a step
+    order (B, L), the convolution runs along it (step t is position order[b, t]) and the result is
+    by position, like x.
 
     With ``fused``, fp32 CPU tensors outside autocast go to the C++ kernel (one pass each way,
-    keeping only x for the backward) when the extension builds; everything else to PyTorch.
+    keeping only x for the backward, and reading in the order without a reordered copy) when the
+    extension builds; everything else to PyTorch.
     """
     if fused and x.stride(-1) == 1 and ssm_cpu.serves(x):
-        return ssm_cpu.CausalConvSiLU.apply(x, weight, bias)
+        return ssm_cpu.CausalConvSiLU.apply(x, weight, bias, order)
+    if order is not None:
+        return positions_of_steps(conv_silu(steps_in_order(x, order), weight, bias, fused=False), order)
     return F.silu(causal_depthwise_conv1d(x, weight, bias))
 
 
@@ -159,18 +182,22 @@ class Mamba(nn.Module):
         if not self.bidirectional:
             return self.out_proj(self.ssm(xz))
         # The reversed pass runs the same block on reverse(x). in_proj and out_proj act token by
-        # token, so it shares in_proj's output (reversed), and the two passes share one out_proj of
-        # their sum.
-        y = self.ssm(xz) + reverse_within_length(self.ssm(reverse_within_length(xz, mask)), mask)  # (B, L, E)
+        # token, so it shares in_proj's output, read in reversed order, and the two passes share
+        # one out_proj of their sum.
+        y = self.ssm(xz) + self.ssm(xz, reversal_order(mask, *xz.shape[:2], xz.device))  # (B, L, E)
         out = self.out_proj(y)  # (B, L, D)
         return out if self.out_proj.bias is None else out + self.out_proj.bias  # one bias per pass
 
-    def ssm(self, xz: torch.Tensor) -> torch.Tensor:
-        """One causal pass from in_proj's output xz (B, L, 2E) to the gated scan output (B, L, E)."""
+    def ssm(self, xz: torch.Tensor, order: torch.Tensor | None = None) -> torch.Tensor:
+        """One causal pass from in_proj's output xz (B, L, 2E) to the gated scan output (B, L, E),
+        along the step order (B, L) when one is given (the reversed pass), by position either way."""
         A = -torch.exp(self.A_log.float())  # (E, N)
         weights = (self.conv1d.weight, self.conv1d.bias, self.x_proj.weight)
         if self.scan_implementation in ("auto", "fused") and ssm_cpu.serves(xz):
-            return RecomputedScanInputs.apply(xz, *weights, self.dt_proj.weight, A, self.D, self.dt_proj.bias, self)
+            return RecomputedScanInputs.apply(xz, *weights, self.dt_proj.weight, A, self.D, self.dt_proj.bias, order,
+                                              self)
+        if order is not None:  # the PyTorch scans run on a reordered copy
+            return positions_of_steps(self.ssm(steps_in_order(xz, order)), order)
         u, dt_low, B, C, z = self.scan_inputs(xz, *weights)
         dt = F.linear(dt_low.transpose(1, 2), self.dt_proj.weight).transpose(1, 2)  # (B, E, L); bias below
         y = selective_scan(
@@ -179,12 +206,14 @@ class Mamba(nn.Module):
         )  # (B, E, L)
         return y.transpose(1, 2)  # (B, L, E)
 
-    def scan_inputs(self, xz, conv_weight, conv_bias, x_proj_weight):
+    def scan_inputs(self, xz, conv_weight, conv_bias, x_proj_weight, order=None):
         """From xz (B, L, 2E) to the scan's u and z (B, E, L), dt_low (B, R, L), the input of
         dt_proj, and B, C (B, N, L): transposed views of (B, L, .) tensors, which the fused kernel
-        reads in place (and answers in the same (B, L, E) layout)."""
+        reads in place (and answers in the same (B, L, E) layout). With a step order (B, L), the
+        convolution runs along it; everything stays by position."""
         xs, z = xz.split(self.d_inner, dim=-1)  # (B, L, E) views
-        u = conv_silu(xs, conv_weight, conv_bias, fused=self.scan_implementation in ("auto", "fused"))  # (B, L, E)
+        fused = self.scan_implementation in ("auto", "fused")
+        u = conv_silu(xs, conv_weight, conv_bias, fused=fused, order=order)  # (B, L, E)
         dt_low, B, C = F.linear(u, x_proj_weight).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         return u.transpose(1, 2), dt_low.transpose(1, 2), B.transpose(1, 2), C.transpose(1, 2), z.transpose(1, 2)
 
@@ -211,41 +240,60 @@ class Mamba(nn.Module):
         return self.out_proj(y.to(x_t.dtype)), (conv_state, ssm_state)
 
 
+def kernel_BC(B: torch.Tensor, C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mixer's B, C (B, N, L), transposed views of x_proj's output, as the scan kernel takes
+    them: (B, 1, L, N) views with unit stride over N."""
+    return B.transpose(1, 2).unsqueeze(1), C.transpose(1, 2).unsqueeze(1)
+
+
 class RecomputedScanInputs(torch.autograd.Function):
-    """:meth:`Mamba.ssm` by the fused CPU scan, keeping for the backward only xz and the scan's
+    """:meth:`Mamba.ssm` by the fused CPU kernels, keeping for the backward only xz and the scan's
     checkpoints: the convolution and x_proj outputs are recomputed in the backward, as mamba-ssm's
     ``mamba_inner_fn`` does on CUDA (checkpoint_lvl 1), and dt_proj runs inside the kernel (R
     multiply-adds per channel and step), so delta (B, L, E) is never stored.
 
     Forward inputs: xz (B, L, 2E); the convolution's weight and bias and x_proj's weight; dt_proj's
-    weight (E, R); A (E, N); D and dt_proj's bias (E,); the mixer (for :meth:`Mamba.scan_inputs`).
-    Returns the gated scan output (B, L, E).
+    weight (E, R); A (E, N); D and dt_proj's bias (E,); the step order (B, L) or None (the kernels
+    read the reversed pass in its order, so no reordered copy of xz is made or kept); the mixer
+    (for :meth:`Mamba.scan_inputs`). Returns the gated scan output (B, L, E), by position.
+
+    The backward is written out rather than differentiated through :meth:`Mamba.scan_inputs`, so
+    that the kernels write dz and the convolution's dx straight into the two halves of one dxz
+    (B, L, 2E) and x_proj's input gradient adds into du in place: fewer (B, L, E) tensors alive at
+    the step's memory peak.
     """
 
     @staticmethod
-    def forward(ctx, xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, dt_bias, mixer):
-        weights = (conv_weight, conv_bias, x_proj_weight)
-        u, dt_low, B, C, z = mixer.scan_inputs(xz, *weights)
-        batch, dim, L = u.shape
+    def forward(ctx, xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, dt_bias, order, mixer):
+        u, dt_low, B, C, z = mixer.scan_inputs(xz, conv_weight, conv_bias, x_proj_weight, order)
         out, _, checkpoints = ssm_cpu.extension().forward(
-            u, dt_low, A, *(time_major_BC(X, batch, dim, L, name) for X, name in ((B, "B"), (C, "C"))), D, z,
-            dt_bias, True, dt_proj_weight)
-        ctx.mixer = mixer
-        ctx.save_for_backward(xz, *weights, dt_proj_weight, A, D, dt_bias, checkpoints)
+            u, dt_low, A, *kernel_BC(B, C), D, z, dt_bias, True, dt_proj_weight, order)
+        ctx.sizes = (mixer.d_inner, mixer.dt_rank, mixer.d_state)
+        ctx.save_for_backward(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, dt_bias, checkpoints,
+                              order)
         return out.transpose(1, 2)  # (B, L, E)
 
     @staticmethod
     def backward(ctx, grad_out):
-        *differentiable, dt_proj_weight, A, D, dt_bias, checkpoints = ctx.saved_tensors  # xz and the weights first
-        leaves = [None if t is None else t.detach().requires_grad_() for t in differentiable]  # conv bias may be None
-        with torch.enable_grad():  # the scan's inputs again, as a graph from the leaves
-            inputs = ctx.mixer.scan_inputs(*leaves)
-        u, dt_low, B, C, z = inputs
-        batch, dim, L = u.shape
-        du, ddt_low, dz, dA, dB, dC, dD, dbias, ddt_proj = ssm_cpu.extension().backward(
-            ssm_cpu.channels_last(grad_out.transpose(1, 2)), u.new_zeros(batch, dim, A.shape[1]), u, dt_low, A,
-            *(time_major_BC(X, batch, dim, L, name) for X, name in ((B, "B"), (C, "C"))), D, z, dt_bias, True,
-            checkpoints, dt_proj_weight)
-        dB, dC = (dX[:, 0].transpose(1, 2) for dX in (dB, dC))  # (B, 1, L, N) -> (B, N, L)
-        grads = iter(torch.autograd.grad(inputs, [t for t in leaves if t is not None], (du, ddt_low, dB, dC, dz)))
-        return (*(None if t is None else next(grads) for t in leaves), ddt_proj, dA, dD, dbias, None)
+        xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, dt_bias, checkpoints, order = ctx.saved_tensors
+        E, R, N = ctx.sizes
+        ops = ssm_cpu.extension()
+        xs, z = xz.split(E, dim=-1)  # (B, L, E) views
+        taps = conv_weight[:, 0].contiguous()  # (E, K)
+        u = ops.conv_silu_forward(xs, taps, conv_bias, order)  # (B, L, E), recomputed
+        x_dbl = F.linear(u, x_proj_weight)  # (B, L, R + 2N)
+        dt_low, B, C = (t.transpose(1, 2) for t in x_dbl.split([R, N, N], dim=-1))  # (B, R|N|N, L) views
+        dxz = torch.empty_like(xz)  # (B, L, 2E): dx from the convolution, then dz
+        batch, L = u.shape[:2]
+        du, ddt_low, _, dA, dB, dC, dD, dbias, ddt_proj = ops.backward(
+            ssm_cpu.channels_last(grad_out.transpose(1, 2)), u.new_zeros(batch, E, N), u.transpose(1, 2), dt_low, A,
+            *kernel_BC(B, C), D, z.transpose(1, 2), dt_bias, True, checkpoints, dt_proj_weight,
+            order, dxz[..., E:].transpose(1, 2))
+        d_x_dbl = torch.cat([ddt_low.transpose(1, 2), dB[:, 0], dC[:, 0]], dim=-1)  # (B, L, R + 2N)
+        dx_proj = d_x_dbl.flatten(0, 1).T @ u.flatten(0, 1)  # (R + 2N, E)
+        del u
+        du = du.transpose(1, 2)  # (B, L, E), contiguous
+        du.view(-1, E).addmm_(d_x_dbl.view(-1, R + 2 * N), x_proj_weight)  # + x_proj's input gradient
+        _, dtaps, dconv_bias = ops.conv_silu_backward(xs, taps, conv_bias, du, order, dxz[..., :E])
+        return (dxz, dtaps.unsqueeze(1), dconv_bias if conv_bias is not None else None, dx_proj, ddt_proj, dA, dD,
+                dbias, None, None)

@@ -24,7 +24,7 @@ import warnings
 import torch
 
 CSRC = pathlib.Path(__file__).parent / "csrc"
-SOURCES = (CSRC / "selective_scan_cpu.cpp", CSRC / "causal_conv1d_cpu.cpp")  # and their fast_math.h
+SOURCES = (CSRC / "selective_scan_cpu.cpp", CSRC / "causal_conv1d_cpu.cpp")  # and the headers beside them
 
 _extension = None  # the built module, once loaded
 _unavailable: str | None = None  # why it could not be built, once tried
@@ -57,9 +57,9 @@ def _build():
 
 
 def _source_hash() -> str:
-    """12 hex digits of the sources' and header's SHA-256."""
+    """12 hex digits of the sources' and headers' SHA-256."""
     digest = hashlib.sha256()
-    for path in (*SOURCES, CSRC / "fast_math.h"):
+    for path in (*SOURCES, *sorted(CSRC.glob("*.h"))):
         digest.update(path.read_bytes())
     return digest.hexdigest()[:12]
 
@@ -68,15 +68,16 @@ def _register_fake_kernels() -> None:
     """Output shapes of the two ops, so torch.compile can trace through them (trainer.compile)."""
 
     @torch.library.register_fake("seq_arena_scan::forward")
-    def _(u, delta, A, B, C, D, z, delta_bias, softplus, delta_proj=None):
+    def _(u, delta, A, B, C, D, z, delta_bias, softplus, delta_proj=None, order=None):
         batch, dim, L = u.shape
         return [channels_last(u), u.new_empty(batch, dim, A.shape[1]),
                 u.new_empty(batch, dim, -(-L // 64), A.shape[1])]  # out, last state, checkpoints (kChunk = 64)
 
     @torch.library.register_fake("seq_arena_scan::backward")
-    def _(grad_out, grad_last, u, delta, A, B, C, D, z, delta_bias, softplus, checkpoints, delta_proj=None):
+    def _(grad_out, grad_last, u, delta, A, B, C, D, z, delta_bias, softplus, checkpoints, delta_proj=None,
+          order=None, dz_out=None):
         batch, dim, L = u.shape
-        dz = channels_last(u) if z is not None else u.new_empty(0)
+        dz = channels_last(u) if z is not None and dz_out is None else u.new_empty(0)
         rank = 0 if delta_proj is None else delta_proj.shape[1]
         ddelta = channels_last(u) if delta_proj is None else u.new_empty(batch, L, rank).transpose(1, 2)
         return [channels_last(u), ddelta, dz, torch.empty_like(A), u.new_empty(batch, B.shape[1], L, A.shape[1]),
@@ -84,12 +85,12 @@ def _register_fake_kernels() -> None:
                 u.new_empty(dim, rank)]
 
     @torch.library.register_fake("seq_arena_scan::conv_silu_forward")
-    def _(x, w, bias):
+    def _(x, w, bias, order=None):
         return x.new_empty(x.shape)
 
     @torch.library.register_fake("seq_arena_scan::conv_silu_backward")
-    def _(x, w, bias, grad_y):
-        return [x.new_empty(x.shape), torch.empty_like(w), w.new_empty(w.shape[0])]
+    def _(x, w, bias, grad_y, order=None, dx_out=None):
+        return [x.new_empty(x.shape if dx_out is None else 0), torch.empty_like(w), w.new_empty(w.shape[0])]
 
 
 def channels_last(x: torch.Tensor) -> torch.Tensor:
@@ -153,17 +154,18 @@ class FusedSelectiveScan(torch.autograd.Function):
 
 class CausalConvSiLU(torch.autograd.Function):
     """SiLU(causal depthwise conv1d) by the C++ kernel (csrc/causal_conv1d_cpu.cpp), channels-last:
-    x (batch, L, C) with unit stride over C, weight (C, 1, K), bias (C,) or None -> (batch, L, C).
-    Saves only its inputs: the backward recomputes the pre-activation."""
+    x (batch, L, C) with unit stride over C, weight (C, 1, K), bias (C,) or None -> (batch, L, C);
+    order (batch, L) int64 or None: the convolution runs along each row's order of positions (see
+    the kernel). Saves only its inputs: the backward recomputes the pre-activation."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias):
+    def forward(ctx, x, weight, bias, order=None):
         taps = weight[:, 0].contiguous()  # (C, K)
-        ctx.save_for_backward(x, taps, bias)
-        return _extension.conv_silu_forward(x, taps, bias)
+        ctx.save_for_backward(x, taps, bias, order)
+        return _extension.conv_silu_forward(x, taps, bias, order)
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, taps, bias = ctx.saved_tensors
-        dx, dtaps, dbias = _extension.conv_silu_backward(x, taps, bias, grad_y.contiguous())
-        return dx, dtaps.unsqueeze(1), dbias if bias is not None else None
+        x, taps, bias, order = ctx.saved_tensors
+        dx, dtaps, dbias = _extension.conv_silu_backward(x, taps, bias, grad_y.contiguous(), order)
+        return dx, dtaps.unsqueeze(1), dbias if bias is not None else None, None

@@ -259,10 +259,11 @@ def test_bidirectional_mixer_sees_the_future(name):
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_bidirectional_mamba_is_the_block_run_both_ways_and_summed(bias):
+@pytest.mark.parametrize("scan", ["fused", "reference"])  # the kernels read the reversed order; PyTorch a copy
+def test_bidirectional_mamba_is_the_block_run_both_ways_and_summed(bias, scan):
     """The shared in_proj / out_proj of the two passes change no value or gradient."""
     torch.manual_seed(0)
-    mixer = Mamba(8, causal=False, bidirectional=True, bias=bias, **MAMBA_KW)
+    mixer = Mamba(8, causal=False, bidirectional=True, bias=bias, **{**MAMBA_KW, "scan": scan})
     x = torch.randn(2, 21, 8, requires_grad=True)
     mask = torch.ones(2, 21, dtype=torch.bool)
     mask[0, 13:] = False

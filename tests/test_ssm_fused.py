@@ -143,10 +143,11 @@ def test_causal_depthwise_conv1d_equals_torch_conv1d():
 
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("channels", [6, 70])  # one block of 64 channels, and a second partial one
-def test_fused_conv_silu_equals_pytorch_values_and_gradients(bias, channels):
+@pytest.mark.parametrize("width", [4, 3])  # the kernel's K = 4 (Mamba's) and any other
+def test_fused_conv_silu_equals_pytorch_values_and_gradients(bias, channels, width):
     from architectures.mamba import conv_silu
 
-    conv = torch.nn.Conv1d(channels, channels, 4, groups=channels, padding=3, bias=bias)
+    conv = torch.nn.Conv1d(channels, channels, width, groups=channels, padding=width - 1, bias=bias)
     x = torch.randn(2, 11, 2 * channels)[..., :channels].requires_grad_()  # strided over L, as in_proj's split
     leaves = [x, conv.weight] + ([conv.bias] if bias else [])
     want = conv_silu(x, conv.weight, conv.bias, fused=False)
@@ -156,3 +157,37 @@ def test_fused_conv_silu_equals_pytorch_values_and_gradients(bias, channels):
     g = torch.randn_like(want)
     for a, b in zip(torch.autograd.grad(got, leaves, g), torch.autograd.grad(want, leaves, g), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("order_kind", ["reversed within length", "any permutation"])
+def test_fused_conv_silu_along_a_step_order_equals_pytorch_on_a_reordered_copy(order_kind):
+    """The bidirectional Mamba's reversed pass: the kernel reads x in the order, no reordered copy."""
+    from architectures.mamba import conv_silu, reversal_order
+
+    conv = torch.nn.Conv1d(20, 20, 4, groups=20, padding=3)
+    x = torch.randn(3, 13, 40)[..., :20].requires_grad_()  # (B, L, E), strided as in_proj's split
+    if order_kind == "any permutation":
+        order = torch.stack([torch.randperm(13, generator=torch.Generator().manual_seed(b)) for b in range(3)])
+    else:
+        order = reversal_order(torch.arange(13) < torch.tensor([[13], [9], [1]]), 3, 13, x.device)
+    leaves = [x, conv.weight, conv.bias]
+    want = conv_silu(x, conv.weight, conv.bias, fused=False, order=order)
+    got = conv_silu(x, conv.weight, conv.bias, fused=True, order=order)
+    assert "CausalConvSiLU" in type(got.grad_fn).__name__
+    torch.testing.assert_close(got, want)
+    g = torch.randn_like(want)
+    for a, b in zip(torch.autograd.grad(got, leaves, g), torch.autograd.grad(want, leaves, g), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_kernels_refuse_an_order_that_is_not_a_permutation():
+    ext = ssm_cpu.extension()
+    x, w = torch.randn(1, 5, 3), torch.randn(3, 4)
+    with pytest.raises(RuntimeError, match="causal_conv1d_cpu: order row 0 is not a permutation"):
+        ext.conv_silu_forward(x, w, None, torch.tensor([[0, 1, 2, 2, 4]]))
+    with pytest.raises(RuntimeError, match="causal_conv1d_cpu: order must be a contiguous int64 \\(batch, L\\)"):
+        ext.conv_silu_forward(x, w, None, torch.tensor([[0, 1, 2, 3]]))
+    u, delta = (ssm_cpu.channels_last(t) for t in scan_leaves(5, "(B,N,L)", batch=1, dim=3)[:2])  # (1, 3, 5)
+    A, B = -torch.rand(3, 2), torch.randn(1, 1, 5, 2)  # B, C (batch, G, L, N)
+    with pytest.raises(RuntimeError, match="selective_scan_cpu: order row 0 is not a permutation"):
+        ext.forward(u, delta, A, B, B, None, None, None, False, None, torch.tensor([[4, 3, 2, 1, 5]]))

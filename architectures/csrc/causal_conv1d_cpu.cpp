@@ -5,7 +5,9 @@
 // The backward recomputes c (K multiply-adds) instead of keeping it, and writes dx, dw and dbias in
 // one pass; in PyTorch the K shifted multiply-adds and their backward took a third of a Mamba
 // training step at 4K tokens. x is (batch, L, C) with unit stride over C and any other strides (the
-// Mamba mixer passes a slice of in_proj's output); w is (C, K) contiguous. Built with
+// Mamba mixer passes a slice of in_proj's output); w is (C, K) contiguous. With an optional step
+// order (batch, L) int64, step t of row b is position order[b, t] (read and written there): the
+// convolution runs along that order, as the bidirectional Mamba's reversed pass needs. Built with
 // selective_scan_cpu.cpp into one extension (architectures/ssm_cpu.py).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -20,6 +22,7 @@
 #include <vector>
 
 #include "fast_math.h"
+#include "step_order.h"
 
 namespace {
 
@@ -31,84 +34,90 @@ constexpr int64_t kMaxWidth = 8;   // the largest K (Mamba uses 4)
 struct Conv {
   int64_t batch, L, C, K, x_b, x_t;
   const float *x, *w, *bias;  // bias may be null
+  const int64_t* order;        // (batch, L) positions of the steps, or null for t itself
+
+  int64_t pos(int64_t b, int64_t t) const { return order ? order[b * L + t] : t; }
 };
 
-// c at step t for channels [e0, e1) of batch row b; wt holds the taps (load_taps).
-SCAN_INLINE void pre_activation(const Conv& p, int64_t b, int64_t t, int64_t e0, int64_t e1, const float* wt, float* c) {
-  const int64_t n = e1 - e0;
-#pragma omp simd
-  for (int64_t j = 0; j < n; ++j) c[j] = p.bias ? p.bias[e0 + j] : 0.0f;
-  for (int64_t k = 0; k < p.K; ++k) {
-    const int64_t s = t - (p.K - 1) + k;
-    if (s < 0) continue;
-    const float* xs = p.x + b * p.x_b + s * p.x_t + e0;
-    const float* wk = wt + k * kChannels;
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) c[j] += wk[j] * xs[j];
-  }
-}
-
-// w for channels [e0, e1), transposed to (K, kChannels) so that a tap reads contiguous lanes.
-SCAN_INLINE void load_taps(const Conv& p, int64_t e0, int64_t e1, float* wt) {
+// w for channels [e0, e1), transposed to (K, kChannels) so that a tap reads contiguous lanes, and
+// the bias (zeros without one).
+SCAN_INLINE void load_weights(const Conv& p, int64_t e0, int64_t e1, float* wt, float* bias) {
   for (int64_t k = 0; k < p.K; ++k)
     for (int64_t j = 0; j < e1 - e0; ++j) wt[k * kChannels + j] = p.w[(e0 + j) * p.K + k];
+  for (int64_t j = 0; j < e1 - e0; ++j) bias[j] = p.bias ? p.bias[e0 + j] : 0.0f;
 }
 
-SCAN_CLONES
-void forward_task(const Conv& p, int64_t b, int64_t e0, int64_t e1, float* y) {
-  float wt[kMaxWidth * kChannels], c[kChannels];
-  load_taps(p, e0, e1, wt);
-  const int64_t n = e1 - e0;
-  for (int64_t t = 0; t < p.L; ++t) {
-    pre_activation(p, b, t, e0, e1, wt, c);
-    float* yt = y + (b * p.L + t) * p.C + e0;
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) yt[j] = c[j] * sigmoid(c[j]);
+const float kZeros[kChannels] = {};  // the inputs before the start
+
+// The rows of x (channels e0 ..) that the K taps of step t read: tap k reads step t - (K - 1) + k,
+// at its position; kZeros before the start.
+SCAN_INLINE void tap_rows(const Conv& p, int64_t b, int64_t t, int64_t K, int64_t e0, const float** xk) {
+  for (int64_t k = 0; k < K; ++k) {
+    const int64_t s = t - (K - 1) + k;
+    xk[k] = s < 0 ? kZeros : p.x + b * p.x_b + p.pos(b, s) * p.x_t + e0;
   }
 }
 
-// dx (batch, L, C) of this task's rows and channels; dw (C, K) and dbias (C,) of batch row b.
-SCAN_CLONES
-void backward_task(const Conv& p, const float* grad_y, int64_t b, int64_t e0, int64_t e1, float* dx, float* dw,
-                   float* dbias) {
-  float wt[kMaxWidth * kChannels], c[kChannels], gc[kChannels], dwt[kMaxWidth * kChannels] = {}, db[kChannels] = {};
-  load_taps(p, e0, e1, wt);
-  const int64_t n = e1 - e0;
+// One pass over the steps; per step, one vector loop over the channels does the K taps and the
+// SiLU with the pre-activation in a register. kK: the width K at compile time (4, Mamba's), or 0.
+template <int64_t kK>
+SCAN_CLONES void forward_task(const Conv& p, int64_t b, int64_t e0, int64_t e1, float* y) {
+  const int64_t K = kK ? kK : p.K, n = e1 - e0;
+  float wt[kMaxWidth * kChannels], bias[kChannels];
+  const float* xk[kMaxWidth];
+  load_weights(p, e0, e1, wt, bias);
   for (int64_t t = 0; t < p.L; ++t) {
-    float* dxt = dx + (b * p.L + t) * p.C + e0;
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) dxt[j] = 0.0f;
-  }
-  for (int64_t t = 0; t < p.L; ++t) {
-    pre_activation(p, b, t, e0, e1, wt, c);
-    const float* gy = grad_y + (b * p.L + t) * p.C + e0;
+    tap_rows(p, b, t, K, e0, xk);
+    float* yt = y + (b * p.L + p.pos(b, t)) * p.C + e0;
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
-      const float s = sigmoid(c[j]);
-      gc[j] = gy[j] * s * (1.0f + c[j] * (1.0f - s));  // SiLU'(c) = s (1 + c (1 - s))
-      db[j] += gc[j];
+      float c = bias[j];
+      for (int64_t k = 0; k < K; ++k) c += wt[k * kChannels + j] * xk[k][j];
+      yt[j] = c * sigmoid(c);
     }
-    for (int64_t k = 0; k < p.K; ++k) {
-      const int64_t s = t - (p.K - 1) + k;
-      if (s < 0) continue;
-      const float* xs = p.x + b * p.x_b + s * p.x_t + e0;
-      float* dxs = dx + (b * p.L + s) * p.C + e0;
-      const float* wk = wt + k * kChannels;
-      float* dwk = dwt + k * kChannels;
+  }
+}
+
+// dx (batch, L, C; element (b, t, c) at dx[b * dx_b + t * dx_t + c]) of this task's rows and
+// channels; dw (C, K) and dbias (C,) of batch row b. Step t adds its gradient into the dx rows of
+// its K taps; the row of the last tap (step t itself) is touched first there, so it is assigned,
+// not added to, and dx needs no zeroing pass.
+template <int64_t kK>
+SCAN_CLONES void backward_task(const Conv& p, const float* grad_y, int64_t b, int64_t e0, int64_t e1, float* dx,
+                               int64_t dx_b, int64_t dx_t, float* dw, float* dbias) {
+  const int64_t K = kK ? kK : p.K, n = e1 - e0;
+  float wt[kMaxWidth * kChannels], bias[kChannels], dwt[kMaxWidth * kChannels] = {}, db[kChannels] = {};
+  float sink[kChannels];  // the gradient of the inputs before the start, dropped
+  const float* xk[kMaxWidth];
+  float* dxk[kMaxWidth];
+  load_weights(p, e0, e1, wt, bias);
+  for (int64_t t = 0; t < p.L; ++t) {
+    tap_rows(p, b, t, K, e0, xk);
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t s = t - (K - 1) + k;
+      dxk[k] = s < 0 ? sink : dx + b * dx_b + p.pos(b, s) * dx_t + e0;
+    }
+    const float* gy = grad_y + (b * p.L + p.pos(b, t)) * p.C + e0;
 #pragma omp simd
-      for (int64_t j = 0; j < n; ++j) {
-        dxs[j] += wk[j] * gc[j];
-        dwk[j] += gc[j] * xs[j];
-      }
+    for (int64_t j = 0; j < n; ++j) {
+      float c = bias[j];
+      for (int64_t k = 0; k < K; ++k) c += wt[k * kChannels + j] * xk[k][j];
+      const float sg = sigmoid(c);
+      const float gc = gy[j] * sg * (1.0f + c * (1.0f - sg));  // SiLU'(c) = s (1 + c (1 - s))
+      db[j] += gc;
+      for (int64_t k = 0; k < K - 1; ++k) dxk[k][j] += wt[k * kChannels + j] * gc;
+      dxk[K - 1][j] = wt[(K - 1) * kChannels + j] * gc;
+      for (int64_t k = 0; k < K; ++k) dwt[k * kChannels + j] += gc * xk[k][j];
     }
   }
   for (int64_t j = 0; j < n; ++j) {
     dbias[b * p.C + e0 + j] = db[j];
-    for (int64_t k = 0; k < p.K; ++k) dw[(b * p.C + e0 + j) * p.K + k] = dwt[k * kChannels + j];
+    for (int64_t k = 0; k < K; ++k) dw[(b * p.C + e0 + j) * p.K + k] = dwt[k * kChannels + j];
   }
 }
 
-Conv describe(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
+Conv describe(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
+              const std::optional<at::Tensor>& order) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat && x.device().is_cpu() &&
                   x.dim() == 3 && x.stride(2) == 1,
               "causal_conv1d_cpu: x must be fp32 CPU (batch, L, C) with unit stride over C");
@@ -118,7 +127,8 @@ Conv describe(const at::Tensor& x, const at::Tensor& w, const std::optional<at::
                                     bias->scalar_type() == at::kFloat),
               "causal_conv1d_cpu: bias must be contiguous fp32 (C,)");
   return {x.size(0), x.size(1), x.size(2), w.size(1), x.stride(0), x.stride(1), x.data_ptr<float>(),
-          w.data_ptr<float>(), bias.has_value() ? bias->data_ptr<float>() : nullptr};
+          w.data_ptr<float>(), bias.has_value() ? bias->data_ptr<float>() : nullptr,
+          order.has_value() ? step_order(*order, x.size(0), x.size(1), "causal_conv1d_cpu") : nullptr};
 }
 
 template <typename Task>
@@ -135,31 +145,46 @@ void for_each_task(const Conv& p, const Task& task) {
 }  // namespace
 
 // Returns SiLU(conv(x)) (batch, L, C), contiguous.
-at::Tensor causal_conv1d_silu_forward(at::Tensor x, at::Tensor w, std::optional<at::Tensor> bias) {
-  const Conv p = describe(x, w, bias);
+at::Tensor causal_conv1d_silu_forward(at::Tensor x, at::Tensor w, std::optional<at::Tensor> bias,
+                                      std::optional<at::Tensor> order) {
+  const Conv p = describe(x, w, bias, order);
   auto y = at::empty({p.batch, p.L, p.C}, x.options());
   float* py = y.data_ptr<float>();
-  for_each_task(p, [&](int64_t b, int64_t e0, int64_t e1) { forward_task(p, b, e0, e1, py); });
+  for_each_task(p, [&](int64_t b, int64_t e0, int64_t e1) {
+    if (p.K == 4) forward_task<4>(p, b, e0, e1, py);
+    else forward_task<0>(p, b, e0, e1, py);
+  });
   return y;
 }
 
-// Returns dx (batch, L, C) contiguous, dw (C, K) and dbias (C,).
+// Returns dx (batch, L, C) contiguous, dw (C, K) and dbias (C,). With dx_out, a (batch, L, C)
+// tensor with unit stride over C (a slice of a wider one), dx is written there and the returned
+// dx is zero-size (an op's output may not alias its input).
 std::vector<at::Tensor> causal_conv1d_silu_backward(at::Tensor x, at::Tensor w, std::optional<at::Tensor> bias,
-                                                       at::Tensor grad_y) {
-  const Conv p = describe(x, w, bias);
+                                                       at::Tensor grad_y, std::optional<at::Tensor> order,
+                                                       std::optional<at::Tensor> dx_out) {
+  const Conv p = describe(x, w, bias, order);
   TORCH_CHECK(grad_y.sizes() == x.sizes() && grad_y.is_contiguous(), "causal_conv1d_cpu: contiguous grad_y like x expected");
-  auto dx = at::empty({p.batch, p.L, p.C}, x.options());
+  TORCH_CHECK(!dx_out.has_value() || (dx_out->sizes() == x.sizes() && dx_out->stride(2) == 1 &&
+                                      dx_out->scalar_type() == at::kFloat),
+              "causal_conv1d_cpu: dx_out like x with unit stride over C expected");
+  auto dx = dx_out.has_value() ? *dx_out : at::empty({p.batch, p.L, p.C}, x.options());
+  const int64_t dx_b = dx.stride(0), dx_t = dx.stride(1);
   auto dw = at::empty({p.batch, p.C, p.K}, x.options());  // per batch row, summed below
   auto dbias = at::empty({p.batch, p.C}, x.options());
   const float* pg = grad_y.data_ptr<float>();
   float *pdx = dx.data_ptr<float>(), *pdw = dw.data_ptr<float>(), *pdb = dbias.data_ptr<float>();
-  for_each_task(p, [&](int64_t b, int64_t e0, int64_t e1) { backward_task(p, pg, b, e0, e1, pdx, pdw, pdb); });
-  return {dx, dw.sum(0), dbias.sum(0)};
+  for_each_task(p, [&](int64_t b, int64_t e0, int64_t e1) {
+    if (p.K == 4) backward_task<4>(p, pg, b, e0, e1, pdx, dx_b, dx_t, pdw, pdb);
+    else backward_task<0>(p, pg, b, e0, e1, pdx, dx_b, dx_t, pdw, pdb);
+  });
+  return {dx_out.has_value() ? at::empty({0}, x.options()) : dx, dw.sum(0), dbias.sum(0)};
 }
 
 TORCH_LIBRARY_FRAGMENT(seq_arena_scan, m) {
-  m.def("conv_silu_forward(Tensor x, Tensor w, Tensor? bias) -> Tensor");
-  m.def("conv_silu_backward(Tensor x, Tensor w, Tensor? bias, Tensor grad_y) -> Tensor[]");
+  m.def("conv_silu_forward(Tensor x, Tensor w, Tensor? bias, Tensor? order=None) -> Tensor");
+  m.def("conv_silu_backward(Tensor x, Tensor w, Tensor? bias, Tensor grad_y, Tensor? order=None, "
+        "Tensor(a!)? dx_out=None) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(seq_arena_scan, CPU, m) {

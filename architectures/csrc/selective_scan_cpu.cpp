@@ -22,6 +22,9 @@
 // any other strides), which is the layout the Mamba mixer has anyway. A is (D, N) contiguous; B, C
 // are (batch, G, L, N) with unit stride over N and any other strides (channel d uses group
 // d / (D / G); a stride of 0 broadcasts).
+// Step order: with an optional order (batch, L) int64, step t of row b reads and writes position
+// order[b, t] of every (batch, L)-indexed tensor; the bidirectional Mamba runs its reversed pass so
+// (each sequence reversed within its real length) with no reversed copies of its activations.
 // Only ATen's per-operator headers and torch/library.h (no torch/extension.h, no pybind11): the
 // build takes about a third of the time. The ops are registered as torch.ops.seq_arena_scan.*.
 #include <ATen/Parallel.h>
@@ -39,6 +42,7 @@
 #include <vector>
 
 #include "fast_math.h"
+#include "step_order.h"
 
 namespace {
 
@@ -56,18 +60,22 @@ struct Scan {
   int64_t B_b, B_g, B_t, C_b, C_g, C_t;
   bool softplus;
   bool scalar_A;  // A[d, n] = A[d, 0] for every n (Mamba-2's SSD): one exp per channel and step
+  const int64_t* order;  // (batch, L) positions of the steps, or null for t itself
+
+  int64_t pos(int64_t b, int64_t t) const { return order ? order[b * L + t] : t; }
 
   int64_t group(int64_t d) const { return d / (D / G); }
   const float* B_row(int64_t b, int64_t d) const { return B + b * B_b + group(d) * B_g; }
   const float* C_row(int64_t b, int64_t d) const { return C + b * C_b + group(d) * C_g; }
 };
 
-// The per-lane inputs of step t for channels d0 .. d0 + W: dt (after bias and softplus), its
+// The per-lane inputs of step `step` (at position s.pos(b, step)) for channels d0 .. d0 + W: dt (after bias and softplus), its
 // derivative dsp (1 without softplus), u and dt u. bias holds the W lanes' delta bias (or zeros);
 // Pt the lanes' delta_proj rows, transposed to (R, W).
 template <int64_t W>
-SCAN_INLINE void load_step(const Scan& s, int64_t b, int64_t d0, int64_t t, const float* bias, const float* Pt,
+SCAN_INLINE void load_step(const Scan& s, int64_t b, int64_t d0, int64_t step, const float* bias, const float* Pt,
                            float* dt, float* dsp, float* uu, float* du) {
+  const int64_t t = s.pos(b, step);
   const float* u = s.u + b * s.u_b + t * s.u_t + d0;
   float x[W];
   if (s.proj) {  // delta = W dt_low, R multiply-adds per lane
@@ -119,7 +127,8 @@ SCAN_CLONES void forward_task(const Scan& s, int64_t b, int64_t d0, float* out, 
       for (int64_t j = 0; j < W; ++j)
         for (int64_t n = 0; n < N; ++n) checkpoints[((b * D + d0 + j) * s.n_chunks + t / kChunk) * N + n] = h[n * W + j];
     load_step<W>(s, b, d0, t, bias, Pt, dt, dsp, uu, du);
-    const float *Bt = Bb + t * s.B_t, *Ct = Cb + t * s.C_t;
+    const int64_t p = s.pos(b, t);
+    const float *Bt = Bb + p * s.B_t, *Ct = Cb + p * s.C_t;
     float decay[W];  // exp(dt A), the same for every n when A is scalar per channel
 #pragma omp simd
     for (int64_t j = 0; j < W; ++j) acc[j] = 0.0f, decay[j] = kScalarA ? fast_exp(dt[j] * At[j]) : 0.0f;
@@ -132,9 +141,9 @@ SCAN_CLONES void forward_task(const Scan& s, int64_t b, int64_t d0, float* out, 
         acc[j] += hn[j] * Ct[n];
       }
     }
-    float* o = out + (b * s.L + t) * D + d0;
+    float* o = out + (b * s.L + p) * D + d0;
     if (s.z) {
-      const float* z = s.z + b * s.z_b + t * s.z_t + d0;
+      const float* z = s.z + b * s.z_b + p * s.z_t + d0;
 #pragma omp simd
       for (int64_t j = 0; j < W; ++j) o[j] = (acc[j] + skip[j] * uu[j]) * z[j] * sigmoid(z[j]);
     } else {
@@ -146,12 +155,14 @@ SCAN_CLONES void forward_task(const Scan& s, int64_t b, int64_t d0, float* out, 
     for (int64_t n = 0; n < N; ++n) last[(b * D + d0 + j) * N + n] = h[n * W + j];
 }
 
-// The gradients a backward task writes: du, ddelta, dz (batch, L, D); the per-row sums dA
+// The gradients a backward task writes: du, ddelta (batch, L, D), dz (element (b, t, d) at
+// dz[b * dz_b + t * dz_t + d]: it may be a slice of a wider tensor); the per-row sums dA
 // (batch, D, N), dD and dbias (batch, D); dB, dC ((L, N) rows of this task's own copy). With
 // delta_proj, ddelta is not written; dlow ((L, R) rows of the task's own copy) and dproj (batch,
 // D, R) are.
 struct Grads {
   float *du, *ddelta, *dz, *dA, *dD, *dbias, *dB, *dC, *dlow, *dproj;
+  int64_t dz_b, dz_t;
 };
 
 // Scratch of a backward task: per chunk step and lane, dt, dsp, u, dt u, dL/dy (kChunk * W each);
@@ -191,7 +202,7 @@ SCAN_CLONES void backward_task(const Scan& s, int64_t b, int64_t d0, const float
     for (int64_t k = 0; k < T; ++k) {  // recompute the chunk's decays and states
       float *dt = sc.dt.data() + k * W, *du = sc.du.data() + k * W;
       load_step<W>(s, b, d0, t0 + k, bias, Pt, dt, sc.dsp.data() + k * W, sc.uu.data() + k * W, du);
-      const float* Bt = Bb + (t0 + k) * s.B_t;
+      const float* Bt = Bb + s.pos(b, t0 + k) * s.B_t;
       float decay[W];
 #pragma omp simd
       for (int64_t j = 0; j < W; ++j) decay[j] = kScalarA ? fast_exp(dt[j] * At[j]) : 0.0f;
@@ -207,14 +218,15 @@ SCAN_CLONES void backward_task(const Scan& s, int64_t b, int64_t d0, const float
       }
     }
     for (int64_t k = 0; k < T; ++k) {  // dL/dy, and dL/dz through the gate from the recomputed y
-      const float* go = grad_out + b * go_b + (t0 + k) * go_t + d0;
+      const int64_t p = s.pos(b, t0 + k);
+      const float* go = grad_out + b * go_b + p * go_t + d0;
       float* g = sc.g.data() + k * W;
       if (!s.z) {
         for (int64_t j = 0; j < W; ++j) g[j] = go[j];
         continue;
       }
-      const float* Ct = Cb + (t0 + k) * s.C_t;
-      const float* z = s.z + b * s.z_b + (t0 + k) * s.z_t + d0;
+      const float* Ct = Cb + p * s.C_t;
+      const float* z = s.z + b * s.z_b + p * s.z_t + d0;
       const float* uu = sc.uu.data() + k * W;
       float y[W];
       for (int64_t j = 0; j < W; ++j) y[j] = skip[j] * uu[j];
@@ -223,7 +235,7 @@ SCAN_CLONES void backward_task(const Scan& s, int64_t b, int64_t d0, const float
 #pragma omp simd
         for (int64_t j = 0; j < W; ++j) y[j] += hn[j] * Ct[n];
       }
-      float* dz = gr.dz + (b * s.L + t0 + k) * D + d0;
+      float* dz = gr.dz + b * gr.dz_b + p * gr.dz_t + d0;
 #pragma omp simd
       for (int64_t j = 0; j < W; ++j) {
         const float sg = sigmoid(z[j]);
@@ -232,7 +244,7 @@ SCAN_CLONES void backward_task(const Scan& s, int64_t b, int64_t d0, const float
       }
     }
     for (int64_t k = T - 1; k >= 0; --k) {  // the adjoint recurrence, backwards in time
-      const int64_t t = t0 + k;
+      const int64_t t = s.pos(b, t0 + k);  // the step's position
       const float *dt = sc.dt.data() + k * W, *du = sc.du.data() + k * W, *g = sc.g.data() + k * W;
       const float *uu = sc.uu.data() + k * W, *dsp = sc.dsp.data() + k * W;
       const float *Bt = Bb + t * s.B_t, *Ct = Cb + t * s.C_t;
@@ -299,7 +311,8 @@ SCAN_CLONES void backward_task(const Scan& s, int64_t b, int64_t d0, const float
 
 Scan describe(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
               const at::Tensor& C, const std::optional<at::Tensor>& Dskip, const std::optional<at::Tensor>& z,
-              const std::optional<at::Tensor>& bias, bool softplus, const std::optional<at::Tensor>& proj) {
+              const std::optional<at::Tensor>& bias, bool softplus, const std::optional<at::Tensor>& proj,
+              const std::optional<at::Tensor>& order) {
   for (const auto* t : {&u, &delta, &A, &B, &C}) {
     TORCH_CHECK(t->scalar_type() == at::kFloat && t->device().is_cpu(), "selective_scan_cpu: fp32 CPU tensors expected");
   }
@@ -337,6 +350,7 @@ Scan describe(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
     s.z = z->data_ptr<float>(), s.z_b = z->stride(0), s.z_t = z->stride(2);
   }
   s.softplus = softplus;
+  s.order = order.has_value() ? step_order(*order, s.batch, s.L, "selective_scan_cpu") : nullptr;
   s.scalar_A = true;
   for (int64_t d = 0; d < s.D && s.scalar_A; ++d)
     for (int64_t n = 1; n < s.N; ++n) s.scalar_A = s.scalar_A && s.A[d * s.N + n] == s.A[d * s.N];
@@ -358,8 +372,9 @@ at::Tensor channels_last(const at::Tensor& u) {
 std::vector<at::Tensor> selective_scan_forward(at::Tensor u, at::Tensor delta, at::Tensor A, at::Tensor B,
                                                   at::Tensor C, std::optional<at::Tensor> Dskip,
                                                   std::optional<at::Tensor> z, std::optional<at::Tensor> bias,
-                                                  bool softplus, std::optional<at::Tensor> delta_proj) {
-  const Scan s = describe(u, delta, A, B, C, Dskip, z, bias, softplus, delta_proj);
+                                                  bool softplus, std::optional<at::Tensor> delta_proj,
+                                                  std::optional<at::Tensor> order) {
+  const Scan s = describe(u, delta, A, B, C, Dskip, z, bias, softplus, delta_proj, order);
   const int64_t W = lanes(s), n_blocks = s.D / W;
   auto out = channels_last(u);
   auto last = at::empty({s.batch, s.D, s.N}, u.options());
@@ -377,15 +392,18 @@ std::vector<at::Tensor> selective_scan_forward(at::Tensor u, at::Tensor delta, a
   return {out, last, checkpoints};
 }
 
-// Returns du, ddelta, dz (batch, D, L; views of (batch, L, D) tensors; dz empty without z), dA
+// Returns du, ddelta, dz (batch, D, L; views of (batch, L, D) tensors; dz empty without z, and
+// zero-size when dz_out is given: a (batch, D, L) view with unit stride over D that dz is written
+// into; an op's output may not alias its input), dA
 // (D, N), dB, dC (batch, G, L, N), dD and ddelta_bias (D,), and d delta_proj (D, R) (zero-size
 // without it). With delta_proj, ddelta is the gradient of dt_low, (batch, R, L).
 std::vector<at::Tensor> selective_scan_backward(at::Tensor grad_out, at::Tensor grad_last, at::Tensor u,
                                                    at::Tensor delta, at::Tensor A, at::Tensor B, at::Tensor C,
                                                    std::optional<at::Tensor> Dskip, std::optional<at::Tensor> z,
                                                    std::optional<at::Tensor> bias, bool softplus,
-                                                   at::Tensor checkpoints, std::optional<at::Tensor> delta_proj) {
-  const Scan s = describe(u, delta, A, B, C, Dskip, z, bias, softplus, delta_proj);
+                                                   at::Tensor checkpoints, std::optional<at::Tensor> delta_proj,
+                                                   std::optional<at::Tensor> order, std::optional<at::Tensor> dz_out) {
+  const Scan s = describe(u, delta, A, B, C, Dskip, z, bias, softplus, delta_proj, order);
   TORCH_CHECK(grad_out.sizes() == u.sizes() && grad_out.stride(1) == 1 && grad_last.is_contiguous() &&
                   checkpoints.is_contiguous(),
               "selective_scan_cpu: gradient of out like u and contiguous grad_last expected");
@@ -400,7 +418,10 @@ std::vector<at::Tensor> selective_scan_backward(at::Tensor grad_out, at::Tensor 
   auto ddelta = s.proj ? at::empty({0}, u.options()) : channels_last(u);
   auto dlow = s.proj ? at::zeros({splits, batch, G, L, s.R}, u.options()) : at::empty({0}, u.options());
   auto dproj = at::empty({batch, s.D, s.R}, u.options());
-  auto dz = s.z ? channels_last(u) : at::empty({0}, u.options());
+  if (dz_out.has_value())
+    TORCH_CHECK(s.z && dz_out->sizes() == u.sizes() && dz_out->stride(1) == 1 && dz_out->scalar_type() == at::kFloat,
+                "selective_scan_cpu: dz_out (batch, D, L) with unit stride over D expected, and z");
+  auto dz = dz_out.has_value() ? *dz_out : s.z ? channels_last(u) : at::empty({0}, u.options());
   auto dA = at::empty({batch, s.D, N}, u.options());
   auto dD = at::empty({batch, s.D}, u.options());
   auto dbias = at::empty({batch, s.D}, u.options());
@@ -410,7 +431,8 @@ std::vector<at::Tensor> selective_scan_backward(at::Tensor grad_out, at::Tensor 
                     s.z ? dz.data_ptr<float>() : nullptr, dA.data_ptr<float>(),
                     dD.data_ptr<float>(),    dbias.data_ptr<float>(),
                     dB.data_ptr<float>(),    dC.data_ptr<float>(),
-                    s.proj ? dlow.data_ptr<float>() : nullptr, dproj.data_ptr<float>()};
+                    s.proj ? dlow.data_ptr<float>() : nullptr, dproj.data_ptr<float>(),
+                    s.z ? dz.stride(0) : 0,  s.z ? dz.stride(2) : 0};
   const float *pg = grad_out.data_ptr<float>(), *pgl = grad_last.data_ptr<float>(), *pck = checkpoints.data_ptr<float>();
   const int64_t go_b = grad_out.stride(0), go_t = grad_out.stride(2);
   at::parallel_for(0, splits * batch * G, 1, [&](int64_t begin, int64_t end) {
@@ -432,6 +454,7 @@ std::vector<at::Tensor> selective_scan_backward(at::Tensor grad_out, at::Tensor 
   });
   // With delta_proj, ddelta is dL/d dt_low, (batch, R, L) as a view of (batch, L, R).
   if (s.proj) ddelta = dlow.sum({0, 2}).transpose(1, 2);
+  if (dz_out.has_value()) dz = at::empty({0}, u.options());
   return {du, ddelta, dz, dA.sum(0), dB.sum(0), dC.sum(0), dD.sum(0), dbias.sum(0), dproj.sum(0)};
 }
 
@@ -439,10 +462,10 @@ std::vector<at::Tensor> selective_scan_backward(at::Tensor grad_out, at::Tensor 
 // output shapes for torch.compile (torch.library.register_fake in ssm_cpu.py).
 TORCH_LIBRARY(seq_arena_scan, m) {
   m.def("forward(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, Tensor? delta_bias, "
-        "bool softplus, Tensor? delta_proj=None) -> Tensor[]");
+        "bool softplus, Tensor? delta_proj=None, Tensor? order=None) -> Tensor[]");
   m.def("backward(Tensor grad_out, Tensor grad_last, Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, "
-        "Tensor? D, Tensor? z, Tensor? delta_bias, bool softplus, Tensor checkpoints, Tensor? delta_proj=None) "
-        "-> Tensor[]");
+        "Tensor? D, Tensor? z, Tensor? delta_bias, bool softplus, Tensor checkpoints, Tensor? delta_proj=None, "
+        "Tensor? order=None, Tensor(a!)? dz_out=None) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(seq_arena_scan, CPU, m) {
