@@ -184,20 +184,26 @@ class Mamba(nn.Module):
         # The reversed pass runs the same block on reverse(x). in_proj and out_proj act token by
         # token, so it shares in_proj's output, read in reversed order, and the two passes share
         # one out_proj of their sum.
-        y = self.ssm(xz) + self.ssm(xz, reversal_order(mask, *xz.shape[:2], xz.device))  # (B, L, E)
+        y = self.ssm(xz, orders=(None, reversal_order(mask, *xz.shape[:2], xz.device)))  # (B, L, E)
         out = self.out_proj(y)  # (B, L, D)
         return out if self.out_proj.bias is None else out + self.out_proj.bias  # one bias per pass
 
-    def ssm(self, xz: torch.Tensor, order: torch.Tensor | None = None) -> torch.Tensor:
-        """One causal pass from in_proj's output xz (B, L, 2E) to the gated scan output (B, L, E),
-        along the step order (B, L) when one is given (the reversed pass), by position either way."""
+    def ssm(self, xz: torch.Tensor, orders: tuple[torch.Tensor | None, ...] = (None,)) -> torch.Tensor:
+        """From in_proj's output xz (B, L, 2E) to the gated scan output (B, L, E), by position: one
+        causal pass per step order in ``orders`` (None: left to right; (B, L): that order, e.g.
+        the reversed pass), summed."""
         A = -torch.exp(self.A_log.float())  # (E, N)
         weights = (self.conv1d.weight, self.conv1d.bias, self.x_proj.weight)
         if self.scan_implementation in ("auto", "fused") and ssm_cpu.serves(xz):
-            return RecomputedScanInputs.apply(xz, *weights, self.dt_proj.weight, A, self.D, self.dt_proj.bias, order,
+            return RecomputedScanInputs.apply(xz, *weights, self.dt_proj.weight, A, self.D, self.dt_proj.bias, orders,
                                               self)
-        if order is not None:  # the PyTorch scans run on a reordered copy
-            return positions_of_steps(self.ssm(steps_in_order(xz, order)), order)
+        passes = [self.causal_pass(xz, weights, A) if order is None
+                  else positions_of_steps(self.causal_pass(steps_in_order(xz, order), weights, A), order)
+                  for order in orders]  # the PyTorch scans run on a reordered copy
+        return passes[0] if len(passes) == 1 else sum(passes)
+
+    def causal_pass(self, xz, weights, A):
+        """One left-to-right pass by the PyTorch scans (``scan``: chunked or reference): (B, L, E)."""
         u, dt_low, B, C, z = self.scan_inputs(xz, *weights)
         dt = F.linear(dt_low.transpose(1, 2), self.dt_proj.weight).transpose(1, 2)  # (B, E, L); bias below
         y = selective_scan(
@@ -253,47 +259,55 @@ class RecomputedScanInputs(torch.autograd.Function):
     multiply-adds per channel and step), so delta (B, L, E) is never stored.
 
     Forward inputs: xz (B, L, 2E); the convolution's weight and bias and x_proj's weight; dt_proj's
-    weight (E, R); A (E, N); D and dt_proj's bias (E,); the step order (B, L) or None (the kernels
-    read the reversed pass in its order, so no reordered copy of xz is made or kept); the mixer
-    (for :meth:`Mamba.scan_inputs`). Returns the gated scan output (B, L, E), by position.
+    weight (E, R); A (E, N); D and dt_proj's bias (E,); the step orders of the passes (None or
+    (B, L) each; the kernels read a reversed pass in its order, so no reordered copy of xz is made
+    or kept); the mixer (for :meth:`Mamba.scan_inputs`). Returns the sum of the passes' gated scan
+    outputs (B, L, E), by position.
 
     The backward is written out rather than differentiated through :meth:`Mamba.scan_inputs`, so
-    that the kernels write dz and the convolution's dx straight into the two halves of one dxz
-    (B, L, 2E) and x_proj's input gradient adds into du in place: fewer (B, L, E) tensors alive at
-    the step's memory peak.
+    that the kernels add every pass's dz and the convolution's dx straight into the two halves of
+    one dxz (B, L, 2E), and x_proj's input gradient adds into du in place: few (B, L, E) tensors
+    are alive at the step's memory peak.
     """
 
     @staticmethod
-    def forward(ctx, xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, dt_bias, order, mixer):
-        u, dt_low, B, C, z = mixer.scan_inputs(xz, conv_weight, conv_bias, x_proj_weight, order)
-        out, _, checkpoints = ssm_cpu.extension().forward(
-            u, dt_low, A, *kernel_BC(B, C), D, z, dt_bias, True, dt_proj_weight, order)
-        ctx.sizes = (mixer.d_inner, mixer.dt_rank, mixer.d_state)
-        ctx.save_for_backward(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, dt_bias, checkpoints,
-                              order)
+    def forward(ctx, xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, dt_bias, orders, mixer):
+        out, checkpoints = None, []
+        for order in orders:
+            u, dt_low, B, C, z = mixer.scan_inputs(xz, conv_weight, conv_bias, x_proj_weight, order)
+            y, _, chunk_states = ssm_cpu.extension().forward(
+                u, dt_low, A, *kernel_BC(B, C), D, z, dt_bias, True, dt_proj_weight, order)  # y (B, E, L)
+            out = y if out is None else out.add_(y)
+            checkpoints.append(chunk_states)
+        ctx.sizes, ctx.orders = (mixer.d_inner, mixer.dt_rank, mixer.d_state), orders
+        ctx.save_for_backward(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, dt_bias, *checkpoints)
         return out.transpose(1, 2)  # (B, L, E)
 
     @staticmethod
     def backward(ctx, grad_out):
-        xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, dt_bias, checkpoints, order = ctx.saved_tensors
+        xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, dt_bias, *checkpoints = ctx.saved_tensors
         E, R, N = ctx.sizes
         ops = ssm_cpu.extension()
         xs, z = xz.split(E, dim=-1)  # (B, L, E) views
         taps = conv_weight[:, 0].contiguous()  # (E, K)
-        u = ops.conv_silu_forward(xs, taps, conv_bias, order)  # (B, L, E), recomputed
-        x_dbl = F.linear(u, x_proj_weight)  # (B, L, R + 2N)
-        dt_low, B, C = (t.transpose(1, 2) for t in x_dbl.split([R, N, N], dim=-1))  # (B, R|N|N, L) views
-        dxz = torch.empty_like(xz)  # (B, L, 2E): dx from the convolution, then dz
-        batch, L = u.shape[:2]
-        du, ddt_low, _, dA, dB, dC, dD, dbias, ddt_proj = ops.backward(
-            ssm_cpu.channels_last(grad_out.transpose(1, 2)), u.new_zeros(batch, E, N), u.transpose(1, 2), dt_low, A,
-            *kernel_BC(B, C), D, z.transpose(1, 2), dt_bias, True, checkpoints, dt_proj_weight,
-            order, dxz[..., E:].transpose(1, 2))
-        d_x_dbl = torch.cat([ddt_low.transpose(1, 2), dB[:, 0], dC[:, 0]], dim=-1)  # (B, L, R + 2N)
-        dx_proj = d_x_dbl.flatten(0, 1).T @ u.flatten(0, 1)  # (R + 2N, E)
-        del u
-        du = du.transpose(1, 2)  # (B, L, E), contiguous
-        du.view(-1, E).addmm_(d_x_dbl.view(-1, R + 2 * N), x_proj_weight)  # + x_proj's input gradient
-        _, dtaps, dconv_bias = ops.conv_silu_backward(xs, taps, conv_bias, du, order, dxz[..., :E])
-        return (dxz, dtaps.unsqueeze(1), dconv_bias if conv_bias is not None else None, dx_proj, ddt_proj, dA, dD,
-                dbias, None, None)
+        grad_out = ssm_cpu.channels_last(grad_out.transpose(1, 2))  # (B, E, L)
+        dxz = torch.zeros_like(xz)  # (B, L, 2E): every pass adds its dx (convolution) and dz here
+        sums = None  # the weights' gradients, summed over the passes
+        for order, chunk_states in zip(ctx.orders, checkpoints, strict=True):
+            u = ops.conv_silu_forward(xs, taps, conv_bias, order)  # (B, L, E), recomputed
+            x_dbl = F.linear(u, x_proj_weight)  # (B, L, R + 2N)
+            dt_low, B, C = (t.transpose(1, 2) for t in x_dbl.split([R, N, N], dim=-1))  # (B, R|N|N, L) views
+            du, ddt_low, _, dA, dB, dC, dD, dbias, ddt_proj = ops.backward(
+                grad_out, u.new_zeros(u.shape[0], E, N), u.transpose(1, 2), dt_low, A, *kernel_BC(B, C), D,
+                z.transpose(1, 2), dt_bias, True, chunk_states, dt_proj_weight, order, dxz[..., E:].transpose(1, 2))
+            d_x_dbl = torch.cat([ddt_low.transpose(1, 2), dB[:, 0], dC[:, 0]], dim=-1)  # (B, L, R + 2N)
+            dx_proj = d_x_dbl.flatten(0, 1).T @ u.flatten(0, 1)  # (R + 2N, E)
+            del u
+            du = du.transpose(1, 2)  # (B, L, E), contiguous
+            du.view(-1, E).addmm_(d_x_dbl.view(-1, R + 2 * N), x_proj_weight)  # + x_proj's input gradient
+            _, dtaps, dconv_bias = ops.conv_silu_backward(xs, taps, conv_bias, du, order, dxz[..., :E])
+            grads = (dtaps.unsqueeze(1), dconv_bias, dx_proj, ddt_proj, dA, dD, dbias)
+            sums = grads if sums is None else tuple(a + b for a, b in zip(sums, grads, strict=True))
+        dconv_weight, dconv_bias, dx_proj, ddt_proj, dA, dD, dbias = sums
+        return (dxz, dconv_weight, dconv_bias if conv_bias is not None else None, dx_proj, ddt_proj, dA, dD, dbias,
+                None, None)

@@ -79,9 +79,8 @@ SCAN_CLONES void forward_task(const Conv& p, int64_t b, int64_t e0, int64_t e1, 
 }
 
 // dx (batch, L, C; element (b, t, c) at dx[b * dx_b + t * dx_t + c]) of this task's rows and
-// channels; dw (C, K) and dbias (C,) of batch row b. Step t adds its gradient into the dx rows of
-// its K taps; the row of the last tap (step t itself) is touched first there, so it is assigned,
-// not added to, and dx needs no zeroing pass.
+// channels, added into; dw (C, K) and dbias (C,) of batch row b. Step t adds its gradient into the
+// dx rows of its K taps.
 template <int64_t kK>
 SCAN_CLONES void backward_task(const Conv& p, const float* grad_y, int64_t b, int64_t e0, int64_t e1, float* dx,
                                int64_t dx_b, int64_t dx_t, float* dw, float* dbias) {
@@ -105,9 +104,10 @@ SCAN_CLONES void backward_task(const Conv& p, const float* grad_y, int64_t b, in
       const float sg = sigmoid(c);
       const float gc = gy[j] * sg * (1.0f + c * (1.0f - sg));  // SiLU'(c) = s (1 + c (1 - s))
       db[j] += gc;
-      for (int64_t k = 0; k < K - 1; ++k) dxk[k][j] += wt[k * kChannels + j] * gc;
-      dxk[K - 1][j] = wt[(K - 1) * kChannels + j] * gc;
-      for (int64_t k = 0; k < K; ++k) dwt[k * kChannels + j] += gc * xk[k][j];
+      for (int64_t k = 0; k < K; ++k) {
+        dxk[k][j] += wt[k * kChannels + j] * gc;
+        dwt[k * kChannels + j] += gc * xk[k][j];
+      }
     }
   }
   for (int64_t j = 0; j < n; ++j) {
@@ -158,8 +158,9 @@ at::Tensor causal_conv1d_silu_forward(at::Tensor x, at::Tensor w, std::optional<
 }
 
 // Returns dx (batch, L, C) contiguous, dw (C, K) and dbias (C,). With dx_out, a (batch, L, C)
-// tensor with unit stride over C (a slice of a wider one), dx is written there and the returned
-// dx is zero-size (an op's output may not alias its input).
+// tensor with unit stride over C (a slice of a wider one), dx is added into it and the returned
+// dx is zero-size (an op's output may not alias its input): the bidirectional Mamba sums both
+// passes' gradients in one tensor.
 std::vector<at::Tensor> causal_conv1d_silu_backward(at::Tensor x, at::Tensor w, std::optional<at::Tensor> bias,
                                                        at::Tensor grad_y, std::optional<at::Tensor> order,
                                                        std::optional<at::Tensor> dx_out) {
@@ -168,7 +169,7 @@ std::vector<at::Tensor> causal_conv1d_silu_backward(at::Tensor x, at::Tensor w, 
   TORCH_CHECK(!dx_out.has_value() || (dx_out->sizes() == x.sizes() && dx_out->stride(2) == 1 &&
                                       dx_out->scalar_type() == at::kFloat),
               "causal_conv1d_cpu: dx_out like x with unit stride over C expected");
-  auto dx = dx_out.has_value() ? *dx_out : at::empty({p.batch, p.L, p.C}, x.options());
+  auto dx = dx_out.has_value() ? *dx_out : at::zeros({p.batch, p.L, p.C}, x.options());
   const int64_t dx_b = dx.stride(0), dx_t = dx.stride(1);
   auto dw = at::empty({p.batch, p.C, p.K}, x.options());  // per batch row, summed below
   auto dbias = at::empty({p.batch, p.C}, x.options());

@@ -155,8 +155,8 @@ SCAN_CLONES void forward_task(const Scan& s, int64_t b, int64_t d0, float* out, 
     for (int64_t n = 0; n < N; ++n) last[(b * D + d0 + j) * N + n] = h[n * W + j];
 }
 
-// The gradients a backward task writes: du, ddelta (batch, L, D), dz (element (b, t, d) at
-// dz[b * dz_b + t * dz_t + d]: it may be a slice of a wider tensor); the per-row sums dA
+// The gradients a backward task writes: du, ddelta (batch, L, D), dz (added into; element (b, t, d)
+// at dz[b * dz_b + t * dz_t + d]: it may be a slice of a wider tensor); the per-row sums dA
 // (batch, D, N), dD and dbias (batch, D); dB, dC ((L, N) rows of this task's own copy). With
 // delta_proj, ddelta is not written; dlow ((L, R) rows of the task's own copy) and dproj (batch,
 // D, R) are.
@@ -240,7 +240,7 @@ SCAN_CLONES void backward_task(const Scan& s, int64_t b, int64_t d0, const float
       for (int64_t j = 0; j < W; ++j) {
         const float sg = sigmoid(z[j]);
         g[j] = go[j] * z[j] * sg;                                     // dL/dy
-        dz[j] = go[j] * y[j] * sg * (1.0f + z[j] * (1.0f - sg));  // SiLU'(z) = s (1 + z (1 - s))
+        dz[j] += go[j] * y[j] * sg * (1.0f + z[j] * (1.0f - sg));  // SiLU'(z) = s (1 + z (1 - s))
       }
     }
     for (int64_t k = T - 1; k >= 0; --k) {  // the adjoint recurrence, backwards in time
@@ -393,8 +393,9 @@ std::vector<at::Tensor> selective_scan_forward(at::Tensor u, at::Tensor delta, a
 }
 
 // Returns du, ddelta, dz (batch, D, L; views of (batch, L, D) tensors; dz empty without z, and
-// zero-size when dz_out is given: a (batch, D, L) view with unit stride over D that dz is written
-// into; an op's output may not alias its input), dA
+// zero-size when dz_out is given: a (batch, D, L) view with unit stride over D that dz is added
+// into, as the bidirectional Mamba sums both passes' gradients; an op's output may not alias its
+// input), dA
 // (D, N), dB, dC (batch, G, L, N), dD and ddelta_bias (D,), and d delta_proj (D, R) (zero-size
 // without it). With delta_proj, ddelta is the gradient of dt_low, (batch, R, L).
 std::vector<at::Tensor> selective_scan_backward(at::Tensor grad_out, at::Tensor grad_last, at::Tensor u,
@@ -421,7 +422,7 @@ std::vector<at::Tensor> selective_scan_backward(at::Tensor grad_out, at::Tensor 
   if (dz_out.has_value())
     TORCH_CHECK(s.z && dz_out->sizes() == u.sizes() && dz_out->stride(1) == 1 && dz_out->scalar_type() == at::kFloat,
                 "selective_scan_cpu: dz_out (batch, D, L) with unit stride over D expected, and z");
-  auto dz = dz_out.has_value() ? *dz_out : s.z ? channels_last(u) : at::empty({0}, u.options());
+  auto dz = dz_out.has_value() ? *dz_out : s.z ? channels_last(u).zero_() : at::empty({0}, u.options());
   auto dA = at::empty({batch, s.D, N}, u.options());
   auto dD = at::empty({batch, s.D}, u.options());
   auto dbias = at::empty({batch, s.D}, u.options());
