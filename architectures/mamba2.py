@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from architectures import ssm_cpu
-from architectures.mamba import conv_silu, reverse_within_length
+from architectures.mamba import conv_silu, positions_of_steps, reversal_order, steps_in_order
 from architectures.ssm import SCAN_IMPLEMENTATIONS, selective_scan_fused
 
 try:  # the fused Triton/CUDA kernels; absent on CPU-only machines
@@ -131,7 +131,7 @@ def ssd(x, dt, A, B, C, *, chunk_size: int):
     return ssd_chunked(x, dt, A, B, C, chunk_size=chunk_size)[0]
 
 
-def ssd_by_selective_scan(x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=False):
+def ssd_by_selective_scan(x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=False, order=None):
     """SSD by the fused CPU selective scan, each head's P channels as Mamba channels sharing its dt and A.
 
     Args:
@@ -139,6 +139,7 @@ def ssd_by_selective_scan(x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_so
         A: (nh,); B, C: (b, l, G, N), G dividing nh (group g serves heads g nh/G .. (g+1) nh/G - 1,
         as :func:`ssd_reference`).
         D: (nh,) skip, z: (b, l, nh P) gate, dt_bias: (nh,), dt_softplus: as the selective scan's.
+        order: None, or the step order (b, l) of the pass (see :func:`selective_scan_fused`).
 
     Returns:
         (b, l, nh P): y (+ D x) (times SiLU(z)), in float32.
@@ -153,7 +154,7 @@ def ssd_by_selective_scan(x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_so
     A = per_channel(A)[:, None].expand(-1, B.shape[-1])  # (E, N): the head's scalar for every state entry
     B, C = (X.permute(0, 2, 3, 1) for X in (B, C))  # (b, G, N, L) views
     y = selective_scan_fused(u, delta, A, B, C, per_channel(D), None if z is None else z.transpose(1, 2),
-                             per_channel(dt_bias), dt_softplus)  # (b, E, L), a view of (b, L, E)
+                             per_channel(dt_bias), dt_softplus, order=order)  # (b, E, L), a view of (b, L, E)
     return y.transpose(1, 2)
 
 
@@ -218,10 +219,10 @@ class Mamba2(nn.Module):
         if not self.bidirectional:
             return self.out_proj(self.ssd_and_norm(zxbcdt))
         # The reversed pass runs the same block on reverse(x): in_proj and out_proj act token by
-        # token, so it shares in_proj's output (reversed) and one out_proj of the two passes' sum
-        # (as the Mamba mixer).
-        y = self.ssd_and_norm(zxbcdt) + reverse_within_length(
-            self.ssd_and_norm(reverse_within_length(zxbcdt, mask)), mask)  # (B, L, E)
+        # token, so it shares in_proj's output, read in reversed order, and one out_proj of the two
+        # passes' sum (as the Mamba mixer).
+        order = reversal_order(mask, *zxbcdt.shape[:2], zxbcdt.device)  # (B, L)
+        y = self.ssd_and_norm(zxbcdt) + self.ssd_and_norm(zxbcdt, order)  # (B, L, E)
         out = self.out_proj(y)  # (B, L, D)
         return out if self.out_proj.bias is None else out + self.out_proj.bias  # one bias per pass
 
@@ -237,20 +238,24 @@ class Mamba2(nn.Module):
     def norm_groups(self, y: torch.Tensor) -> torch.Tensor:
         return self.norm(y.unflatten(-1, (self.n_groups, -1))).flatten(-2)  # (..., G, E/G) -> (..., E)
 
-    def ssd_and_norm(self, zxbcdt: torch.Tensor) -> torch.Tensor:
-        """One causal pass from in_proj's output (B, L, 2E + 2GN + nh) to RMSNorm(y * SiLU(z)) (B, L, E)."""
+    def ssd_and_norm(self, zxbcdt: torch.Tensor, order: torch.Tensor | None = None) -> torch.Tensor:
+        """One causal pass from in_proj's output (B, L, 2E + 2GN + nh) to RMSNorm(y * SiLU(z)) (B, L, E),
+        along the step order (B, L) when one is given (the reversed pass), by position either way."""
         batch, L, _ = zxbcdt.shape
+        fused = self.scan_implementation == "fused" or (self.scan_implementation == "auto" and ssm_cpu.serves(zxbcdt))
+        if order is not None and not fused:  # the PyTorch paths run on a reordered copy
+            return positions_of_steps(self.ssd_and_norm(steps_in_order(zxbcdt, order)), order)
         z, xBC, dt = self.split(zxbcdt)
         fused_conv = self.scan_implementation in ("auto", "fused")
-        xBC = conv_silu(xBC, self.conv1d.weight, self.conv1d.bias, fused=fused_conv)  # (B, L, E + 2GN)
+        xBC = conv_silu(xBC, self.conv1d.weight, self.conv1d.bias, fused=fused_conv, order=order)  # (B, L, E + 2GN)
         xs, B, C = xBC.split([self.d_inner, self.n_groups * self.d_state, self.n_groups * self.d_state], dim=-1)
         xs = xs.unflatten(-1, (self.n_heads, self.head_dim))  # (B, L, nh, P)
         A = -torch.exp(self.A_log.float())  # (nh,)
         groups = (batch, L, self.n_groups, self.d_state)
         B, C = B.reshape(groups), C.reshape(groups)
-        fused = self.scan_implementation == "fused" or (self.scan_implementation == "auto" and ssm_cpu.serves(zxbcdt))
         if fused:  # the D skip, dt's bias and softplus and the gate inside the kernel
-            y = ssd_by_selective_scan(xs, dt, A, B, C, D=self.D, z=z, dt_bias=self.dt_bias, dt_softplus=True)
+            y = ssd_by_selective_scan(xs, dt, A, B, C, D=self.D, z=z, dt_bias=self.dt_bias, dt_softplus=True,
+                                      order=order)
             return self.norm_groups(y).to(z.dtype)
         dt = F.softplus(dt.float() + self.dt_bias.float())  # (B, L, nh)
         if self.scan_implementation == "reference":

@@ -238,15 +238,16 @@ def _chunked_BC(X: torch.Tensor, nc: int, T: int, dim: int, pad: tuple[int, int]
 
 
 def selective_scan_fused(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                         return_last_state=False):
+                         return_last_state=False, order=None):
     """The selective scan by the fused CPU kernel of :mod:`architectures.ssm_cpu`; same semantics.
 
     Only (B, D, L)-sized tensors and B, C are read and written. The kernel works channels-last: u,
     delta and z that are transposed views of (B, L, D) tensors (as the Mamba mixer passes them) go
     in without a copy, others are copied once, and the output is such a view. B and C go in
     time-major, (B, G, L, N), as views where their strides allow; a fixed (D, N) B or C is
-    broadcast over batch and time (stride 0). Raises RuntimeError when the extension cannot be
-    built; see :func:`selective_scan`.
+    broadcast over batch and time (stride 0). With a step order (B, L) int64, step t of row b
+    is position order[b, t] (the kernel reads and writes there: a reversed pass without copies).
+    Raises RuntimeError when the extension cannot be built; see :func:`selective_scan`.
     """
     if ssm_cpu.extension() is None:
         raise RuntimeError(f"selective_scan: the fused CPU scan is unavailable ({ssm_cpu._unavailable})")
@@ -261,7 +262,7 @@ def selective_scan_fused(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
     channels_last = ssm_cpu.channels_last
     out, last = ssm_cpu.FusedSelectiveScan.apply(
         channels_last(u.float()), channels_last(delta.float()), A.float().contiguous(), Bt, Ct, vector(D),
-        None if z is None else channels_last(z.float()), vector(delta_bias), delta_softplus)
+        None if z is None else channels_last(z.float()), vector(delta_bias), delta_softplus, order)
     out = out.to(dtype_in)
     return (out, last) if return_last_state else out
 

@@ -132,24 +132,25 @@ class FusedSelectiveScan(torch.autograd.Function):
     of (batch, L, D) activations); A (D, N), D and delta_bias (D,) contiguous; B, C (batch, G, L, N)
     with unit stride over N. Outputs: out (batch, D, L, channels-last) and the last state (batch, D, N).
     Saved for the backward: the inputs and the state at every 64th step (batch, D, L / 64, N).
+    order: None, or the step order (batch, L) int64 (step t of row b is position order[b, t]).
     """
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus):
-        out, last, checkpoints = _extension.forward(u, delta, A, B, C, D, z, delta_bias, softplus)
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus, order=None):
+        out, last, checkpoints = _extension.forward(u, delta, A, B, C, D, z, delta_bias, softplus, None, order)
         ctx.softplus = softplus
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, checkpoints)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, checkpoints, order)
         return out, last
 
     @staticmethod
     def backward(ctx, grad_out, grad_last):
-        u, delta, A, B, C, D, z, delta_bias, checkpoints = ctx.saved_tensors
+        u, delta, A, B, C, D, z, delta_bias, checkpoints, order = ctx.saved_tensors
         grad_out = torch.zeros_like(u) if grad_out is None else channels_last(grad_out)
         grad_last = u.new_zeros(u.shape[0], u.shape[1], A.shape[1]) if grad_last is None else grad_last.contiguous()
         du, ddelta, dz, dA, dB, dC, dD, dbias, _ = _extension.backward(
-            grad_out, grad_last, u, delta, A, B, C, D, z, delta_bias, ctx.softplus, checkpoints)
+            grad_out, grad_last, u, delta, A, B, C, D, z, delta_bias, ctx.softplus, checkpoints, None, order)
         return (du, ddelta, dA, dB, dC, dD if D is not None else None, dz if z is not None else None,
-                dbias if delta_bias is not None else None, None)
+                dbias if delta_bias is not None else None, None, None)
 
 
 class CausalConvSiLU(torch.autograd.Function):
