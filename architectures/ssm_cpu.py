@@ -70,19 +70,19 @@ def _register_fake_kernels() -> None:
     @torch.library.register_fake("seq_arena_scan::forward")
     def _(u, delta, A, B, C, D, z, delta_bias, softplus, delta_proj=None, order=None):
         batch, dim, L = u.shape
-        return [channels_last(u), u.new_empty(batch, dim, A.shape[1]),
+        return [new_channels_last(u), u.new_empty(batch, dim, A.shape[1]),
                 u.new_empty(batch, dim, -(-L // 64), A.shape[1])]  # out, last state, checkpoints (kChunk = 64)
 
     @torch.library.register_fake("seq_arena_scan::backward")
     def _(grad_out, grad_last, u, delta, A, B, C, D, z, delta_bias, softplus, checkpoints, delta_proj=None,
           order=None, dz_out=None):
         batch, dim, L = u.shape
-        dz = channels_last(u) if z is not None and dz_out is None else u.new_empty(0)
+        dz = new_channels_last(u) if z is not None and dz_out is None else u.new_empty(0)
         rank = 0 if delta_proj is None else delta_proj.shape[1]
-        ddelta = channels_last(u) if delta_proj is None else u.new_empty(batch, L, rank).transpose(1, 2)
-        return [channels_last(u), ddelta, dz, torch.empty_like(A), u.new_empty(batch, B.shape[1], L, A.shape[1]),
+        ddelta = new_channels_last(u) if delta_proj is None else u.new_empty(batch, L, rank).transpose(1, 2)
+        return (new_channels_last(u), ddelta, dz, torch.empty_like(A), u.new_empty(batch, B.shape[1], L, A.shape[1]),
                 u.new_empty(batch, C.shape[1], L, A.shape[1]), u.new_empty(dim), u.new_empty(dim),
-                u.new_empty(dim, rank)]
+                u.new_empty(dim, rank))
 
     @torch.library.register_fake("seq_arena_scan::conv_silu_forward")
     def _(x, w, bias, order=None):
@@ -90,7 +90,13 @@ def _register_fake_kernels() -> None:
 
     @torch.library.register_fake("seq_arena_scan::conv_silu_backward")
     def _(x, w, bias, grad_y, order=None, dx_out=None):
-        return [x.new_empty(x.shape if dx_out is None else 0), torch.empty_like(w), w.new_empty(w.shape[0])]
+        return x.new_empty(x.shape if dx_out is None else 0), torch.empty_like(w), w.new_empty(w.shape[0])
+
+
+def new_channels_last(x: torch.Tensor) -> torch.Tensor:
+    """A new tensor the size of x (batch, D, L), as the kernels allocate their outputs: a view of a
+    contiguous (batch, L, D) one (never x's own strides: x may be a slice of a wider tensor)."""
+    return x.new_empty(x.shape[0], x.shape[2], x.shape[1]).transpose(1, 2)
 
 
 def channels_last(x: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <optional>
+#include <tuple>
 #include <vector>
 
 #include "fast_math.h"
@@ -161,7 +162,7 @@ at::Tensor causal_conv1d_silu_forward(at::Tensor x, at::Tensor w, std::optional<
 // tensor with unit stride over C (a slice of a wider one), dx is added into it and the returned
 // dx is zero-size (an op's output may not alias its input): the bidirectional Mamba sums both
 // passes' gradients in one tensor.
-std::vector<at::Tensor> causal_conv1d_silu_backward(at::Tensor x, at::Tensor w, std::optional<at::Tensor> bias,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_conv1d_silu_backward(at::Tensor x, at::Tensor w, std::optional<at::Tensor> bias,
                                                        at::Tensor grad_y, std::optional<at::Tensor> order,
                                                        std::optional<at::Tensor> dx_out) {
   const Conv p = describe(x, w, bias, order);
@@ -185,7 +186,7 @@ std::vector<at::Tensor> causal_conv1d_silu_backward(at::Tensor x, at::Tensor w, 
 TORCH_LIBRARY_FRAGMENT(seq_arena_scan, m) {
   m.def("conv_silu_forward(Tensor x, Tensor w, Tensor? bias, Tensor? order=None) -> Tensor");
   m.def("conv_silu_backward(Tensor x, Tensor w, Tensor? bias, Tensor grad_y, Tensor? order=None, "
-        "Tensor(a!)? dx_out=None) -> Tensor[]");
+        "Tensor(a!)? dx_out=None) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(seq_arena_scan, CPU, m) {

@@ -39,6 +39,7 @@
 #include <cstdint>
 #include <cstring>
 #include <optional>
+#include <tuple>
 #include <vector>
 
 #include "fast_math.h"
@@ -392,13 +393,18 @@ std::vector<at::Tensor> selective_scan_forward(at::Tensor u, at::Tensor delta, a
   return {out, last, checkpoints};
 }
 
+// The backward's nine gradients as a tuple, not a list: torch.compile functionalizes an op that
+// writes into an argument (dz_out) only when each of its outputs is a single tensor.
+using ScanGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                             at::Tensor, at::Tensor>;
+
 // Returns du, ddelta, dz (batch, D, L; views of (batch, L, D) tensors; dz empty without z, and
 // zero-size when dz_out is given: a (batch, D, L) view with unit stride over D that dz is added
 // into, as the bidirectional Mamba sums both passes' gradients; an op's output may not alias its
 // input), dA
 // (D, N), dB, dC (batch, G, L, N), dD and ddelta_bias (D,), and d delta_proj (D, R) (zero-size
 // without it). With delta_proj, ddelta is the gradient of dt_low, (batch, R, L).
-std::vector<at::Tensor> selective_scan_backward(at::Tensor grad_out, at::Tensor grad_last, at::Tensor u,
+ScanGrads selective_scan_backward(at::Tensor grad_out, at::Tensor grad_last, at::Tensor u,
                                                    at::Tensor delta, at::Tensor A, at::Tensor B, at::Tensor C,
                                                    std::optional<at::Tensor> Dskip, std::optional<at::Tensor> z,
                                                    std::optional<at::Tensor> bias, bool softplus,
@@ -466,7 +472,8 @@ TORCH_LIBRARY(seq_arena_scan, m) {
         "bool softplus, Tensor? delta_proj=None, Tensor? order=None) -> Tensor[]");
   m.def("backward(Tensor grad_out, Tensor grad_last, Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, "
         "Tensor? D, Tensor? z, Tensor? delta_bias, bool softplus, Tensor checkpoints, Tensor? delta_proj=None, "
-        "Tensor? order=None, Tensor(a!)? dz_out=None) -> Tensor[]");
+        "Tensor? order=None, Tensor(a!)? dz_out=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
+        "Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(seq_arena_scan, CPU, m) {
