@@ -56,6 +56,13 @@ def config_files_loaded_once():
         yield
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _config_files_loaded_once():
+    """The same for the compositions of harness.api (compose_config, build) in this module."""
+    with config_files_loaded_once():
+        yield
+
+
 def compose_with_hydra(experiment: str, overrides=(), search_path: Path | None = None):
     """The config arena-train/arena-bench would compose, with its hydra node (the sweep axes)."""
     register_resolvers()
