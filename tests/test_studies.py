@@ -5,6 +5,7 @@ full-size studies carry the papers' settings."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import itertools
 from pathlib import Path
@@ -38,7 +39,7 @@ def primary_config(experiment: str) -> str:
 # composes its 13-120 jobs from the same few dozen files, and reading and parsing them again for
 # each job was two fifths of the time of composing it. Hydra itself reuses these results within
 # one composition (CachingConfigRepository); this reuses them across compositions, in this module
-# only. The configs the jobs compose are the same as without it (checked on every lra_table1 job).
+# only, each composition getting its own copy (Hydra changes the configs it loads as it merges).
 _LOADED: dict = {}
 _load_config = ConfigRepository.load_config
 
@@ -47,7 +48,7 @@ def _load_config_once(self, config_path):
     key = (tuple(source.path for source in self.sources), config_path)
     if key not in _LOADED:
         _LOADED[key] = _load_config(self, config_path)
-    return _LOADED[key]
+    return copy.deepcopy(_LOADED[key])
 
 
 @contextlib.contextmanager
