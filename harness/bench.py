@@ -60,7 +60,6 @@ from harness.run_folder import FolderBusy, claim, make_room_for
 from harness.runtime import check_allocator, worker_environment
 from harness.validation import check_config
 from tasks.base import process_alive
-from harness.results import efficiency_cells, load_runs, scaling_exponents
 
 log = logging.getLogger(__name__)
 
@@ -324,6 +323,10 @@ def describe(record: dict) -> str:
 
 def write_scaling(sweep_dir: Path) -> Path | None:
     """The sweep's scaling exponents, fitted as the report fits them, into ``scaling.csv``."""
+    # imported here: pandas and scipy.stats (harness.results) took a third of arena-bench's start,
+    # and only a multirun's end needs them
+    from harness.results import efficiency_cells, load_runs, scaling_exponents
+
     fits = scaling_exponents(efficiency_cells(load_runs(sweep_dir)))
     if fits.empty:
         return None

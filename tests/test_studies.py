@@ -4,13 +4,17 @@ full-size studies carry the papers' settings."""
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import functools
 import itertools
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
+from hydra._internal.config_repository import ConfigRepository
 from omegaconf import OmegaConf
 
 from harness.api import build, compose_config
@@ -31,11 +35,40 @@ def primary_config(experiment: str) -> str:
     return "bench" if experiment in BENCH_EXPERIMENTS else "config"
 
 
+# Every yaml file as Hydra loaded it (with its defaults list), by (search path, file): a study
+# composes its 13-120 jobs from the same few dozen files, and reading and parsing them again for
+# each job was two fifths of the time of composing it. Hydra itself reuses these results within
+# one composition (CachingConfigRepository); this reuses them across compositions, in this module
+# only, each composition getting its own copy (Hydra changes the configs it loads as it merges).
+_LOADED: dict = {}
+_load_config = ConfigRepository.load_config
+
+
+def _load_config_once(self, config_path):
+    key = (tuple(source.path for source in self.sources), config_path)
+    if key not in _LOADED:
+        _LOADED[key] = _load_config(self, config_path)
+    return copy.deepcopy(_LOADED[key])
+
+
+@contextlib.contextmanager
+def config_files_loaded_once():
+    with mock.patch.object(ConfigRepository, "load_config", _load_config_once):
+        yield
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _config_files_loaded_once():
+    """The same for the compositions of harness.api (compose_config, build) in this module."""
+    with config_files_loaded_once():
+        yield
+
+
 def compose_with_hydra(experiment: str, overrides=(), search_path: Path | None = None):
     """The config arena-train/arena-bench would compose, with its hydra node (the sweep axes)."""
     register_resolvers()
     extra = [f"hydra.searchpath=[file://{search_path}]"] if search_path else []
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+    with config_files_loaded_once(), initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name=primary_config(experiment), return_hydra_config=True,
                       overrides=[f"experiment={experiment}", *REQUIRED.get(experiment, []),
                                  *extra, *overrides])

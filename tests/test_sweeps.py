@@ -69,8 +69,9 @@ def test_fail_fast_exits_nonzero(tmp_path):
 
 
 def test_sweep_killed_with_sigkill_then_restarted_finishes_with_every_record(tmp_path):
-    # 150 steps a job, a checkpoint every 2: time enough for the kill to land inside the second job
-    args = cli("harness.train", "-m", *TINY, "trainer.steps=150", "seed=0,1,2", "sweep.name=k")
+    # 50 steps a job (over a second), a checkpoint every 2: time enough for the kill, which lands
+    # within a 20 ms poll of the second job's first checkpoint, to land inside the second job
+    args = cli("harness.train", "-m", *TINY, "trainer.steps=50", "seed=0,1,2", "sweep.name=k")
     proc = subprocess.Popen(args, cwd=tmp_path, env=env(tmp_path), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     sweep_dir = tmp_path / "results/sweeps/k"
