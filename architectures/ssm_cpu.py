@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pathlib
+import sys
 import warnings
 
 import torch
@@ -41,8 +42,9 @@ def _build():
     except ImportError:
         pass
     cpp_extension.load(
-        # One cache entry per version of the source, so that checkouts of different versions (or
-        # two worktrees) sharing the cache do not rebuild over each other.
+        # One cache entry per version of the source and per environment (its build.ninja names
+        # the interpreter's torch), so that checkouts of different versions, or venvs, sharing
+        # the cache do not rebuild over each other.
         name=f"seq_arena_selective_scan_cpu_{_source_hash()}",
         sources=[str(path) for path in SOURCES],
         # OpenMP: at::parallel_for runs serially without it. No trapping math and no errno: the exp
@@ -57,8 +59,9 @@ def _build():
 
 
 def _source_hash() -> str:
-    """12 hex digits of the sources' and headers' SHA-256."""
-    digest = hashlib.sha256()
+    """12 hex digits of the SHA-256 of the sources, the headers, this interpreter's prefix and
+    torch's version."""
+    digest = hashlib.sha256(f"{sys.prefix}\0{torch.__version__}".encode())
     for path in (*SOURCES, *sorted(CSRC.glob("*.h"))):
         digest.update(path.read_bytes())
     return digest.hexdigest()[:12]

@@ -9,13 +9,6 @@ import torch
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
-# Mamba's fused CPU kernels (architectures/ssm_cpu.py) are compiled at first use into a cache
-# folder named by the sources' hash only, while the build file torch writes there names this
-# venv's torch headers: two checkouts of the same sources with their own venvs (worktrees, CI
-# beside a developer) rewrite each other's build file, and every first use then recompiles
-# (35-45 s on 2 cores, inside whichever test first runs Mamba, while the other xdist worker
-# waits on the build lock). The suite (and the CLIs it launches) builds into its venv's own cache.
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
