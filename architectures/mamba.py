@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from architectures import ssm_cpu
 from architectures.layers import FeedForward
-from architectures.ssm import SCAN_IMPLEMENTATIONS, selective_scan
+from architectures.ssm import SCAN_IMPLEMENTATIONS, selective_scan, time_major_BC
 
 
 def reversal_order(mask: torch.Tensor | None, batch: int, L: int, device: torch.device) -> torch.Tensor:
@@ -246,10 +246,9 @@ class Mamba(nn.Module):
         return self.out_proj(y.to(x_t.dtype)), (conv_state, ssm_state)
 
 
-def kernel_BC(B: torch.Tensor, C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The mixer's B, C (B, N, L), transposed views of x_proj's output, as the scan kernel takes
-    them: (B, 1, L, N) views with unit stride over N."""
-    return B.transpose(1, 2).unsqueeze(1), C.transpose(1, 2).unsqueeze(1)
+def kernel_BC(B: torch.Tensor, C: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mixer's B, C (B, N, L) as the scan kernel takes them, for u (B, E, L): time_major_BC's views."""
+    return tuple(time_major_BC(X, *u.shape, name) for X, name in ((B, "B"), (C, "C")))
 
 
 class RecomputedScanInputs(torch.autograd.Function):
@@ -276,7 +275,7 @@ class RecomputedScanInputs(torch.autograd.Function):
         for order in orders:
             u, dt_low, B, C, z = mixer.scan_inputs(xz, conv_weight, conv_bias, x_proj_weight, order)
             y, _, chunk_states = ssm_cpu.extension().forward(
-                u, dt_low, A, *kernel_BC(B, C), D, z, dt_bias, True, dt_proj_weight, order)  # y (B, E, L)
+                u, dt_low, A, *kernel_BC(B, C, u), D, z, dt_bias, True, dt_proj_weight, order)  # y (B, E, L)
             out = y if out is None else out.add_(y)
             checkpoints.append(chunk_states)
         ctx.sizes, ctx.orders = (mixer.d_inner, mixer.dt_rank, mixer.d_state), orders
@@ -293,12 +292,13 @@ class RecomputedScanInputs(torch.autograd.Function):
         grad_out = ssm_cpu.channels_last(grad_out.transpose(1, 2))  # (B, E, L)
         dxz = torch.zeros_like(xz)  # (B, L, 2E): every pass adds its dx (convolution) and dz here
         sums = None  # the weights' gradients, summed over the passes
+        grad_last = xz.new_zeros(xz.shape[0], E, N)  # no gradient reaches the last state
         for order, chunk_states in zip(ctx.orders, checkpoints, strict=True):
             u = ops.conv_silu_forward(xs, taps, conv_bias, order)  # (B, L, E), recomputed
             x_dbl = F.linear(u, x_proj_weight)  # (B, L, R + 2N)
             dt_low, B, C = (t.transpose(1, 2) for t in x_dbl.split([R, N, N], dim=-1))  # (B, R|N|N, L) views
             du, ddt_low, _, dA, dB, dC, dD, dbias, ddt_proj = ops.backward(
-                grad_out, u.new_zeros(u.shape[0], E, N), u.transpose(1, 2), dt_low, A, *kernel_BC(B, C), D,
+                grad_out, grad_last, u.transpose(1, 2), dt_low, A, *kernel_BC(B, C, u.transpose(1, 2)), D,
                 z.transpose(1, 2), dt_bias, True, chunk_states, dt_proj_weight, order, dxz[..., E:].transpose(1, 2))
             d_x_dbl = torch.cat([ddt_low.transpose(1, 2), dB[:, 0], dC[:, 0]], dim=-1)  # (B, L, R + 2N)
             dx_proj = d_x_dbl.flatten(0, 1).T @ u.flatten(0, 1)  # (R + 2N, E)
