@@ -146,8 +146,10 @@ def run_worker(job: dict, timeout_s: float) -> dict:
                 "error": f"measurement process exited with {proc.returncode}" + (f":\n{tail}" if tail else "")}
 
 
-# Jobs of this multirun with rounds still to measure: (run_dir, cfg, job), for ScalingCallback.
-PENDING_ROUNDS: list[tuple[Path, DictConfig, dict]] = []
+# Jobs of this multirun with rounds still to measure: (run_dir, config hash, cfg, job), for
+# ScalingCallback. The hash tells a job's record from that of a later job of the same sweep that
+# took over its folder (a swept key the folder name leaves out, e.g. trainer.threads).
+PENDING_ROUNDS: list[tuple[Path, str, DictConfig, dict]] = []
 
 
 def run_bench(cfg: DictConfig, run_dir: Path, *, defer_rounds: bool = False) -> dict:
@@ -219,7 +221,7 @@ def run_bench_claimed(cfg: DictConfig, run_dir: Path, *, defer_rounds: bool = Fa
                   memory=result.get("memory", {}), rounds=[round_of(result)])
     more = cfg.bench.rounds - 1 if result["status"] == "ok" else 0
     if more and defer_rounds:
-        PENDING_ROUNDS.append((run_dir, cfg, job))
+        PENDING_ROUNDS.append((run_dir, chash, cfg, job))
         record.update(ended_at=now_iso(), wall_s=time.perf_counter() - t0)
         write_record(run_dir, record)  # a valid record of one round, should the sweep be stopped
         return record
@@ -270,15 +272,21 @@ def finish_rounds() -> None:
     the sweep per round, in job order, and rewrite their records."""
     pending, records = list(PENDING_ROUNDS), {}
     PENDING_ROUNDS.clear()
-    for n in range(2, max((cfg.bench.rounds for _, cfg, _ in pending), default=1) + 1):
+    for n in range(2, max((cfg.bench.rounds for _, _, cfg, _ in pending), default=1) + 1):
         log.info("bench.rounds: round %d over %d configurations", n, len(pending))
-        for run_dir, cfg, job in pending:
+        for run_dir, chash, cfg, job in pending:
             if n > cfg.bench.rounds:
                 continue
             try:
                 with claim(run_dir):
                     record = records.get(run_dir) or read_record(run_dir)
                     if record is None or record["status"] != "ok":
+                        continue
+                    if record["config_hash"] != chash:
+                        if n == 2:
+                            log.warning("bench.rounds: %s now holds another job of this sweep (its "
+                                        "folder name leaves out a swept key); the rounds left of "
+                                        "config %s are not measured", run_dir, chash)
                         continue
                     t0 = time.perf_counter()
                     add_round(record, run_worker(job, cfg.bench.timeout_s))
@@ -287,8 +295,8 @@ def finish_rounds() -> None:
                     records[run_dir] = record
             except FolderBusy as exc:
                 log.error("%s", exc)
-    for run_dir, cfg, _ in pending:
-        if run_dir in records:
+    for run_dir, chash, cfg, _ in pending:
+        if run_dir in records and records[run_dir]["config_hash"] == chash:
             log.info(describe(records[run_dir]))
             log_to_tracker(cfg, run_dir, records[run_dir])
 

@@ -14,9 +14,10 @@ import torch
 from conftest import cli, cli_env
 
 from harness.api import compose_config
-from harness.bench import bench_job, renamed_overrides, write_scaling
+import harness.bench
+from harness.bench import bench_job, finish_rounds, renamed_overrides, run_bench, write_scaling
 from harness.measure import StepTimer
-from harness.records import environment, new_record, validate_record, write_record
+from harness.records import environment, new_record, read_record, validate_record, write_record
 
 FAST = ["trainer.batch_size=2", "bench.untimed_steps=1", "bench.min_repeats=3", "bench.min_time_s=0",
         "trainer.threads=1", "size.d_model=32", "size.n_layers=1"]
@@ -113,6 +114,31 @@ def test_transformer_memory_grows_with_length_and_exponents_are_written(tmp_path
         assert record["memory"]["how"] == "cpu_vmhwm_above_floor"
     assert "scaling exponents" in out.stdout + out.stderr
     assert (tmp_path / "results/sweeps/m/scaling.csv").read_text().startswith("model,task")
+
+
+def test_a_job_that_takes_over_a_folder_keeps_its_own_rounds(tmp_path, monkeypatch, caplog):
+    # The bookkeeping of rounds, with each measurement's result made up (the test above measures
+    # for real): trainer.threads is not in the folder name, so the threads=2 job moves the
+    # threads=1 record aside, and the round the threads=1 job left must not join its record.
+    def measured(job: dict, timeout_s: float) -> dict:
+        return {"status": "ok", "env": {"threads": job["threads"]},
+                "speed": {"step_ms_median": 10.0 * job["threads"], "step_ms_iqr": 0.0,
+                          "steps_timed": 3, "tokens_per_s": 1.0},
+                "memory": {"peak_bytes": 1, "how": "test"}}
+    monkeypatch.setattr(harness.bench, "run_worker", measured)
+    run_dir = tmp_path / "L64"
+    for threads in (1, 2):
+        cfg = compose_config(["task.seq_len=64", "bench.rounds=3", f"trainer.threads={threads}"],
+                             config_name="bench")
+        run_bench(cfg, run_dir, defer_rounds=True)
+    with caplog.at_level(logging.WARNING, logger="harness.bench"):
+        finish_rounds()
+    record = read_record(run_dir)
+    assert record["env"]["threads"] == 2 and record["speed"]["round_ms_min"] == 20.0
+    assert len(record["rounds"]) == record["speed"]["rounds"] == 3
+    (aside,) = [read_record(p) for p in run_dir.glob(".superseded-*")]
+    assert aside["env"]["threads"] == 1 and len(aside["rounds"]) == 1
+    assert caplog.text.count("now holds another job of this sweep") == 1
 
 
 # --------------------------------------------------------------------------- scaling.csv
