@@ -593,3 +593,25 @@ def test_the_readme_efficiency_table_script(tmp_path, capsys):
     assert list(pd.read_csv(tmp_path / "t.csv")["model"])[0] == "linear_transformer"
     with pytest.raises(SystemExit, match="no such folder"):
         script.main([str(tmp_path / "missing")])
+
+
+def test_the_exponent_agreement_script(tmp_path, capsys):
+    """bench/exponent_agreement.py: the two sweeps' exponents per model, their difference, and
+    exit status 1 when one is over the limit."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("exponent_agreement", ROOT / "bench" / "exponent_agreement.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    bench_sweep(tmp_path / "a")
+    for model, power in (("transformer", 2.06), ("linear_transformer", 1.0)):  # the same, run again
+        for L in (1024, 2048, 4096):
+            make(tmp_path / "b", kind="bench", model=model, task="text", seq_len=L, batch_size=32,
+                 step_ms=(L / 1024) ** power * 100.0, peak=int((L / 1024) ** power * 1e9))
+    table = script.agreement(str(tmp_path / "a"), str(tmp_path / "b"))
+    assert table.loc["transformer", "time diff"] == pytest.approx(0.06)
+    assert table.loc["linear_transformer", "time diff"] == pytest.approx(0.0, abs=1e-9)
+    assert script.main([str(tmp_path / "a"), str(tmp_path / "b")]) == 1
+    assert "over the limit" in capsys.readouterr().out
+    assert script.main([str(tmp_path / "a"), str(tmp_path / "b"), "--limit", "0.07"]) == 0
+    with pytest.raises(SystemExit, match="no such folder"):
+        script.main([str(tmp_path / "a"), str(tmp_path / "missing")])
