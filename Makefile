@@ -18,6 +18,9 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH)
 	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]"
+	@# Mamba's fused CPU kernels (architectures/ssm_cpu.py), compiled once here rather than at the
+	@# first Mamba step; without a C++ compiler this warns and Mamba uses the PyTorch scan
+	$(BIN)/python -c "from architectures import ssm_cpu; ssm_cpu.extension()"
 	touch $(STAMP)
 
 # Everything (what .ci/run calls). test-fast leaves out the end-to-end tests marked slow (they
