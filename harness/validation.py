@@ -18,6 +18,7 @@ import pydantic
 from omegaconf import DictConfig, OmegaConf
 from pydantic import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 
+from architectures.layers import NORMS
 from harness.measure import PRECISIONS
 from harness.runtime import ALLOCATORS
 
@@ -78,6 +79,8 @@ class ModelSchema(Schema):
     n_heads: PositiveInt | None = None
     d_ff: NonNegativeInt | None = None
     dropout: Probability | None = None
+    norm: Literal[NORMS] | None = None
+    prenorm: bool | None = None
     mem_len: NonNegativeInt | None = None
     seg_len: PositiveInt | None = None
     mixer: MixerSchema | None = None
