@@ -9,10 +9,14 @@ import functools
 import pytest
 import torch
 import torch.nn as nn
+from omegaconf import OmegaConf
 
 from architectures.attention import MultiHeadAttention
 from architectures.backbone import Block, SequenceModel
 from architectures.layers import ChannelBatchNorm, make_norm
+from harness.api import compose_config
+from harness.config import result_config
+from harness.records import config_hash
 from tasks.base import TaskSpec, random_batch
 
 SPEC = TaskSpec(kind="classify", vocab_size=20, n_outputs=5, seq_len=24)
@@ -59,3 +63,13 @@ def test_reversible_blocks_refuse_post_norm_naming_the_key():
 def test_an_unknown_norm_is_refused_naming_the_key_and_the_choices():
     with pytest.raises(ValueError, match="model.norm must be one of .*batchnorm"):
         make_norm("groupnorm", 8)
+
+
+def test_the_new_keys_keep_old_hashes_and_count_when_set():
+    cfg = compose_config(["model=s4d", "task=mqar"])
+    before = config_hash(result_config(cfg))
+    older = OmegaConf.create(OmegaConf.to_container(cfg))  # a config of before model.prenorm and dt_lr
+    del older.model.prenorm, older.model.mixer.dt_lr
+    assert config_hash(result_config(older)) == before
+    for override in ("model.prenorm=false", "model.norm=batchnorm", "model.mixer.dt_lr=0.01"):
+        assert config_hash(result_config(compose_config(["model=s4d", "task=mqar", override]))) != before
