@@ -351,10 +351,10 @@ def test_models_build_from_yaml_and_train_one_step(name):
 
 
 # state-spaces/s4 configs/experiment/lra/s4-{listops,imdb,aan,cifar,pathfinder,pathx}.yaml
-@pytest.mark.parametrize("task,d_model,d_state,n_ssm,dt_min,lr,prenorm,dt_lr", [
-    ("listops", 256, 4, 1, 1e-3, 0.01, False, 0.01), ("text", 256, 4, 1, 1e-3, 0.01, True, 0.01),
-    ("image", 512, 64, 1, 1e-3, 0.01, False, 1e-3), ("pathx", 256, 64, None, 1e-4, 0.001, True, 1e-3)])
-@pytest.mark.parametrize("model", ["s4", "s4d"])
+@pytest.mark.parametrize("model,task,d_model,d_state,n_ssm,dt_min,lr,prenorm,dt_lr", [
+    ("s4", "listops", 256, 4, 1, 1e-3, 0.01, False, 0.01), ("s4", "text", 256, 4, 1, 1e-3, 0.01, True, 0.01),
+    ("s4", "image", 512, 64, 1, 1e-3, 0.01, False, 1e-3), ("s4", "pathx", 256, 64, None, 1e-4, 0.001, True, 1e-3),
+    ("s4d", "listops", 256, 4, None, 1e-3, 0.01, False, 0.01), ("s4d", "pathx", 256, 64, None, 1e-4, 0.001, True, 1e-3)])
 def test_s4_lra_study_uses_the_s4_repository_configs(model, task, d_model, d_state, n_ssm, dt_min, lr, prenorm,
                                                       dt_lr):
     cfg = compose_config(["experiment=s4_lra", f"model={model}", f"task={task}"])
