@@ -224,6 +224,23 @@ def params_table(cells: pd.DataFrame) -> pd.DataFrame:
     return table.fillna(NOT_RUN).rename_axis(index=None, columns=None)
 
 
+MATCHING_TEXT = {"equal_width": "every model at the same width (size.d_model)",
+                 "as_published": "each model at its paper's size",
+                 "none": "no matching stated"}
+
+
+def matching_note(runs: pd.DataFrame) -> str:
+    """How each study (sweep) of the train runs matched its models (``matching.rule``, set by the
+    study; conf/study/none.yaml), or "" when no record says."""
+    train = runs[runs["kind"] == "train"]
+    if "config.matching.rule" not in train or train["config.matching.rule"].isna().all():
+        return ""
+    name = train["config.sweep.name"] if "config.sweep.name" in train else pd.Series("runs", index=train.index)
+    rules = train.assign(_study=name.fillna("runs")).dropna(subset=["config.matching.rule"]).groupby(
+        "_study")["config.matching.rule"].agg(lambda r: " / ".join(sorted(set(r))))
+    return "; ".join(f"{study}: {MATCHING_TEXT.get(rule, rule)} ({rule})" for study, rule in rules.items())
+
+
 def fits_display(fit_table: pd.DataFrame) -> pd.DataFrame:
     if fit_table.empty:
         return pd.DataFrame()
@@ -329,6 +346,7 @@ def build_report(dirs: list[str], out: Path, *, published_dir: Path = PUBLISHED_
     eff_text = efficiency_table(eff)
     comparison = compare_published(load_published(published_dir), runs)
     params = params_table(cells)
+    matching = matching_note(runs)
     # every claims*.yaml of the published directory (one per study), or the one file asked for
     claim_files = [claims_file] if claims_file else sorted(Path(published_dir).glob("claims*.yaml"))
     loaded = [claim for path in claim_files if path.exists() for claim in load_claims(path)]
@@ -370,7 +388,9 @@ def build_report(dirs: list[str], out: Path, *, published_dir: Path = PUBLISHED_
         DisplayTable(params, "Parameters", (
             "Trainable parameters of the setting in the accuracy table. ▲ +k%: more than 10% over "
             "the transformer's in the same column (LRA's rule: models compared within 10% of the "
-            "base Transformer's parameters)."), "params", row_label="Model"),
+            "base Transformer's parameters)."
+            + (f" How the studies matched their models: {matching}." if matching else "")),
+            "params", row_label="Model"),
         DisplayTable(eff_text, "Efficiency", (
             "Training steps per second (speed-up over transformer) and peak memory in GB "
             f"(10⁹ bytes), from {source} records, repeats by median"

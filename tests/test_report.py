@@ -17,7 +17,9 @@ from conftest import ROOT, cli, cli_env
 
 from harness.claims import evaluate_claims, load_claims
 from harness.published import compare_published, load_published, published_matches
-from harness.report import PUBLISHED_DIR, accuracy_table, comparison_display, efficiency_table, main, params_table
+from harness.report import (
+    PUBLISHED_DIR, accuracy_table, comparison_display, efficiency_table, main, matching_note, params_table,
+)
 from harness.records import new_record
 from harness.results import (
     efficiency_cells, filter_runs, load_curves, load_runs, near_chance, records_frame,
@@ -615,3 +617,17 @@ def test_the_exponent_agreement_script(tmp_path, capsys):
     assert script.main([str(tmp_path / "a"), str(tmp_path / "b"), "--limit", "0.07"]) == 0
     with pytest.raises(SystemExit, match="no such folder"):
         script.main([str(tmp_path / "a"), str(tmp_path / "missing")])
+
+
+def test_the_parameters_caption_says_how_each_study_matched_its_models(tmp_path):
+    for model in ("transformer", "mamba"):
+        run = make(tmp_path / "new", model=model, val=0.5, test=0.5)
+        record = json.loads((run / "record.json").read_text())
+        record["config"]["matching"] = {"rule": "equal_width"}
+        record["config"]["sweep"]["name"] = "quickstart"
+        (run / "record.json").write_text(json.dumps(record))
+    make(tmp_path / "new", model="transformer", task="txl", val=0.5, test=0.5)  # a record of before the key
+    assert matching_note(load_runs(tmp_path / "new")) == \
+        "quickstart: every model at the same width (size.d_model) (equal_width)"
+    make(tmp_path / "old", val=0.5, test=0.5)
+    assert matching_note(load_runs(tmp_path / "old")) == ""
