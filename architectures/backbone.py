@@ -1,5 +1,5 @@
-"""The shared backbone: embedding, positions, residual blocks (pre-norm, or post-norm) of mixer + feed-forward,
-final norm and the task head.
+"""The shared backbone: embedding, positions, residual blocks of mixer + feed-forward (pre-norm,
+or post-norm), final norm and the task head.
 
 Architectures plug in only their sequence mixer, built as
 ``mixer(d_model, causal=..., layer_idx=i)`` from a Hydra ``_partial_`` config, with the
