@@ -247,7 +247,9 @@ def fits_display(fit_table: pd.DataFrame) -> pd.DataFrame:
     out = pd.DataFrame(index=fit_table.index)
     if "setup" in fit_table and fit_table["setup"].nunique() > 1:
         out["Setup"] = fit_table["setup"]
-    out["Time exponent"] = fit_table["time_exponent"].map(lambda v: NOT_RUN if pd.isna(v) else f"{v:.2f}")
+    se = fit_table["time_exponent_se"] if "time_exponent_se" in fit_table else pd.Series(np.nan, fit_table.index)
+    out["Time exponent"] = [NOT_RUN if pd.isna(v) else f"{v:.2f}" + ("" if pd.isna(e) else f" ± {e:.2f}")
+                            for v, e in zip(fit_table["time_exponent"], se)]
     out["Memory exponent"] = fit_table["memory_exponent"].map(
         lambda v: NOT_RUN if pd.isna(v) else f"{v:.2f}")
     out["Lengths fitted"] = fit_table["seq_lens"].str.replace(",", ", ")
@@ -400,7 +402,8 @@ def build_report(dirs: list[str], out: Path, *, published_dir: Path = PUBLISHED_
                     if c.startswith(("steps/s", "mem"))}, groups="setup"),
         DisplayTable(fits_display(fit_table), "Scaling exponents", (
             "Least-squares slope of log step time and log peak memory against log sequence "
-            "length (2 = quadratic, 1 = linear); lowest in bold."), "scaling_exponents",
+            "length (2 = quadratic, 1 = linear); lowest in bold. ± se: the time exponent's "
+            "bootstrap standard error over the rounds of its points (bench.rounds of 3 or more)."), "scaling_exponents",
             row_label="Model", better={"Time exponent": "min", "Memory exponent": "min"},
             groups="Setup"),
         DisplayTable(comparison_display(comparison), "Comparison with published numbers", (
