@@ -11,6 +11,7 @@ import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from conftest import ROOT, cli, cli_env
@@ -631,3 +632,23 @@ def test_the_parameters_caption_says_how_each_study_matched_its_models(tmp_path)
         "quickstart: every model at the same width (size.d_model) (equal_width)"
     make(tmp_path / "old", val=0.5, test=0.5)
     assert matching_note(load_runs(tmp_path / "old")) == ""
+
+
+def test_the_time_exponent_carries_a_bootstrap_standard_error_over_rounds(tmp_path):
+    """Rounds that agree give an exponent with no error; rounds 10% apart an error of a few
+    hundredths, the same on every call; records without 3 rounds per point none."""
+    for L in (1024, 2048, 4096):
+        ms = L / 1024 * 100.0
+        common = dict(kind="bench", model="s4d", task="text", seq_len=L, batch_size=1, step_ms=ms, peak=L * 1000)
+        make(tmp_path / "agree", **common, rounds=[{"status": "ok", "step_ms_median": ms}] * 3)
+        make(tmp_path / "apart", **common, rounds=[{"status": "ok", "step_ms_median": ms * f} for f in (0.9, 1, 1.1)]
+             + [{"status": "error", "step_ms_median": None}])
+        make(tmp_path / "once", **common)
+    fit = {name: scaling_exponents(efficiency_cells(load_runs(tmp_path / name))).iloc[0]
+           for name in ("agree", "apart", "once")}
+    assert fit["agree"]["time_exponent"] == pytest.approx(1.0)
+    assert fit["agree"]["time_exponent_se"] == pytest.approx(0.0, abs=1e-12)
+    assert 0.01 < fit["apart"]["time_exponent_se"] < 0.1
+    again = scaling_exponents(efficiency_cells(load_runs(tmp_path / "apart"))).iloc[0]
+    assert again["time_exponent_se"] == fit["apart"]["time_exponent_se"]
+    assert np.isnan(fit["once"]["time_exponent_se"])
