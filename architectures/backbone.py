@@ -1,5 +1,5 @@
-"""The shared backbone: embedding, positions, pre-norm residual blocks of mixer + feed-forward,
-final norm and the task head.
+"""The shared backbone: embedding, positions, residual blocks of mixer + feed-forward (pre-norm,
+or post-norm), final norm and the task head.
 
 Architectures plug in only their sequence mixer, built as
 ``mixer(d_model, causal=..., layer_idx=i)`` from a Hydra ``_partial_`` config, with the
@@ -60,11 +60,14 @@ def run_block(block: nn.Module, *args, checkpointed: bool) -> torch.Tensor:
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + mixer(norm(x)), then x + ffn(norm(x))."""
+    """Residual block of mixer and feed-forward. Pre-norm (the default): x + mixer(norm(x)), then
+    x + ffn(norm(x)). Post-norm (``prenorm=False``, the original Transformer's and some of the S4
+    repository's LRA configs): norm(x + mixer(x)), then norm(x + ffn(x))."""
 
     def __init__(self, d_model: int, mixer: nn.Module, *, d_ff: int, dropout: float, norm: str,
-                 ffn_activation: str = "gelu"):
+                 ffn_activation: str = "gelu", prenorm: bool = True):
         super().__init__()
+        self.prenorm = prenorm
         self.norm1 = make_norm(norm, d_model)
         self.mixer = mixer
         # a block without feed-forward (d_ff=0, e.g. Mamba) has no second norm either, so that
@@ -74,14 +77,17 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def f(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """The mixer branch (F of a reversible block)."""
+        """The pre-norm mixer branch (F of a reversible block)."""
         return self.dropout(self.mixer(self.norm1(x), mask))
 
     def g(self, x: torch.Tensor) -> torch.Tensor:
-        """The feed-forward branch (G of a reversible block)."""
+        """The pre-norm feed-forward branch (G of a reversible block)."""
         return self.dropout(self.ffn(self.norm2(x)))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        if not self.prenorm:
+            x = self.norm1(x + self.dropout(self.mixer(x, mask)))
+            return x if self.ffn is None else self.norm2(x + self.dropout(self.ffn(x)))
         x = x + self.f(x, mask)
         if self.ffn is not None:
             x = x + self.g(x)
@@ -105,7 +111,10 @@ class SequenceModel(nn.Module):
         n_layers: number of blocks.
         d_ff: feed-forward width; 0 removes the feed-forward (e.g. for Mamba blocks).
         dropout: dropout on residual branches and embeddings.
-        norm: ``layernorm`` or ``rmsnorm``.
+        norm: ``layernorm``, ``rmsnorm`` or ``batchnorm`` (over batch and length, as the S4
+            repository's ``norm: batch``: :class:`architectures.layers.ChannelBatchNorm`).
+        prenorm: pre-norm blocks and a final norm (the default), or post-norm blocks and no
+            final norm (``False``; the S4 repository's ``prenorm: false``, :class:`Block`).
         positional: ``none``, ``sinusoidal`` or ``learned`` on the embedding; ``rope``, ``alibi``,
             ``t5`` or ``xpos`` inside attention (passed to the mixer, which must take a
             ``positional`` argument: softmax attention does, kernelised and recurrent mixers not).
@@ -140,6 +149,7 @@ class SequenceModel(nn.Module):
         d_ff: int,
         dropout: float = 0.0,
         norm: str = "layernorm",
+        prenorm: bool = True,
         positional: str = "sinusoidal",
         pooling: str = "mean",
         tie_embeddings: bool = False,
@@ -159,6 +169,9 @@ class SequenceModel(nn.Module):
             raise ValueError(f"model.pooling must be one of {POOLINGS}, got {pooling!r}")
         if spec.kind == "seq2seq" and spec.sep_id is None:
             raise UnsupportedTask("a decoder-only model needs the task's sep_id for seq2seq")
+        if reversible and not prenorm:
+            raise ValueError("model.reversible=true needs pre-norm blocks (its F and G are the pre-norm "
+                             "branches): set model.prenorm=true or model.reversible=false")
         if reversible and d_ff <= 0:
             raise ValueError("model.reversible=true pairs each block's mixer (F) with its feed-forward (G); "
                              f"model.d_ff={d_ff} leaves G empty: set model.d_ff > 0 or model.reversible=false")
@@ -181,10 +194,11 @@ class SequenceModel(nn.Module):
         extra.update(input_length_kwargs(mixer, self.max_len))
         self.blocks = nn.ModuleList(
             Block(d_model, build_mixer(mixer, d_model, causal=spec.causal, layer_idx=i, **extra),
-                  d_ff=d_ff, dropout=dropout, norm=norm, ffn_activation=ffn_activation)
+                  d_ff=d_ff, dropout=dropout, norm=norm, ffn_activation=ffn_activation, prenorm=prenorm)
             for i in range(n_layers)
         )
-        self.norm = make_norm(norm, d_model)
+        # post-norm blocks end normalised; the S4 repository adds a final norm only after pre-norm ones
+        self.norm = make_norm(norm, d_model) if prenorm else nn.Identity()
         if spec.kind == "classify":
             self.head = ClassifierHead(d_model, spec.n_outputs,
                                        d_hidden=head_width(d_model, d_ff) if head == "lra_released" else None)

@@ -19,12 +19,27 @@ class UnsupportedTask(Exception):
     """
 
 
+NORMS = ("layernorm", "rmsnorm", "batchnorm")
+
+
+class ChannelBatchNorm(nn.BatchNorm1d):
+    """BatchNorm over the channels of (B, L, D) inputs: statistics over batch and length, pads
+    included, running statistics in evaluation. The S4 repository's ``norm: batch``
+    (src/models/nn/normalization.py: ``nn.BatchNorm1d`` on the transposed input, affine, running
+    statistics), which its LRA configs use."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.transpose(1, 2)).transpose(1, 2)  # (B, L, D) -> (B, D, L) -> back
+
+
 def make_norm(kind: str, d_model: int) -> nn.Module:
     if kind == "layernorm":
         return nn.LayerNorm(d_model)
     if kind == "rmsnorm":
         return nn.RMSNorm(d_model)
-    raise ValueError(f"model.norm must be 'layernorm' or 'rmsnorm', got {kind!r}")
+    if kind == "batchnorm":
+        return ChannelBatchNorm(d_model)
+    raise ValueError(f"model.norm must be one of {NORMS}, got {kind!r}")
 
 
 FFN_ACTIVATIONS = ("gelu", "gelu_tanh")  # gelu_tanh: jax.nn.gelu's default approximation (flax, LRA)

@@ -110,7 +110,8 @@ class DPLRKernel(nn.Module):
     H / S channels; dt per channel): log_dt (H,), log_A_real and A_imag (S, n) with
     Lambda = -exp(log_A_real) + i A_imag, B (S, n), P (rank, S, n), C = C~ (c, H, n), complex ones
     stored as real views. dt, Lambda, B and P carry ``_optim`` (lr ``ssm_lr``, no weight decay),
-    as the S4 repository's ``lr: {dt, A, B}`` and ``wd: 0``.
+    as the S4 repository's ``lr: {dt, A, B}`` and ``wd: 0``; dt's lr is ``dt_lr`` where given (its
+    ListOps, Text and Retrieval configs leave dt at the optimizer's lr: ``lr: {dt: null}``).
 
     Args:
         d_model: number of channels H.
@@ -121,10 +122,11 @@ class DPLRKernel(nn.Module):
         n_ssm: independent copies of (A, B, P); None for one per channel.
         dt_min, dt_max: log dt drawn uniformly in [log dt_min, log dt_max].
         ssm_lr: learning rate of dt, A, B and P.
+        dt_lr: learning rate of dt instead of ``ssm_lr`` (None: ``ssm_lr``).
     """
 
     def __init__(self, d_model: int, *, d_state: int, channels: int, l_max: int, rank: int, n_ssm: int | None,
-                 dt_min: float, dt_max: float, ssm_lr: float):
+                 dt_min: float, dt_max: float, ssm_lr: float, dt_lr: float | None = None):
         super().__init__()
         H, S = d_model, n_ssm or d_model
         if H % S:
@@ -140,8 +142,9 @@ class DPLRKernel(nn.Module):
         self.B = nn.Parameter(torch.view_as_real(B.repeat(S, 1)).clone())  # (S, n, 2)
         self.P = nn.Parameter(torch.view_as_real(P[:, None].repeat(1, S, 1)).clone())  # (r, S, n, 2)
         self.C = nn.Parameter(torch.view_as_real(torch.randn(channels, H, d_state // 2, dtype=torch.cfloat)))
-        for p in (self.log_dt, self.log_A_real, self.A_imag, self.B, self.P):
+        for p in (self.log_A_real, self.A_imag, self.B, self.P):
             p._optim = {"lr": ssm_lr, "weight_decay": 0.0}
+        self.log_dt._optim = {"lr": ssm_lr if dt_lr is None else dt_lr, "weight_decay": 0.0}
         self._cache: tuple | None = None
 
     def params(self) -> tuple[torch.Tensor, ...]:
@@ -219,6 +222,7 @@ class S4(nn.Module):
         n_ssm: independent copies of (A, B, P); None for one per channel.
         dt_min, dt_max: range of the initial step size.
         ssm_lr: learning rate of dt, A, B and P.
+        dt_lr: learning rate of dt instead of ``ssm_lr`` (None: ``ssm_lr``).
         bidirectional: use a backward kernel too when ``causal`` is False.
         dropout: dropout after the GELU.
     """
@@ -226,12 +230,13 @@ class S4(nn.Module):
     def __init__(
         self, d_model: int, *, causal: bool, layer_idx: int = 0, d_state: int, l_max: int, rank: int = 1,
         n_ssm: int | None = None, dt_min: float, dt_max: float, ssm_lr: float, bidirectional: bool,
-        dropout: float = 0.0,
+        dropout: float = 0.0, dt_lr: float | None = None,
     ):
         super().__init__()
         self.bidirectional = bidirectional and not causal
         self.kernel = DPLRKernel(d_model, d_state=d_state, channels=2 if self.bidirectional else 1, l_max=l_max,
-                                 rank=rank, n_ssm=n_ssm, dt_min=dt_min, dt_max=dt_max, ssm_lr=ssm_lr)
+                                 rank=rank, n_ssm=n_ssm, dt_min=dt_min, dt_max=dt_max, ssm_lr=ssm_lr,
+                                 dt_lr=dt_lr)
         self.D = nn.Parameter(torch.randn(d_model))
         self.dropout = nn.Dropout(dropout)
         self.output_linear = nn.Linear(d_model, 2 * d_model)  # then GLU back to d_model

@@ -390,10 +390,12 @@ class S4DKernel(nn.Module):
         dt_min, dt_max: log_dt is drawn uniformly in [log dt_min, log dt_max].
         ssm_lr: learning rate of A and dt (marked with ``_optim``, no weight decay), as in S4.
         init: ``lin``, ``inv`` or ``legs`` (:func:`s4d_init`); B = 1, folded into C.
+        dt_lr: learning rate of dt instead of ``ssm_lr`` (None: ``ssm_lr``; S4's ``lr: {dt: null}``
+            leaves dt at the optimizer's lr).
     """
 
     def __init__(self, d_model: int, *, d_state: int, channels: int, dt_min: float, dt_max: float, ssm_lr: float,
-                 init: str = "lin"):
+                 init: str = "lin", dt_lr: float | None = None):
         super().__init__()
         if d_state % 2:
             raise ValueError(f"model.mixer.d_state must be even (conjugate pairs), got {d_state}")
@@ -403,8 +405,9 @@ class S4DKernel(nn.Module):
         self.log_A_real = nn.Parameter(torch.full((H, n), math.log(0.5)))
         self.A_imag = nn.Parameter(A_imag.repeat(H, 1))
         self.C = nn.Parameter(torch.view_as_real(torch.randn(channels, H, n, dtype=torch.cfloat)))  # (c, H, n, 2)
-        for p in (self.log_dt, self.log_A_real, self.A_imag):
+        for p in (self.log_A_real, self.A_imag):
             p._optim = {"lr": ssm_lr, "weight_decay": 0.0}
+        self.log_dt._optim = {"lr": ssm_lr if dt_lr is None else dt_lr, "weight_decay": 0.0}
         self._cache: tuple | None = None
 
     def discretize(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -452,16 +455,17 @@ class S4D(nn.Module):
         bidirectional: use a backward kernel too when ``causal`` is False.
         dropout: dropout after the GELU.
         init: S4D-Lin, -Inv or -LegS (``lin``, ``inv``, ``legs``; :func:`s4d_init`).
+        dt_lr: learning rate of dt instead of ``ssm_lr`` (None: ``ssm_lr``).
     """
 
     def __init__(
         self, d_model: int, *, causal: bool, layer_idx: int = 0, d_state: int, dt_min: float, dt_max: float,
-        ssm_lr: float, bidirectional: bool, dropout: float = 0.0, init: str = "lin",
+        ssm_lr: float, bidirectional: bool, dropout: float = 0.0, init: str = "lin", dt_lr: float | None = None,
     ):
         super().__init__()
         self.bidirectional = bidirectional and not causal
         self.kernel = S4DKernel(d_model, d_state=d_state, channels=2 if self.bidirectional else 1,
-                                dt_min=dt_min, dt_max=dt_max, ssm_lr=ssm_lr, init=init)
+                                dt_min=dt_min, dt_max=dt_max, ssm_lr=ssm_lr, init=init, dt_lr=dt_lr)
         self.D = nn.Parameter(torch.randn(d_model))
         self.dropout = nn.Dropout(dropout)
         self.output_linear = nn.Linear(d_model, 2 * d_model)  # then GLU back to d_model

@@ -5,9 +5,10 @@
     python bench/exponent_agreement.py results/sweeps/stability_a results/sweeps/stability_b
 
 One row per model: the time and memory exponents of each sweep A and B
-(harness.results.scaling_exponents, the report's fit), their differences, the rounds per point and
-how far apart the rounds of a point were (``spread``: the largest ``round_ms_max / round_ms_min``
-over the model's lengths). Exits with status 1 when a
+(harness.results.scaling_exponents, the report's fit), the time exponents' bootstrap standard
+errors over rounds (``time se``), their differences (also in standard errors of the difference),
+the rounds per point and how far apart the rounds of a point were (``spread``: the largest
+``round_ms_max / round_ms_min`` over the model's lengths). Exits with status 1 when a
 difference is over ``--limit`` (0.05).
 """
 
@@ -35,9 +36,9 @@ def exponents(folder: str) -> pd.DataFrame:
         rounds = bench.groupby("model")["speed.rounds"].min()
     else:  # records of one round
         spread = rounds = pd.Series(dtype=float)
-    return fits[["time_exponent", "memory_exponent", "seq_lens"]].rename(
-        columns={"time_exponent": "time", "memory_exponent": "memory", "seq_lens": "lengths"}).assign(
-        rounds=rounds, spread=spread)
+    return fits[["time_exponent", "time_exponent_se", "memory_exponent", "seq_lens"]].rename(
+        columns={"time_exponent": "time", "time_exponent_se": "time se", "memory_exponent": "memory",
+                 "seq_lens": "lengths"}).assign(rounds=rounds, spread=spread)
 
 
 def agreement(first: str, second: str) -> pd.DataFrame:
@@ -50,6 +51,8 @@ def agreement(first: str, second: str) -> pd.DataFrame:
                      suffixes=(" A", " B"))
     for what in ("time", "memory"):
         table[f"{what} diff"] = (table[f"{what} A"] - table[f"{what} B"]).abs()
+    # the difference in standard errors of a difference of two independent fits
+    table["time diff / se"] = table["time diff"] / (table["time se A"] ** 2 + table["time se B"] ** 2) ** 0.5
     return table
 
 
@@ -60,8 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=float, default=0.05, help="largest difference allowed (0.05)")
     args = parser.parse_args(argv)
     table = agreement(args.first, args.second)
-    columns = ["time A", "time B", "time diff", "memory A", "memory B", "memory diff",
-               "rounds A", "rounds B", "spread A", "spread B"]
+    columns = ["time A", "time se A", "time B", "time se B", "time diff", "time diff / se",
+               "memory A", "memory B", "memory diff", "rounds A", "rounds B", "spread A", "spread B"]
     print(table[columns].to_string(float_format=lambda v: f"{v:.4f}"))
     worst = table[["time diff", "memory diff"]].max()
     print(f"\nlargest difference: time {worst.iloc[0]:.4f}, memory {worst.iloc[1]:.4f} "

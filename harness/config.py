@@ -35,11 +35,10 @@ NON_RESULT_TRAINER_KEYS = ("device", "progress", "log_every", "checkpoint_every"
 LATER_TRAINER_DEFAULTS = {"compile": False, "activation_checkpointing": False, "schedule": "cosine",
                           "eps": 1e-8, "decay": "matrices", "test_weights": "best"}
 # Model keys added the same way (LRA's released details, architectures/lra.py): the shared
-# backbone's init, head and feed-forward activation, the attention mixers' qkv_dim, BigBird's pattern and
-# the kernelised mixers' mask_padding
-LATER_MODEL_DEFAULTS = {"init": "default", "head": "default", "ffn_activation": "gelu"}
-LATER_MIXER_DEFAULTS = {"qkv_dim": None, "pattern": "itc", "mask_padding": True}  # bigbird's pattern,
-# linear_transformer's and performer's mask_padding
+# backbone's init, head, feed-forward activation and norm placement (S4's LRA configs), the
+# attention mixers' qkv_dim, BigBird's pattern, the kernelised mixers' mask_padding and S4/S4D's dt_lr
+LATER_MODEL_DEFAULTS = {"init": "default", "head": "default", "ffn_activation": "gelu", "prenorm": True}
+LATER_MIXER_DEFAULTS = {"qkv_dim": None, "pattern": "itc", "mask_padding": True, "dt_lr": None}
 NON_RESULT_TASK_KEYS = ("cache_dir",)  # generated data are cached under a key of their own
 # Where a task reads its data: part of a run's identity (other data, another result), compared
 # as absolute paths, since a relative one means another folder when run from elsewhere.

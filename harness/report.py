@@ -224,13 +224,32 @@ def params_table(cells: pd.DataFrame) -> pd.DataFrame:
     return table.fillna(NOT_RUN).rename_axis(index=None, columns=None)
 
 
+MATCHING_TEXT = {"equal_width": "every model at the same width (size.d_model)",
+                 "as_published": "each model at its paper's size",
+                 "none": "no matching stated"}
+
+
+def matching_note(runs: pd.DataFrame) -> str:
+    """How each study (sweep) of the train runs matched its models (``matching.rule``, set by the
+    study; conf/study/none.yaml), or "" when no record says."""
+    train = runs[runs["kind"] == "train"]
+    if "config.matching.rule" not in train or train["config.matching.rule"].isna().all():
+        return ""
+    name = train["config.sweep.name"] if "config.sweep.name" in train else pd.Series("runs", index=train.index)
+    rules = train.assign(_study=name.fillna("runs")).dropna(subset=["config.matching.rule"]).groupby(
+        "_study")["config.matching.rule"].agg(lambda r: " / ".join(sorted(set(r))))
+    return "; ".join(f"{study}: {MATCHING_TEXT.get(rule, rule)} ({rule})" for study, rule in rules.items())
+
+
 def fits_display(fit_table: pd.DataFrame) -> pd.DataFrame:
     if fit_table.empty:
         return pd.DataFrame()
     out = pd.DataFrame(index=fit_table.index)
     if "setup" in fit_table and fit_table["setup"].nunique() > 1:
         out["Setup"] = fit_table["setup"]
-    out["Time exponent"] = fit_table["time_exponent"].map(lambda v: NOT_RUN if pd.isna(v) else f"{v:.2f}")
+    se = fit_table["time_exponent_se"] if "time_exponent_se" in fit_table else pd.Series(np.nan, fit_table.index)
+    out["Time exponent"] = [NOT_RUN if pd.isna(v) else f"{v:.2f}" + ("" if pd.isna(e) else f" ± {e:.2f}")
+                            for v, e in zip(fit_table["time_exponent"], se)]
     out["Memory exponent"] = fit_table["memory_exponent"].map(
         lambda v: NOT_RUN if pd.isna(v) else f"{v:.2f}")
     out["Lengths fitted"] = fit_table["seq_lens"].str.replace(",", ", ")
@@ -329,6 +348,7 @@ def build_report(dirs: list[str], out: Path, *, published_dir: Path = PUBLISHED_
     eff_text = efficiency_table(eff)
     comparison = compare_published(load_published(published_dir), runs)
     params = params_table(cells)
+    matching = matching_note(runs)
     # every claims*.yaml of the published directory (one per study), or the one file asked for
     claim_files = [claims_file] if claims_file else sorted(Path(published_dir).glob("claims*.yaml"))
     loaded = [claim for path in claim_files if path.exists() for claim in load_claims(path)]
@@ -370,7 +390,9 @@ def build_report(dirs: list[str], out: Path, *, published_dir: Path = PUBLISHED_
         DisplayTable(params, "Parameters", (
             "Trainable parameters of the setting in the accuracy table. ▲ +k%: more than 10% over "
             "the transformer's in the same column (LRA's rule: models compared within 10% of the "
-            "base Transformer's parameters)."), "params", row_label="Model"),
+            "base Transformer's parameters)."
+            + (f" How the studies matched their models: {matching}." if matching else "")),
+            "params", row_label="Model"),
         DisplayTable(eff_text, "Efficiency", (
             "Training steps per second (speed-up over transformer) and peak memory in GB "
             f"(10⁹ bytes), from {source} records, repeats by median"
@@ -380,7 +402,8 @@ def build_report(dirs: list[str], out: Path, *, published_dir: Path = PUBLISHED_
                     if c.startswith(("steps/s", "mem"))}, groups="setup"),
         DisplayTable(fits_display(fit_table), "Scaling exponents", (
             "Least-squares slope of log step time and log peak memory against log sequence "
-            "length (2 = quadratic, 1 = linear); lowest in bold."), "scaling_exponents",
+            "length (2 = quadratic, 1 = linear); lowest in bold. ± se: the time exponent's "
+            "bootstrap standard error over the rounds of its points (bench.rounds of 3 or more)."), "scaling_exponents",
             row_label="Model", better={"Time exponent": "min", "Memory exponent": "min"},
             groups="Setup"),
         DisplayTable(comparison_display(comparison), "Comparison with published numbers", (

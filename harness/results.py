@@ -426,7 +426,8 @@ def efficiency_cells(df: pd.DataFrame) -> pd.DataFrame:
     runs. Columns: the group (task, batch_size, env.device_name, precision, env.threads),
     model, seq_len, steps_per_s, step_ms, peak_gb (10^9 bytes), status ("ok", or "OOM"/"FAIL"/
     "n/a" when no measurement succeeded), speedup (steps/s over ``transformer`` in the same
-    group and seq_len), n, source.
+    group and seq_len), n, round_ms (the ok rounds' step-time medians of bench records measured
+    with ``bench.rounds``; empty otherwise), source.
     """
     bench = df[df["kind"] == "bench"]
     source = "bench"
@@ -451,11 +452,12 @@ def efficiency_cells(df: pd.DataFrame) -> pd.DataFrame:
             step_ms = ok["speed.step_ms_median"].median()
             peak = ok["memory.peak_bytes"].median()
             row.update(status="ok", step_ms=step_ms, steps_per_s=1000.0 / step_ms,
-                       peak_gb=peak / 1e9, n=len(ok))
+                       peak_gb=peak / 1e9, n=len(ok),
+                       round_ms=tuple(ms for rounds in ok.get("rounds", []) for ms in _round_medians(rounds)))
         row["source"] = source
         rows.append(row)
     cells = pd.DataFrame(rows, columns=[*keys, "status", "step_ms", "steps_per_s", "peak_gb", "n",
-                                        "source"])
+                                        "round_ms", "source"])
     ref = cells[cells["model"] == "transformer"].set_index(EFFICIENCY_GROUP + ["seq_len"])
     index = pd.MultiIndex.from_frame(cells[EFFICIENCY_GROUP + ["seq_len"]])
     base = ref["steps_per_s"].reindex(index).to_numpy() if len(ref) else np.nan
@@ -472,19 +474,53 @@ def scaling_exponents(cells: pd.DataFrame) -> pd.DataFrame:
     floor (``how = cpu_vmhwm_above_floor``, harness.measure.PeakMemory; the raw peak is
     ``memory.peak_raw_bytes``), so a fixed runtime of ~300 MB does not flatten the exponent.
     Non-positive memory (CPU RSS deltas can be 0) is left out of the memory fit.
+    ``time_exponent_se``: the time exponent's bootstrap standard error over the rounds of its
+    points (:func:`_slope_standard_error`), NaN unless every point has 3 rounds or more.
     """
     rows = []
     ok = cells[cells["status"] == "ok"]
     for key, group in ok.groupby([*EFFICIENCY_GROUP, "model"], dropna=False, sort=True):
         row = dict(zip([*EFFICIENCY_GROUP, "model"], key))
         row["time_exponent"] = _slope(group["seq_len"], group["step_ms"])
+        row["time_exponent_se"] = _slope_standard_error(group)
         row["memory_exponent"] = _slope(group["seq_len"], group["peak_gb"])
         row["n_points"] = int(group["seq_len"].nunique())
         row["seq_lens"] = ",".join(str(int(s)) for s in sorted(group["seq_len"].unique()))
         if row["n_points"] >= 2:
             rows.append(row)
-    return pd.DataFrame(rows, columns=[*EFFICIENCY_GROUP, "model", "time_exponent",
+    return pd.DataFrame(rows, columns=[*EFFICIENCY_GROUP, "model", "time_exponent", "time_exponent_se",
                                        "memory_exponent", "n_points", "seq_lens"])
+
+
+def _round_medians(rounds) -> list[float]:
+    """The step-time medians of a record's ok ``rounds`` (a list, or its JSON text in a flattened
+    table; absent for records of one round)."""
+    if isinstance(rounds, str):
+        rounds = json.loads(rounds)
+    if not isinstance(rounds, list):
+        return []
+    return [r["step_ms_median"] for r in rounds if r.get("status") == "ok" and r.get("step_ms_median")]
+
+
+def _slope_standard_error(points: pd.DataFrame, n_resamples: int = 999) -> float:
+    """Bootstrap standard error of the time exponent: each point's rounds resampled on their own
+    (scipy.stats.bootstrap, independent samples), its median taken as the record does, the slope
+    refitted. The spread of the rounds is the noise of the machine the sweep ran on, so this says
+    how far another run of the same sweep may land."""
+    points = points[points["seq_len"] > 0].sort_values("seq_len")
+    samples = [np.asarray(r, dtype=float) for r in points.get("round_ms", [])]
+    if len(samples) < 2 or points["seq_len"].nunique() < len(samples) or min(map(len, samples)) < 3:
+        return np.nan
+    x = np.log(points["seq_len"].to_numpy(dtype=float))
+    centred = x - x.mean()
+
+    def slope(*sample_medians, axis=-1):
+        y = np.log(np.stack([np.median(s, axis=axis) for s in sample_medians], axis=-1))  # (..., points)
+        return ((y - y.mean(axis=-1, keepdims=True)) * centred).sum(axis=-1) / (centred ** 2).sum()
+
+    result = scipy.stats.bootstrap(samples, slope, n_resamples=n_resamples, vectorized=True,
+                                   method="percentile", rng=np.random.default_rng(0))
+    return float(result.standard_error)
 
 
 def _slope(x, y) -> float:

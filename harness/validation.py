@@ -18,6 +18,7 @@ import pydantic
 from omegaconf import DictConfig, OmegaConf
 from pydantic import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 
+from architectures.layers import NORMS
 from harness.measure import PRECISIONS
 from harness.runtime import ALLOCATORS
 
@@ -78,6 +79,8 @@ class ModelSchema(Schema):
     n_heads: PositiveInt | None = None
     d_ff: NonNegativeInt | None = None
     dropout: Probability | None = None
+    norm: Literal[NORMS] | None = None
+    prenorm: bool | None = None
     mem_len: NonNegativeInt | None = None
     seg_len: PositiveInt | None = None
     mixer: MixerSchema | None = None
@@ -97,8 +100,17 @@ class LoggerSchema(Schema):
     timeout_s: PositiveFloat | None = None
 
 
+MATCHING_RULES = ("none", "equal_width", "as_published")
+
+
+class MatchingSchema(Schema):
+    """How a study matches the models it compares (conf/study/none.yaml)."""
+    rule: Literal[MATCHING_RULES]
+
+
 SCHEMAS: dict[str, type[Schema]] = {
     "trainer": TrainerSchema, "model": ModelSchema, "task": TaskSchema, "logger": LoggerSchema,
+    "matching": MatchingSchema,
 }
 
 
@@ -120,7 +132,18 @@ def config_problems(cfg: DictConfig | dict[str, Any]) -> list[str]:
             problems += [describe(node, err) for err in e.errors()]
     if "seed" in resolved and (isinstance(resolved["seed"], bool) or not isinstance(resolved["seed"], int)):
         problems.append(f"seed={resolved['seed']!r}: a seed is an integer")
-    return problems
+    return problems + matching_problems(resolved)
+
+
+def matching_problems(resolved: dict[str, Any]) -> list[str]:
+    """A model off the study's width under ``matching.rule=equal_width``."""
+    rule = (resolved.get("matching") or {}).get("rule")
+    width, size = (resolved.get("model") or {}).get("d_model"), (resolved.get("size") or {}).get("d_model")
+    if rule != "equal_width" or width is None or size is None or width == size:
+        return []
+    return [f"model.d_model={width!r}: the study's matching.rule=equal_width gives every model its width "
+            f"size.d_model={size!r}; set the width through size.d_model, or another matching.rule "
+            f"(none, as_published)"]
 
 
 def describe(node: str, err: dict) -> str:

@@ -11,13 +11,16 @@ import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from conftest import ROOT, cli, cli_env
 
 from harness.claims import evaluate_claims, load_claims
 from harness.published import compare_published, load_published, published_matches
-from harness.report import PUBLISHED_DIR, accuracy_table, comparison_display, efficiency_table, main, params_table
+from harness.report import (
+    PUBLISHED_DIR, accuracy_table, comparison_display, efficiency_table, main, matching_note, params_table,
+)
 from harness.records import new_record
 from harness.results import (
     efficiency_cells, filter_runs, load_curves, load_runs, near_chance, records_frame,
@@ -615,3 +618,37 @@ def test_the_exponent_agreement_script(tmp_path, capsys):
     assert script.main([str(tmp_path / "a"), str(tmp_path / "b"), "--limit", "0.07"]) == 0
     with pytest.raises(SystemExit, match="no such folder"):
         script.main([str(tmp_path / "a"), str(tmp_path / "missing")])
+
+
+def test_the_parameters_caption_says_how_each_study_matched_its_models(tmp_path):
+    for model in ("transformer", "mamba"):
+        run = make(tmp_path / "new", model=model, val=0.5, test=0.5)
+        record = json.loads((run / "record.json").read_text())
+        record["config"]["matching"] = {"rule": "equal_width"}
+        record["config"]["sweep"]["name"] = "quickstart"
+        (run / "record.json").write_text(json.dumps(record))
+    make(tmp_path / "new", model="transformer", task="txl", val=0.5, test=0.5)  # a record of before the key
+    assert matching_note(load_runs(tmp_path / "new")) == \
+        "quickstart: every model at the same width (size.d_model) (equal_width)"
+    make(tmp_path / "old", val=0.5, test=0.5)
+    assert matching_note(load_runs(tmp_path / "old")) == ""
+
+
+def test_the_time_exponent_carries_a_bootstrap_standard_error_over_rounds(tmp_path):
+    """Rounds that agree give an exponent with no error; rounds 10% apart an error of a few
+    hundredths, the same on every call; records without 3 rounds per point none."""
+    for L in (1024, 2048, 4096):
+        ms = L / 1024 * 100.0
+        common = dict(kind="bench", model="s4d", task="text", seq_len=L, batch_size=1, step_ms=ms, peak=L * 1000)
+        make(tmp_path / "agree", **common, rounds=[{"status": "ok", "step_ms_median": ms}] * 3)
+        make(tmp_path / "apart", **common, rounds=[{"status": "ok", "step_ms_median": ms * f} for f in (0.9, 1, 1.1)]
+             + [{"status": "error", "step_ms_median": None}])
+        make(tmp_path / "once", **common)
+    fit = {name: scaling_exponents(efficiency_cells(load_runs(tmp_path / name))).iloc[0]
+           for name in ("agree", "apart", "once")}
+    assert fit["agree"]["time_exponent"] == pytest.approx(1.0)
+    assert fit["agree"]["time_exponent_se"] == pytest.approx(0.0, abs=1e-12)
+    assert 0.01 < fit["apart"]["time_exponent_se"] < 0.1
+    again = scaling_exponents(efficiency_cells(load_runs(tmp_path / "apart"))).iloc[0]
+    assert again["time_exponent_se"] == fit["apart"]["time_exponent_se"]
+    assert np.isnan(fit["once"]["time_exponent_se"])

@@ -202,6 +202,10 @@ def test_s4d_ssm_parameters_carry_optimizer_settings():
     marked = {name for name, p in layer.named_parameters() if getattr(p, "_optim", None)}
     assert marked == {"kernel.log_dt", "kernel.log_A_real", "kernel.A_imag"}
     assert layer.kernel.log_dt._optim == {"lr": 5e-4, "weight_decay": 0.0}
+    # S4's LRA configs with lr: {dt: null}: dt at another lr (the optimizer's), still no decay
+    layer = S4D(4, causal=True, bidirectional=True, **{**S4D_KW, "ssm_lr": 5e-4}, dt_lr=0.01)
+    assert layer.kernel.log_dt._optim == {"lr": 0.01, "weight_decay": 0.0}
+    assert layer.kernel.A_imag._optim == {"lr": 5e-4, "weight_decay": 0.0}
 
 
 # --------------------------------------------------------------------------- both mixers

@@ -144,6 +144,10 @@ def test_s4_parameters_carry_optimizer_settings():
     marked = {name for name, p in layer.named_parameters() if getattr(p, "_optim", None)}
     assert marked == {f"kernel.{n}" for n in ("log_dt", "log_A_real", "A_imag", "B", "P")}
     assert layer.kernel.P._optim == {"lr": 5e-4, "weight_decay": 0.0}
+    assert layer.kernel.log_dt._optim == {"lr": 5e-4, "weight_decay": 0.0}
+    layer = S4(4, causal=True, bidirectional=False, **{**S4_KW, "ssm_lr": 5e-4}, dt_lr=0.01)
+    assert layer.kernel.log_dt._optim == {"lr": 0.01, "weight_decay": 0.0}
+    assert layer.kernel.P._optim == {"lr": 5e-4, "weight_decay": 0.0}
 
 
 def test_s4_refuses_an_n_ssm_that_does_not_divide_d_model():
@@ -346,13 +350,19 @@ def test_models_build_from_yaml_and_train_one_step(name):
     assert_an_lm_step_reaches_every_parameter(built, seq_len=32)
 
 
-@pytest.mark.parametrize("task,d_model,d_state,n_ssm,dt_min,lr", [
-    ("listops", 256, 4, 1, 1e-3, 0.01), ("image", 512, 64, 1, 1e-3, 0.01), ("pathx", 256, 64, None, 1e-4, 0.001)])
-def test_s4_lra_study_uses_the_s4_repository_configs(task, d_model, d_state, n_ssm, dt_min, lr):
-    cfg = compose_config(["experiment=s4_lra", "model=s4", f"task={task}"])
+# state-spaces/s4 configs/experiment/lra/s4-{listops,imdb,aan,cifar,pathfinder,pathx}.yaml
+@pytest.mark.parametrize("model,task,d_model,d_state,n_ssm,dt_min,lr,prenorm,dt_lr", [
+    ("s4", "listops", 256, 4, 1, 1e-3, 0.01, False, 0.01), ("s4", "text", 256, 4, 1, 1e-3, 0.01, True, 0.01),
+    ("s4", "image", 512, 64, 1, 1e-3, 0.01, False, 1e-3), ("s4", "pathx", 256, 64, None, 1e-4, 0.001, True, 1e-3),
+    ("s4d", "listops", 256, 4, None, 1e-3, 0.01, False, 0.01), ("s4d", "pathx", 256, 64, None, 1e-4, 0.001, True, 1e-3)])
+def test_s4_lra_study_uses_the_s4_repository_configs(model, task, d_model, d_state, n_ssm, dt_min, lr, prenorm,
+                                                      dt_lr):
+    cfg = compose_config(["experiment=s4_lra", f"model={model}", f"task={task}"])
     OmegaConf.resolve(cfg)
     mixer = cfg.model.mixer
     assert (cfg.model.d_model, cfg.model.n_layers, cfg.model.d_ff) == (d_model, 6, 0)
-    assert (mixer.d_state, mixer.n_ssm, mixer.dt_min, mixer.bidirectional) == (d_state, n_ssm, dt_min, True)
-    assert (cfg.trainer.lr, cfg.trainer.weight_decay, mixer.ssm_lr) == (lr, 0.05, 1e-3)
-    assert mixer.l_max == cfg.task.seq_len
+    assert (mixer.d_state, mixer.dt_min, mixer.bidirectional) == (d_state, dt_min, True)
+    assert (cfg.trainer.lr, cfg.trainer.weight_decay, mixer.ssm_lr, mixer.dt_lr) == (lr, 0.05, 1e-3, dt_lr)
+    assert (cfg.model.norm, cfg.model.prenorm) == ("batchnorm", prenorm)
+    if model == "s4":
+        assert mixer.n_ssm == n_ssm and mixer.l_max == cfg.task.seq_len

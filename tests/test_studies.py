@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 from harness.api import build, compose_config
 from harness.claims import load_claims
 from harness.config import CONF_DIR, register_resolvers
+from harness.validation import config_problems, matching_problems
 
 ROOT = Path(__file__).resolve().parents[1]
 PUBLISHED = ROOT / "results" / "published"
@@ -133,6 +134,19 @@ def test_every_swept_job_composes_and_resolves(experiment):
             assert cfg.task.n_pairs == cfg.task.seq_len // 16 and isinstance(cfg.task.n_pairs, int)
     if experiment in SAME_HEADS_STUDIES:
         every_attention_model_gets_the_transformers_heads(cfgs)
+    # a study that compares models says how it matches them, and its jobs keep to it
+    rules = {cfg.matching.rule for cfg in cfgs}
+    if len({cfg.model.name for cfg in cfgs}) > 1:
+        assert len(rules) == 1 and rules != {"none"}, (experiment, rules)
+    assert [p for cfg in cfgs for p in matching_problems(OmegaConf.to_container(cfg, resolve=True))] == []
+
+
+def test_an_equal_width_study_refuses_a_model_off_its_width():
+    cfg = compose_config(["experiment=quickstart", "model=mamba", "model.d_model=32"])
+    (problem,) = config_problems(cfg)
+    assert "model.d_model=32" in problem and "matching.rule=equal_width" in problem and "size.d_model=64" in problem
+    assert config_problems(compose_config(["experiment=quickstart", "model=mamba", "size.d_model=32"])) == []
+    assert config_problems(compose_config(["model=mamba", "model.d_model=32"])) == []  # no study, no rule
 
 
 @functools.cache
