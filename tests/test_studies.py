@@ -302,13 +302,13 @@ def test_mamba_and_zoology_full_studies_use_the_papers_settings():
     assert ih_axes["trainer.lr"] == ["2e-4", "1e-3"]
     _, zq = compose_with_hydra("zoology_mqar")
     assert zq["task.seq_len"] == ["64", "128", "256"]
-    assert zq["model.d_model"] == ["64", "128", "256", "512"]
+    assert zq["size.d_model"] == ["64", "128", "256", "512"]  # every model at the swept width
     assert [float(x) for x in zq["trainer.lr"]] == pytest.approx(np.logspace(-4, -2, 4), rel=1e-4)
     mq = compose_config(["experiment=zoology_mqar", "model=transformer"])
     assert (mq.task.vocab_size, mq.model.d_ff, heads(mq.model), mq.model.mixer.dropout) == (8192, 0, 1, 0.1)
     lin = compose_config(["experiment=zoology_mqar", "model=linear_transformer"])
     assert (lin.model.d_ff, heads(lin.model)) == (0, 1)
-    assert "64" in compose_with_hydra("zoology_mqar_cpu")[1]["model.d_model"]  # the claims' width
+    assert "64" in compose_with_hydra("zoology_mqar_cpu")[1]["size.d_model"]  # the claims' width
 
 
 def test_mamba_induction_heads_models_match_the_papers_parameter_counts():
