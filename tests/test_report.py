@@ -11,10 +11,9 @@ import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
-from conftest import ROOT, cli, cli_env
+from conftest import cli, cli_env
 
 from harness.claims import evaluate_claims, load_claims
 from harness.published import compare_published, load_published, published_matches
@@ -576,50 +575,6 @@ def test_cli_of_this_checkout_prints_tables_on_stdout_and_warnings_on_stderr(rep
     assert "Accuracy" not in proc.stderr
 
 
-def test_the_readme_efficiency_table_script(tmp_path, capsys):
-    """bench/efficiency_table.py: one row per model, speed-up at the lengths asked for, the
-    exponents of the shared fit, an OOM shown as such, and the settings above the table."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("efficiency_table", ROOT / "bench" / "efficiency_table.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    bench_sweep(tmp_path, lengths=(1024, 2048, 4096, 8192))
-    make(tmp_path, kind="bench", model="performer", task="text", seq_len=8192, batch_size=32, status="oom")
-    script.main([str(tmp_path), "--at", "4096,8192", "--csv", str(tmp_path / "t.csv")])
-    out = capsys.readouterr().out
-    assert "machine: testcpu" in out and "batch: 32" in out
-    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
-            for line in out.splitlines() if line.startswith("| ") and "model" not in line}
-    assert rows["linear_transformer"][2] == "1.25 (8.0x)"      # 8192: 800 ms vs 6400 ms
-    assert rows["linear_transformer"][-2] == "1.00" and rows["transformer"][-2] == "2.00"
-    assert rows["performer"][2] == "OOM"
-    assert list(pd.read_csv(tmp_path / "t.csv")["model"])[0] == "linear_transformer"
-    with pytest.raises(SystemExit, match="no such folder"):
-        script.main([str(tmp_path / "missing")])
-
-
-def test_the_exponent_agreement_script(tmp_path, capsys):
-    """bench/exponent_agreement.py: the two sweeps' exponents per model, their difference, and
-    exit status 1 when one is over the limit."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("exponent_agreement", ROOT / "bench" / "exponent_agreement.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    bench_sweep(tmp_path / "a")
-    for model, power in (("transformer", 2.06), ("linear_transformer", 1.0)):  # the same, run again
-        for L in (1024, 2048, 4096):
-            make(tmp_path / "b", kind="bench", model=model, task="text", seq_len=L, batch_size=32,
-                 step_ms=(L / 1024) ** power * 100.0, peak=int((L / 1024) ** power * 1e9))
-    table = script.agreement(str(tmp_path / "a"), str(tmp_path / "b"))
-    assert table.loc["transformer", "time diff"] == pytest.approx(0.06)
-    assert table.loc["linear_transformer", "time diff"] == pytest.approx(0.0, abs=1e-9)
-    assert script.main([str(tmp_path / "a"), str(tmp_path / "b")]) == 1
-    assert "over the limit" in capsys.readouterr().out
-    assert script.main([str(tmp_path / "a"), str(tmp_path / "b"), "--limit", "0.07"]) == 0
-    with pytest.raises(SystemExit, match="no such folder"):
-        script.main([str(tmp_path / "a"), str(tmp_path / "missing")])
-
-
 def test_the_parameters_caption_says_how_each_study_matched_its_models(tmp_path):
     for model in ("transformer", "mamba"):
         run = make(tmp_path / "new", model=model, val=0.5, test=0.5)
@@ -632,23 +587,3 @@ def test_the_parameters_caption_says_how_each_study_matched_its_models(tmp_path)
         "quickstart: every model at the same width (size.d_model) (equal_width)"
     make(tmp_path / "old", val=0.5, test=0.5)
     assert matching_note(load_runs(tmp_path / "old")) == ""
-
-
-def test_the_time_exponent_carries_a_bootstrap_standard_error_over_rounds(tmp_path):
-    """Rounds that agree give an exponent with no error; rounds 10% apart an error of a few
-    hundredths, the same on every call; records without 3 rounds per point none."""
-    for L in (1024, 2048, 4096):
-        ms = L / 1024 * 100.0
-        common = dict(kind="bench", model="s4d", task="text", seq_len=L, batch_size=1, step_ms=ms, peak=L * 1000)
-        make(tmp_path / "agree", **common, rounds=[{"status": "ok", "step_ms_median": ms}] * 3)
-        make(tmp_path / "apart", **common, rounds=[{"status": "ok", "step_ms_median": ms * f} for f in (0.9, 1, 1.1)]
-             + [{"status": "error", "step_ms_median": None}])
-        make(tmp_path / "once", **common)
-    fit = {name: scaling_exponents(efficiency_cells(load_runs(tmp_path / name))).iloc[0]
-           for name in ("agree", "apart", "once")}
-    assert fit["agree"]["time_exponent"] == pytest.approx(1.0)
-    assert fit["agree"]["time_exponent_se"] == pytest.approx(0.0, abs=1e-12)
-    assert 0.01 < fit["apart"]["time_exponent_se"] < 0.1
-    again = scaling_exponents(efficiency_cells(load_runs(tmp_path / "apart"))).iloc[0]
-    assert again["time_exponent_se"] == fit["apart"]["time_exponent_se"]
-    assert np.isnan(fit["once"]["time_exponent_se"])
