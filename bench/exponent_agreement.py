@@ -6,7 +6,8 @@
 
 One row per model: the time and memory exponents of each sweep A and B
 (harness.results.scaling_exponents, the report's fit), the time exponents' bootstrap standard
-errors over rounds (``time se``), their differences (also in standard errors of the difference),
+errors (``time se``; over the rounds, or over the paired cycles where the sweep set
+``bench.paired_cycles``: ``from``), their differences (also in standard errors of the difference),
 the rounds per point and how far apart the rounds of a point were (``spread``: the largest
 ``round_ms_max / round_ms_min`` over the model's lengths). Exits with status 1 when a
 difference is over ``--limit`` (0.05).
@@ -36,9 +37,9 @@ def exponents(folder: str) -> pd.DataFrame:
         rounds = bench.groupby("model")["speed.rounds"].min()
     else:  # records of one round
         spread = rounds = pd.Series(dtype=float)
-    return fits[["time_exponent", "time_exponent_se", "memory_exponent", "seq_lens"]].rename(
-        columns={"time_exponent": "time", "time_exponent_se": "time se", "memory_exponent": "memory",
-                 "seq_lens": "lengths"}).assign(rounds=rounds, spread=spread)
+    return fits[["time_exponent", "time_exponent_se", "time_from", "memory_exponent", "seq_lens"]].rename(
+        columns={"time_exponent": "time", "time_exponent_se": "time se", "time_from": "from",
+                 "memory_exponent": "memory", "seq_lens": "lengths"}).assign(rounds=rounds, spread=spread)
 
 
 def agreement(first: str, second: str) -> pd.DataFrame:
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=float, default=0.05, help="largest difference allowed (0.05)")
     args = parser.parse_args(argv)
     table = agreement(args.first, args.second)
-    columns = ["time A", "time se A", "time B", "time se B", "time diff", "time diff / se",
+    columns = ["time A", "time se A", "from A", "time B", "time se B", "from B", "time diff", "time diff / se",
                "memory A", "memory B", "memory diff", "rounds A", "rounds B", "spread A", "spread B"]
     print(table[columns].to_string(float_format=lambda v: f"{v:.4f}"))
     worst = table[["time diff", "memory diff"]].max()

@@ -21,9 +21,19 @@ the rounds are interleaved: every job measures its first round, then the sweep i
 R - 1 times in job order (:class:`ScalingCallback`), so that a slow change of the machine's load
 falls on every configuration alike. The record keeps each round (``rounds``) and summarises them:
 ``speed.step_ms_median`` is the median of the rounds' medians, ``speed.round_ms_min`` /
-``round_ms_max`` their spread. At the end of a multirun the scaling exponents of the sweep
-(harness.results.scaling_exponents, the report's fit) are written to ``scaling.csv`` in the
-sweep directory.
+``round_ms_max`` their spread.
+
+Separate processes differ by 5-13% in step time on a shared 2-core VM, so exponents fitted on
+rounds wander by a few hundredths between runs of one sweep. ``bench.paired_cycles=N`` adds a
+paired measurement at the multirun's end (:func:`finish_paired`): the jobs of one model that
+differ only in ``task.seq_len`` are built in one process and timed alternating, ``N`` cycles of
+``bench.paired_steps`` steps per length (harness.bench_worker.measure_paired). Each record keeps
+its length's cycle times in ``paired``, and the time exponent is fitted on them
+(harness.results.scaling_exponents), so that a change of the machine's speed falls on every
+length of a cycle alike. Step times, speed-ups and memory stay those of the separate processes.
+
+At the end of a multirun the scaling exponents of the sweep (harness.results.scaling_exponents,
+the report's fit) are written to ``scaling.csv`` in the sweep directory.
 """
 
 from __future__ import annotations
@@ -150,6 +160,8 @@ def run_worker(job: dict, timeout_s: float) -> dict:
 # ScalingCallback. The hash tells a job's record from that of a later job of the same sweep that
 # took over its folder (a swept key the folder name leaves out, e.g. trainer.threads).
 PENDING_ROUNDS: list[tuple[Path, str, DictConfig, dict]] = []
+# Ok jobs of this multirun to time again in pairs of lengths (bench.paired_cycles), alike
+PENDING_PAIRED: list[tuple[Path, str, DictConfig, dict]] = []
 
 
 def run_bench(cfg: DictConfig, run_dir: Path, *, defer_rounds: bool = False) -> dict:
@@ -163,9 +175,11 @@ def run_bench(cfg: DictConfig, run_dir: Path, *, defer_rounds: bool = False) -> 
 def check_bench_settings(cfg: DictConfig) -> None:
     """Refuse a ``trainer.allocator`` or ``bench.rounds`` that arena-bench cannot use."""
     check_allocator(cfg.trainer.get("allocator", "tuned"))
-    rounds = cfg.bench.rounds
-    if not isinstance(rounds, int) or isinstance(rounds, bool) or rounds < 1:
-        raise ValueError(f"bench.rounds must be a positive integer (conf/bench.yaml), got {rounds!r}")
+    for key, least in (("rounds", 1), ("paired_cycles", 0), ("paired_steps", 1)):
+        value = cfg.bench.get(key, least)
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            kind = "a positive integer" if least else "an integer >= 0"
+            raise ValueError(f"bench.{key} must be {kind} (conf/bench.yaml), got {value!r}")
 
 
 def refuse_several_processes(cfg: DictConfig) -> None:
@@ -202,6 +216,8 @@ def run_bench_claimed(cfg: DictConfig, run_dir: Path, *, defer_rounds: bool = Fa
     if existing and existing["status"] in ("ok", "unsupported") and not cfg.force and (
             existing["status"] == "unsupported" or rounds_measured(existing) >= cfg.bench.rounds):
         log.info("skip %s: already measured (force=true remeasures)", run_dir)
+        if existing["status"] == "ok" and defer_rounds and cfg.bench.get("paired_cycles", 0):
+            PENDING_PAIRED.append((run_dir, chash, cfg, bench_job(cfg, device)))
         return existing
     record = new_record(
         kind="bench", config_hash=chash, model=cfg.model.name, task=cfg.task.name, seed=cfg.seed,
@@ -220,6 +236,8 @@ def run_bench_claimed(cfg: DictConfig, run_dir: Path, *, defer_rounds: bool = Fa
                   params=result.get("params"), speed=result.get("speed", {}),
                   memory=result.get("memory", {}), rounds=[round_of(result)])
     more = cfg.bench.rounds - 1 if result["status"] == "ok" else 0
+    if result["status"] == "ok" and defer_rounds and cfg.bench.get("paired_cycles", 0):
+        PENDING_PAIRED.append((run_dir, chash, cfg, job))
     if more and defer_rounds:
         PENDING_ROUNDS.append((run_dir, chash, cfg, job))
         record.update(ended_at=now_iso(), wall_s=time.perf_counter() - t0)
@@ -301,6 +319,72 @@ def finish_rounds() -> None:
             log_to_tracker(cfg, run_dir, records[run_dir])
 
 
+def paired_group(cfg: DictConfig) -> str:
+    """What the jobs timed together in one paired process share: their config as written (before
+    interpolation, so e.g. linformer's ``${task.seq_len}`` reads alike), except ``task.seq_len``."""
+    config = OmegaConf.to_container(cfg, resolve=False)
+    config["task"].pop("seq_len", None)
+    return json.dumps(config, sort_keys=True, default=str)
+
+
+def finish_paired() -> None:
+    """Time the lengths of each model of this multirun alternating in one process
+    (:data:`PENDING_PAIRED`, ``bench.paired_cycles``) and keep each length's cycle times in its
+    record's ``paired``. A group whose records hold these times already is skipped (unless
+    ``force``); a failed measurement is recorded there as its status and error."""
+    groups: dict[str, list[tuple[Path, str, DictConfig, dict]]] = {}
+    for pending in sorted(PENDING_PAIRED, key=lambda p: p[2].task.seq_len):
+        groups.setdefault(paired_group(pending[2]), []).append(pending)
+    PENDING_PAIRED.clear()
+    for members in groups.values():
+        if len({cfg.task.seq_len for _, _, cfg, _ in members}) < 2:
+            continue
+        try:
+            measure_group(members)
+        except FolderBusy as exc:
+            log.error("%s", exc)
+
+
+def measure_group(members: list[tuple[Path, str, DictConfig, dict]]) -> None:
+    """The paired timing of one model's lengths (:func:`finish_paired`), into their records."""
+    cfg = members[0][2]
+    lengths = [c.task.seq_len for _, _, c, _ in members]
+    wanted = {"cycles": cfg.bench.paired_cycles, "steps_per_cycle": cfg.bench.paired_steps, "lengths": lengths}
+    records = [read_record(run_dir) for run_dir, *_ in members]
+    if any(r is None or r["config_hash"] != chash for r, (_, chash, _, _) in zip(records, members)):
+        log.warning("bench.paired_cycles: a folder of %s's lengths now holds another job of this sweep "
+                    "(its folder name leaves out a swept key); its lengths are not timed in pairs",
+                    cfg.model.name)
+        return
+    if not cfg.force and all(
+            (r.get("paired") or {}).get("status") == "ok"
+            and {k: r["paired"].get(k) for k in wanted} == wanted for r in records):
+        log.info("skip %s's paired lengths %s: already timed (force=true times them again)", cfg.model.name, lengths)
+        return
+    log.info("bench.paired_cycles: %s at lengths %s, alternating in one process, %d cycles of %d steps",
+             cfg.model.name, lengths, cfg.bench.paired_cycles, cfg.bench.paired_steps)
+    jobs = [job for *_, job in members]
+    result = run_worker({"paired": jobs, "cycles": cfg.bench.paired_cycles, "steps": cfg.bench.paired_steps,
+                         **{k: jobs[0][k] for k in ("allocator", "threads", "memory_limit_mb")}},
+                        cfg.bench.timeout_s * len(jobs))
+    if result["status"] != "ok":
+        log.warning("bench.paired_cycles: %s at lengths %s: %s (%s); its exponent is fitted on rounds",
+                    cfg.model.name, lengths, result["status"], (result.get("error") or "").partition("\n")[0])
+    measured_at = now_iso()  # with ``lengths``, what tells the records of one paired process
+    for n, (run_dir, chash, _, _) in enumerate(members):
+        with claim(run_dir):
+            record = read_record(run_dir)
+            if record is None or record["config_hash"] != chash:
+                continue
+            if result["status"] == "ok":
+                cycle_ms = result["cycle_ms"][n]
+                record["paired"] = {"status": "ok", **wanted, "cycle_ms": cycle_ms,
+                                    "step_ms_median": statistics.median(cycle_ms), "measured_at": measured_at}
+            else:
+                record["paired"] = {"status": result["status"], **wanted, "error": result.get("error")}
+            write_record(run_dir, record)
+
+
 def log_to_tracker(cfg: DictConfig, run_dir: Path, record: dict) -> None:
     """The measurement as a W&B run of ``job_type=bench`` (``logger=wandb``; none by default):
     ``speed/...``, ``memory/...``, ``seq_len`` and ``batch_size`` in its summary and one history row."""
@@ -345,11 +429,12 @@ def write_scaling(sweep_dir: Path) -> Path | None:
 
 
 class ScalingCallback(Callback):
-    """After a bench multirun: measure the rounds left (``bench.rounds``), then log and write
-    the scaling exponents of the sweep."""
+    """After a bench multirun: measure the rounds left (``bench.rounds``) and the paired lengths
+    (``bench.paired_cycles``), then log and write the scaling exponents of the sweep."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         finish_rounds()
+        finish_paired()
         path = write_scaling(Path(config.hydra.sweep.dir))
         if path is not None:
             log.info("scaling exponents (log time, log memory vs log L), written to %s:\n%s",

@@ -6,6 +6,9 @@ untimed_steps, min_repeats, min_time_s, max_repeats, memory_limit_mb), measures 
 on a random batch, and writes speed, memory and its environment (allocator, threads, affinity:
 harness.runtime, set up first thing) to OUT.json.
 
+With ``bench.paired_cycles`` the job is one model at several lengths (``{"paired": [job, ...],
+"cycles": n, "steps": k}``): :func:`measure_paired` times them alternating, in this process.
+
 Its peak memory is its own. On CPU: the floor is the resident set after the imports and a
 model-independent runtime warm-up (:func:`warm_up_runtime`: a tiny training step that starts
 the intra-op thread pool, the autograd engine, the optimizer and the kernels every model uses);
@@ -22,9 +25,12 @@ import os
 import resource
 import shutil
 import signal
+import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from omegaconf import OmegaConf
@@ -32,6 +38,9 @@ from omegaconf import OmegaConf
 from harness.measure import PeakMemory, StepTimer, autocast, proc_status_bytes, timing_summary
 from harness.records import is_out_of_memory
 from harness.runtime import configure_process
+
+if TYPE_CHECKING:  # imported by prepare(), after the process is configured
+    from harness.compile import StepCompiler
 
 
 def limit_memory(limit_mb: int | None) -> None:
@@ -71,28 +80,21 @@ def warm_up_runtime(device: torch.device, precision: str) -> None:
     gc.collect()
 
 
-def measure(job: dict) -> dict:
-    from architectures.layers import UnsupportedTask
+def prepare(job: dict, device: torch.device) -> tuple[torch.nn.Module, StepCompiler, Callable[[], None], dict]:
+    """The job's model, its step compiler, one training step (forward + backward + optimizer step
+    on a random batch, as training runs it) and the batch; raises UnsupportedTask for a model
+    that cannot run the task."""
     from harness.compile import StepCompiler, set_activation_checkpointing
     from harness.config import instantiate_without_name
-    from harness.objectives import auxiliary_loss, loss_and_counts, tokens_in
+    from harness.objectives import auxiliary_loss, loss_and_counts
     from tasks.base import TaskSpec, random_batch
 
-    device = torch.device(job["device"])
     spec = TaskSpec(**{**job["spec"], "eval_seq_lens": tuple(job["spec"]["eval_seq_lens"])})
-    warm_up_runtime(device, job["precision"])
-    memory = PeakMemory(device)
-    memory.start()  # the floor: imports and runtime warm-up; the peak is reset here
     torch.manual_seed(job["seed"])
-    try:
-        model = instantiate_without_name(OmegaConf.create(job["model"]), spec=spec).to(device)
-        set_activation_checkpointing(model, job.get("activation_checkpointing", False))
-    except UnsupportedTask as e:
-        return {"status": "unsupported", "error": str(e)}
+    model = instantiate_without_name(OmegaConf.create(job["model"]), spec=spec).to(device)
+    set_activation_checkpointing(model, job.get("activation_checkpointing", False))
     batch = {k: v.to(device) for k, v in random_batch(spec, job["batch_size"], seed=job["seed"]).items()}
     optimizer = torch.optim.AdamW(model.parameters(), lr=job["lr"])
-
-    timer = StepTimer(device, warmup=job["untimed_steps"])
 
     def forward() -> torch.Tensor:
         with autocast(device, job["precision"]):
@@ -110,6 +112,22 @@ def measure(job: dict) -> dict:
         compiler.run(backward)
         optimizer.step()
 
+    return model, compiler, step, batch
+
+
+def measure(job: dict) -> dict:
+    from architectures.layers import UnsupportedTask
+    from harness.objectives import tokens_in
+
+    device = torch.device(job["device"])
+    warm_up_runtime(device, job["precision"])
+    memory = PeakMemory(device)
+    memory.start()  # the floor: imports and runtime warm-up; the peak is reset here
+    try:
+        model, compiler, step, batch = prepare(job, device)
+    except UnsupportedTask as e:
+        return {"status": "unsupported", "error": str(e)}
+    timer = StepTimer(device, warmup=job["untimed_steps"])
     started = time.perf_counter()
     while True:
         timer.start()
@@ -128,6 +146,33 @@ def measure(job: dict) -> dict:
         "measure_s": time.perf_counter() - started,
         "compile": compiler.status(),
     }
+
+
+def measure_paired(jobs: list[dict], cycles: int, steps: int) -> dict:
+    """Time the jobs (one model at several lengths) in this one process, alternating: each cycle
+    times ``steps`` steps of every job in turn and keeps their median. A change of the machine's
+    speed then falls on every length of a cycle alike, so the ratios of lengths, and the exponent
+    fitted on them, are steadier than those of separate processes. No memory: the process holds
+    every length's model."""
+    device = torch.device(jobs[0]["device"])
+    warm_up_runtime(device, jobs[0]["precision"])
+    steps_of = []
+    for job in jobs:
+        _, _, step, _ = prepare(job, device)
+        for _ in range(job["untimed_steps"]):
+            step()
+        steps_of.append(step)
+    cycle_ms: list[list[float]] = [[] for _ in jobs]
+    started = time.perf_counter()
+    for _ in range(cycles):
+        for step, times in zip(steps_of, cycle_ms):
+            timer = StepTimer(device, warmup=0)
+            for _ in range(steps):
+                timer.start()
+                step()
+                timer.stop()
+            times.append(statistics.median(timer.times_ms))
+    return {"status": "ok", "cycle_ms": cycle_ms, "measure_s": time.perf_counter() - started}
 
 
 def die_with_parent(parent_pid: int | None, job_dir: Path) -> None:
@@ -155,7 +200,7 @@ def main() -> None:
     from architectures import layers  # noqa: F401 - the imports the measurement needs come first
     limit_memory(job.get("memory_limit_mb"))
     try:
-        result = measure(job)
+        result = measure_paired(job["paired"], job["cycles"], job["steps"]) if "paired" in job else measure(job)
     except Exception as e:  # noqa: BLE001 - every outcome is a result, out of memory or not
         result = {"status": "oom" if is_out_of_memory(e) else "error", "error": f"{type(e).__name__}: {e}"}
     with open(out_path, "w") as f:

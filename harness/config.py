@@ -43,9 +43,10 @@ NON_RESULT_TASK_KEYS = ("cache_dir",)  # generated data are cached under a key o
 # Where a task reads its data: part of a run's identity (other data, another result), compared
 # as absolute paths, since a relative one means another folder when run from elsewhere.
 DATA_PATH_KEYS = ("data_dir", "path")
-# bench.rounds: how precisely, not what, is measured; a record with fewer rounds than asked for is
-# measured again (harness.bench.run_bench_claimed)
-NON_RESULT_BENCH_KEYS = ("timeout_s", "rounds")
+# bench.rounds and the paired timing of lengths: how precisely, not what, is measured; a record with
+# fewer rounds than asked for is measured again (harness.bench.run_bench_claimed), one without the
+# paired times asked for gets them (harness.bench.finish_paired)
+NON_RESULT_BENCH_KEYS = ("timeout_s", "rounds", "paired_cycles", "paired_steps")
 
 
 def run_dirname(overrides: str) -> str:

@@ -248,8 +248,10 @@ def fits_display(fit_table: pd.DataFrame) -> pd.DataFrame:
     if "setup" in fit_table and fit_table["setup"].nunique() > 1:
         out["Setup"] = fit_table["setup"]
     se = fit_table["time_exponent_se"] if "time_exponent_se" in fit_table else pd.Series(np.nan, fit_table.index)
+    paired = fit_table["time_from"].eq("paired") if "time_from" in fit_table else pd.Series(False, fit_table.index)
     out["Time exponent"] = [NOT_RUN if pd.isna(v) else f"{v:.2f}" + ("" if pd.isna(e) else f" ± {e:.2f}")
-                            for v, e in zip(fit_table["time_exponent"], se)]
+                            + (" (paired lengths)" if p else "")
+                            for v, e, p in zip(fit_table["time_exponent"], se, paired)]
     out["Memory exponent"] = fit_table["memory_exponent"].map(
         lambda v: NOT_RUN if pd.isna(v) else f"{v:.2f}")
     out["Lengths fitted"] = fit_table["seq_lens"].str.replace(",", ", ")

@@ -14,6 +14,7 @@ as is. Claims thresholds and published numbers use the same display units.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -427,7 +428,9 @@ def efficiency_cells(df: pd.DataFrame) -> pd.DataFrame:
     model, seq_len, steps_per_s, step_ms, peak_gb (10^9 bytes), status ("ok", or "OOM"/"FAIL"/
     "n/a" when no measurement succeeded), speedup (steps/s over ``transformer`` in the same
     group and seq_len), n, round_ms (the ok rounds' step-time medians of bench records measured
-    with ``bench.rounds``; empty otherwise), source.
+    with ``bench.rounds``; empty otherwise), paired_ms and paired_id (the cycle times of the
+    cell's paired timing, ``bench.paired_cycles``, and what tells its process: its time and
+    lengths; empty and None unless exactly one such timing is in the cell), source.
     """
     bench = df[df["kind"] == "bench"]
     source = "bench"
@@ -453,11 +456,12 @@ def efficiency_cells(df: pd.DataFrame) -> pd.DataFrame:
             peak = ok["memory.peak_bytes"].median()
             row.update(status="ok", step_ms=step_ms, steps_per_s=1000.0 / step_ms,
                        peak_gb=peak / 1e9, n=len(ok),
-                       round_ms=tuple(ms for rounds in ok.get("rounds", []) for ms in _round_medians(rounds)))
+                       round_ms=tuple(ms for rounds in ok.get("rounds", []) for ms in _round_medians(rounds)),
+                       **_paired_times(ok))
         row["source"] = source
         rows.append(row)
     cells = pd.DataFrame(rows, columns=[*keys, "status", "step_ms", "steps_per_s", "peak_gb", "n",
-                                        "round_ms", "source"])
+                                        "round_ms", "paired_ms", "paired_id", "source"])
     ref = cells[cells["model"] == "transformer"].set_index(EFFICIENCY_GROUP + ["seq_len"])
     index = pd.MultiIndex.from_frame(cells[EFFICIENCY_GROUP + ["seq_len"]])
     base = ref["steps_per_s"].reindex(index).to_numpy() if len(ref) else np.nan
@@ -476,20 +480,40 @@ def scaling_exponents(cells: pd.DataFrame) -> pd.DataFrame:
     Non-positive memory (CPU RSS deltas can be 0) is left out of the memory fit.
     ``time_exponent_se``: the time exponent's bootstrap standard error over the rounds of its
     points (:func:`_slope_standard_error`), NaN unless every point has 3 rounds or more.
+    ``time_from``: ``paired`` when every point was timed in one paired process
+    (``bench.paired_cycles``): the time exponent is then fitted on the medians of the paired
+    cycles and its standard error bootstrapped over cycles (:func:`_paired_fit`); ``rounds``
+    otherwise, fitted on the points' step times.
     """
     rows = []
     ok = cells[cells["status"] == "ok"]
     for key, group in ok.groupby([*EFFICIENCY_GROUP, "model"], dropna=False, sort=True):
         row = dict(zip([*EFFICIENCY_GROUP, "model"], key))
-        row["time_exponent"] = _slope(group["seq_len"], group["step_ms"])
-        row["time_exponent_se"] = _slope_standard_error(group)
+        paired = _paired_fit(group)
+        if paired is not None:
+            row["time_exponent"], row["time_exponent_se"], row["time_from"] = *paired, "paired"
+        else:
+            row["time_exponent"] = _slope(group["seq_len"], group["step_ms"])
+            row["time_exponent_se"], row["time_from"] = _slope_standard_error(group), "rounds"
         row["memory_exponent"] = _slope(group["seq_len"], group["peak_gb"])
         row["n_points"] = int(group["seq_len"].nunique())
         row["seq_lens"] = ",".join(str(int(s)) for s in sorted(group["seq_len"].unique()))
         if row["n_points"] >= 2:
             rows.append(row)
     return pd.DataFrame(rows, columns=[*EFFICIENCY_GROUP, "model", "time_exponent", "time_exponent_se",
-                                       "memory_exponent", "n_points", "seq_lens"])
+                                       "time_from", "memory_exponent", "n_points", "seq_lens"])
+
+
+def _paired_times(ok: pd.DataFrame) -> dict:
+    """A cell's paired cycle times (a record's ``paired``, harness.bench.finish_paired) and the
+    id of the process that timed them, when exactly one record of the cell has them."""
+    if "paired.status" not in ok:
+        return {"paired_ms": (), "paired_id": None}
+    paired = ok[ok["paired.status"] == "ok"]
+    ids = (paired["paired.measured_at"].astype(str) + " " + paired["paired.lengths"].astype(str)).unique()
+    if len(ids) != 1:
+        return {"paired_ms": (), "paired_id": None}
+    return {"paired_ms": tuple(json.loads(paired["paired.cycle_ms"].iloc[0])), "paired_id": ids[0]}
 
 
 def _round_medians(rounds) -> list[float]:
@@ -511,16 +535,36 @@ def _slope_standard_error(points: pd.DataFrame, n_resamples: int = 999) -> float
     samples = [np.asarray(r, dtype=float) for r in points.get("round_ms", [])]
     if len(samples) < 2 or points["seq_len"].nunique() < len(samples) or min(map(len, samples)) < 3:
         return np.nan
-    x = np.log(points["seq_len"].to_numpy(dtype=float))
-    centred = x - x.mean()
-
-    def slope(*sample_medians, axis=-1):
-        y = np.log(np.stack([np.median(s, axis=axis) for s in sample_medians], axis=-1))  # (..., points)
-        return ((y - y.mean(axis=-1, keepdims=True)) * centred).sum(axis=-1) / (centred ** 2).sum()
-
+    slope = functools.partial(_slope_of_medians, np.log(points["seq_len"].to_numpy(dtype=float)))
     result = scipy.stats.bootstrap(samples, slope, n_resamples=n_resamples, vectorized=True,
                                    method="percentile", rng=np.random.default_rng(0))
     return float(result.standard_error)
+
+
+def _slope_of_medians(log_len: np.ndarray, *samples, axis=-1):
+    """Least-squares slope of log(median of each point's sample) against ``log_len`` (one per
+    point); vectorised over leading axes, as scipy.stats.bootstrap calls it."""
+    centred = log_len - log_len.mean()
+    y = np.log(np.stack([np.median(s, axis=axis) for s in samples], axis=-1))  # (..., points)
+    return ((y - y.mean(axis=-1, keepdims=True)) * centred).sum(axis=-1) / (centred ** 2).sum()
+
+
+def _paired_fit(points: pd.DataFrame, n_resamples: int = 999) -> tuple[float, float] | None:
+    """The time exponent and its standard error from one paired timing of all the points (the
+    same ``paired_id``, as many cycles each), or None. Slope of log(median cycle time) against
+    log(seq_len); the error resamples whole cycles (scipy.stats.bootstrap, paired), so each
+    resample keeps the lengths of a cycle together, as they were timed."""
+    if "paired_ms" not in points or points["seq_len"].nunique() < 2 or len(points) != points["seq_len"].nunique():
+        return None
+    ids, cycles = set(points["paired_id"]), {len(ms) for ms in points["paired_ms"]}
+    if len(ids) != 1 or None in ids or len(cycles) != 1 or min(cycles) < 2:
+        return None
+    points = points.sort_values("seq_len")
+    slope = functools.partial(_slope_of_medians, np.log(points["seq_len"].to_numpy(dtype=float)))
+    samples = [np.asarray(ms, dtype=float) for ms in points["paired_ms"]]
+    result = scipy.stats.bootstrap(samples, slope, n_resamples=n_resamples, vectorized=True, paired=True,
+                                   method="percentile", rng=np.random.default_rng(0))
+    return float(slope(*samples)), float(result.standard_error)
 
 
 def _slope(x, y) -> float:

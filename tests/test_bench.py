@@ -97,9 +97,10 @@ def test_sweep_with_an_oom_configuration_records_it_and_goes_on(tmp_path):
 
 @pytest.mark.slow
 def test_transformer_memory_grows_with_length_and_exponents_are_written(tmp_path):
-    # two rounds, interleaved: each job measures its first, the multirun's end the second
+    # two rounds, interleaved: each job measures its first, the multirun's end the second; then
+    # both lengths again in one process, alternating (bench.paired_cycles), for the exponent
     out = bench(tmp_path, "-m", "model=transformer", "task.seq_len=256,1024", "sweep.name=m",
-                "bench.rounds=2", *FAST)
+                "bench.rounds=2", "bench.paired_cycles=2", *FAST)
     records = records_under(tmp_path / "results/sweeps/m")
     short, long = records[("transformer", 256)], records[("transformer", 1024)]
     assert short["status"] == long["status"] == "ok"
@@ -112,8 +113,13 @@ def test_transformer_memory_grows_with_length_and_exponents_are_written(tmp_path
         assert record["speed"]["round_ms_min"] <= record["speed"]["step_ms_median"] <= record["speed"]["round_ms_max"]
         assert record["env"]["allocator"]["setting"] == "tuned" and record["env"]["threads"] == 1
         assert record["memory"]["how"] == "cpu_vmhwm_above_floor"
+        paired = record["paired"]
+        assert paired["status"] == "ok" and paired["lengths"] == [256, 1024] and len(paired["cycle_ms"]) == 2
+    assert long["paired"]["step_ms_median"] > short["paired"]["step_ms_median"]
+    assert "transformer at lengths [256, 1024], alternating in one process" in out.stdout + out.stderr
     assert "scaling exponents" in out.stdout + out.stderr
-    assert (tmp_path / "results/sweeps/m/scaling.csv").read_text().startswith("model,task")
+    scaling = pd.read_csv(tmp_path / "results/sweeps/m/scaling.csv")
+    assert list(scaling.columns[:2]) == ["model", "task"] and scaling["time_from"].tolist() == ["paired"]
 
 
 def test_a_job_that_takes_over_a_folder_keeps_its_own_rounds(tmp_path, monkeypatch, caplog):

@@ -1,5 +1,5 @@
 """The bench/ scripts over bench records: the README's efficiency table, two runs' exponents side
-by side, and the exponents' standard error over rounds that both print."""
+by side, and the exponents' standard error (over rounds, or over paired cycles) that both print."""
 
 from __future__ import annotations
 
@@ -78,3 +78,28 @@ def test_the_time_exponent_carries_a_bootstrap_standard_error_over_rounds(tmp_pa
     again = scaling_exponents(efficiency_cells(load_runs(tmp_path / "apart"))).iloc[0]
     assert again["time_exponent_se"] == fit["apart"]["time_exponent_se"]
     assert np.isnan(fit["once"]["time_exponent_se"])
+
+
+def test_the_time_exponent_of_paired_lengths_is_fitted_on_their_cycles(tmp_path):
+    """bench.paired_cycles: the lengths timed in one process are fitted on their cycles, which
+    a drifting machine slows alike; whole cycles resampled, so a drift shared by every length
+    costs no precision. Paired times from two processes, or missing at one length, are not
+    mixed: the fit falls back to the rounds."""
+    lengths, drift = (1024, 2048, 4096), (1.0, 1.3, 0.8, 1.1, 0.9)  # each cycle's speed, shared
+    for name in ("paired", "two_processes", "one_missing"):
+        for i, L in enumerate(lengths):
+            ms = L / 1024 * 100.0
+            paired = {"status": "ok", "cycles": 5, "steps_per_cycle": 2, "lengths": list(lengths),
+                      "cycle_ms": [ms * L / 1024 * d for d in drift],  # time grows as L^2 here
+                      "measured_at": "2026-12-07T00:00:00" if name != "two_processes" or i else "other"}
+            rounds = [{"status": "ok", "step_ms_median": ms}] * 3
+            make(tmp_path / name, kind="bench", model="s4d", task="text", seq_len=L, batch_size=1,
+                 step_ms=ms, peak=L * 1000, rounds=rounds,
+                 **({} if name == "one_missing" and L == 2048 else {"paired": paired}))
+    fit = {name: scaling_exponents(efficiency_cells(load_runs(tmp_path / name))).iloc[0]
+           for name in ("paired", "two_processes", "one_missing")}
+    assert fit["paired"]["time_from"] == "paired"
+    assert fit["paired"]["time_exponent"] == pytest.approx(2.0)
+    assert fit["paired"]["time_exponent_se"] == pytest.approx(0.0, abs=1e-12)
+    for name in ("two_processes", "one_missing"):
+        assert fit[name]["time_from"] == "rounds" and fit[name]["time_exponent"] == pytest.approx(1.0)

@@ -31,6 +31,8 @@ def test_allocator_setting_is_validated_with_the_key_named():
     assert compose_config([]).trainer.allocator == "tuned"
     with pytest.raises(ValueError, match="bench.rounds must be a positive integer"):
         check_bench_settings(compose_config(["bench.rounds=0"], config_name="bench"))
+    with pytest.raises(ValueError, match="bench.paired_cycles must be an integer >= 0"):
+        check_bench_settings(compose_config(["bench.paired_cycles=-1"], config_name="bench"))
 
 
 @linux_only
