@@ -71,6 +71,8 @@ def main() -> None:
     parser.add_argument("--candidates", action="store_true", help="also the numba kernel")
     parser.add_argument("--compile", action="store_true", help="also torch.compile of the chunked scan")
     args = parser.parse_args()
+    if args.rounds < 2:
+        parser.error(f"--rounds must be at least 2 (the table's IQR needs two rounds), got {args.rounds}")
     torch.set_num_threads(args.threads)
 
     t0 = time.perf_counter()
