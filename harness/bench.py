@@ -50,6 +50,7 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
+from typing import NamedTuple
 
 import hydra
 import torch
@@ -156,12 +157,20 @@ def run_worker(job: dict, timeout_s: float) -> dict:
                 "error": f"measurement process exited with {proc.returncode}" + (f":\n{tail}" if tail else "")}
 
 
-# Jobs of this multirun with rounds still to measure: (run_dir, config hash, cfg, job), for
-# ScalingCallback. The hash tells a job's record from that of a later job of the same sweep that
-# took over its folder (a swept key the folder name leaves out, e.g. trainer.threads).
-PENDING_ROUNDS: list[tuple[Path, str, DictConfig, dict]] = []
+class Pending(NamedTuple):
+    """A job of this multirun with more to measure at its end (:class:`ScalingCallback`). The
+    config hash tells its record from that of a later job of the same sweep that took over its
+    folder (a swept key the folder name leaves out, e.g. trainer.threads)."""
+    run_dir: Path
+    chash: str
+    cfg: DictConfig
+    job: dict
+
+
+# Jobs of this multirun with rounds still to measure (bench.rounds)
+PENDING_ROUNDS: list[Pending] = []
 # Ok jobs of this multirun to time again in pairs of lengths (bench.paired_cycles), alike
-PENDING_PAIRED: list[tuple[Path, str, DictConfig, dict]] = []
+PENDING_PAIRED: list[Pending] = []
 
 
 def run_bench(cfg: DictConfig, run_dir: Path, *, defer_rounds: bool = False) -> dict:
@@ -216,8 +225,8 @@ def run_bench_claimed(cfg: DictConfig, run_dir: Path, *, defer_rounds: bool = Fa
     if existing and existing["status"] in ("ok", "unsupported") and not cfg.force and (
             existing["status"] == "unsupported" or rounds_measured(existing) >= cfg.bench.rounds):
         log.info("skip %s: already measured (force=true remeasures)", run_dir)
-        if existing["status"] == "ok" and defer_rounds and cfg.bench.get("paired_cycles", 0):
-            PENDING_PAIRED.append((run_dir, chash, cfg, bench_job(cfg, device)))
+        if existing["status"] == "ok":
+            queue_pairing(Pending(run_dir, chash, cfg, bench_job(cfg, device)), defer_rounds)
         return existing
     record = new_record(
         kind="bench", config_hash=chash, model=cfg.model.name, task=cfg.task.name, seed=cfg.seed,
@@ -236,10 +245,10 @@ def run_bench_claimed(cfg: DictConfig, run_dir: Path, *, defer_rounds: bool = Fa
                   params=result.get("params"), speed=result.get("speed", {}),
                   memory=result.get("memory", {}), rounds=[round_of(result)])
     more = cfg.bench.rounds - 1 if result["status"] == "ok" else 0
-    if result["status"] == "ok" and defer_rounds and cfg.bench.get("paired_cycles", 0):
-        PENDING_PAIRED.append((run_dir, chash, cfg, job))
+    if result["status"] == "ok":
+        queue_pairing(Pending(run_dir, chash, cfg, job), defer_rounds)
     if more and defer_rounds:
-        PENDING_ROUNDS.append((run_dir, chash, cfg, job))
+        PENDING_ROUNDS.append(Pending(run_dir, chash, cfg, job))
         record.update(ended_at=now_iso(), wall_s=time.perf_counter() - t0)
         write_record(run_dir, record)  # a valid record of one round, should the sweep be stopped
         return record
@@ -249,6 +258,12 @@ def run_bench_claimed(cfg: DictConfig, run_dir: Path, *, defer_rounds: bool = Fa
     write_record(run_dir, record)
     log_to_tracker(cfg, run_dir, record)
     return record
+
+
+def queue_pairing(pending: Pending, in_multirun: bool) -> None:
+    """Keep an ok job for the multirun's paired timing of lengths (``bench.paired_cycles``)."""
+    if in_multirun and pending.cfg.bench.get("paired_cycles", 0):
+        PENDING_PAIRED.append(pending)
 
 
 def rounds_measured(record: dict) -> int:
@@ -332,12 +347,12 @@ def finish_paired() -> None:
     (:data:`PENDING_PAIRED`, ``bench.paired_cycles``) and keep each length's cycle times in its
     record's ``paired``. A group whose records hold these times already is skipped (unless
     ``force``); a failed measurement is recorded there as its status and error."""
-    groups: dict[str, list[tuple[Path, str, DictConfig, dict]]] = {}
-    for pending in sorted(PENDING_PAIRED, key=lambda p: p[2].task.seq_len):
-        groups.setdefault(paired_group(pending[2]), []).append(pending)
+    groups: dict[str, list[Pending]] = {}
+    for pending in sorted(PENDING_PAIRED, key=lambda p: p.cfg.task.seq_len):
+        groups.setdefault(paired_group(pending.cfg), []).append(pending)
     PENDING_PAIRED.clear()
     for members in groups.values():
-        if len({cfg.task.seq_len for _, _, cfg, _ in members}) < 2:
+        if len({m.cfg.task.seq_len for m in members}) < 2:
             continue
         try:
             measure_group(members)
@@ -345,13 +360,13 @@ def finish_paired() -> None:
             log.error("%s", exc)
 
 
-def measure_group(members: list[tuple[Path, str, DictConfig, dict]]) -> None:
+def measure_group(members: list[Pending]) -> None:
     """The paired timing of one model's lengths (:func:`finish_paired`), into their records."""
-    cfg = members[0][2]
-    lengths = [c.task.seq_len for _, _, c, _ in members]
+    cfg = members[0].cfg
+    lengths = [m.cfg.task.seq_len for m in members]
     wanted = {"cycles": cfg.bench.paired_cycles, "steps_per_cycle": cfg.bench.paired_steps, "lengths": lengths}
-    records = [read_record(run_dir) for run_dir, *_ in members]
-    if any(r is None or r["config_hash"] != chash for r, (_, chash, _, _) in zip(records, members)):
+    records = [read_record(m.run_dir) for m in members]
+    if any(r is None or r["config_hash"] != m.chash for r, m in zip(records, members)):
         log.warning("bench.paired_cycles: a folder of %s's lengths now holds another job of this sweep "
                     "(its folder name leaves out a swept key); its lengths are not timed in pairs",
                     cfg.model.name)
@@ -363,7 +378,7 @@ def measure_group(members: list[tuple[Path, str, DictConfig, dict]]) -> None:
         return
     log.info("bench.paired_cycles: %s at lengths %s, alternating in one process, %d cycles of %d steps",
              cfg.model.name, lengths, cfg.bench.paired_cycles, cfg.bench.paired_steps)
-    jobs = [job for *_, job in members]
+    jobs = [m.job for m in members]
     result = run_worker({"paired": jobs, "cycles": cfg.bench.paired_cycles, "steps": cfg.bench.paired_steps,
                          **{k: jobs[0][k] for k in ("allocator", "threads", "memory_limit_mb")}},
                         cfg.bench.timeout_s * len(jobs))
@@ -371,10 +386,10 @@ def measure_group(members: list[tuple[Path, str, DictConfig, dict]]) -> None:
         log.warning("bench.paired_cycles: %s at lengths %s: %s (%s); its exponent is fitted on rounds",
                     cfg.model.name, lengths, result["status"], (result.get("error") or "").partition("\n")[0])
     measured_at = now_iso()  # with ``lengths``, what tells the records of one paired process
-    for n, (run_dir, chash, _, _) in enumerate(members):
-        with claim(run_dir):
-            record = read_record(run_dir)
-            if record is None or record["config_hash"] != chash:
+    for n, member in enumerate(members):
+        with claim(member.run_dir):
+            record = read_record(member.run_dir)
+            if record is None or record["config_hash"] != member.chash:
                 continue
             if result["status"] == "ok":
                 cycle_ms = result["cycle_ms"][n]
@@ -382,7 +397,7 @@ def measure_group(members: list[tuple[Path, str, DictConfig, dict]]) -> None:
                                     "step_ms_median": statistics.median(cycle_ms), "measured_at": measured_at}
             else:
                 record["paired"] = {"status": result["status"], **wanted, "error": result.get("error")}
-            write_record(run_dir, record)
+            write_record(member.run_dir, record)
 
 
 def log_to_tracker(cfg: DictConfig, run_dir: Path, record: dict) -> None:
