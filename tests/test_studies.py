@@ -324,19 +324,39 @@ def test_mamba_induction_heads_models_match_the_papers_parameter_counts():
     assert counts["transformer"] == pytest.approx(137_000, rel=0.15)
 
 
-def test_mamba_and_zoology_claims_load_and_are_scoped_to_both_variants():
-    for study in ("mamba_selective_copying", "mamba_induction_heads", "zoology_mqar"):
-        claims = load_claims(PUBLISHED / f"claims_{study}.yaml")
-        assert claims
-        for claim in claims:
-            assert set(claim["experiment"]) == {study, f"{study}_cpu"}
+# The CPU variants of the studies that have a claims file (the speed sweeps' claims are in claims.yaml).
+CPU_STUDIES = [e for e in EXPERIMENTS if e.endswith("_cpu")
+               and (PUBLISHED / f"claims_{e.removesuffix('_cpu')}.yaml").exists()]
+
+
+def claim_models(claim) -> set[str]:
+    """The model names a claim compares (its model, or its a and b sides)."""
+    sides = [claim.get(k) for k in ("model", "a", "b") if claim.get(k) is not None]
+    return {side["model"] if isinstance(side, dict) else side for side in sides}
+
+
+@pytest.mark.parametrize("experiment", CPU_STUDIES)
+def test_a_cpu_study_runs_3_seeds_of_every_model_its_claims_name(experiment):
+    """Every claim belongs to its full study; those the CPU variant keeps name only models the CPU
+    sweep runs, with at least 3 seeds (a claim moved to the full study says why in the config)."""
+    study = experiment.removesuffix("_cpu")
+    cfg, axes = compose_with_hydra(experiment)
+    assert len(axes.get("seed", [])) >= 3, f"{experiment} sweeps {axes.get('seed')} seeds"
+    models = set(axes.get("model") or [cfg.model.name])
+    claims = load_claims(PUBLISHED / f"claims_{study}.yaml")
+    assert all(study in claim["experiment"] for claim in claims)
+    kept = [claim for claim in claims if experiment in claim["experiment"]]
+    assert kept, f"{experiment} keeps no claim"
+    for claim in kept:
+        assert claim_models(claim) <= models, (claim["id"], claim_models(claim), models)
 
 
 def test_position_extrapolation_sweeps_every_positional_on_one_model():
-    for experiment, train_len in [("position_extrapolation", 256), ("position_extrapolation_cpu", 32)]:
+    for experiment, train_len, seeds in [("position_extrapolation", 256, 3),
+                                         ("position_extrapolation_cpu", 32, 5)]:
         _, axes = compose_with_hydra(experiment)
         assert set(axes["model.positional"]) == {"sinusoidal", "learned", "rope", "xpos", "alibi", "t5"}
-        assert axes["seed"] == ["0", "1", "2"] and axes["model"] == ["transformer"]
+        assert axes["seed"] == [str(s) for s in range(seeds)] and axes["model"] == ["transformer"]
         cfgs = swept(experiment)
         for c in cfgs:  # the same model for every option; tested at 2x .. 32x the training length
             assert (c.model.name, c.task.name, c.task.seq_len) == ("transformer", "induction_heads", train_len)
