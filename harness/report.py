@@ -224,7 +224,9 @@ def params_table(cells: pd.DataFrame) -> pd.DataFrame:
     return table.fillna(NOT_RUN).rename_axis(index=None, columns=None)
 
 
-MATCHING_TEXT = {"equal_width": "every model at the same width (size.d_model)",
+MATCHING_TEXT = {"equal_size": "every model at the same width and depth (size.d_model, size.n_layers)",
+                 # records written before the rule matched depth (the LSTMs kept one layer)
+                 "equal_width": "every model at the same width (size.d_model), depth as its yaml said",
                  "as_published": "each model at its paper's size",
                  "none": "no matching stated"}
 

@@ -100,7 +100,9 @@ class LoggerSchema(Schema):
     timeout_s: PositiveFloat | None = None
 
 
-MATCHING_RULES = ("none", "equal_width", "as_published")
+MATCHING_RULES = ("none", "equal_size", "as_published")
+# The keys an equal_size study gives every model: model.<key> must be size.<key>.
+EQUAL_SIZE_KEYS = ("d_model", "n_layers")
 
 
 class MatchingSchema(Schema):
@@ -136,14 +138,15 @@ def config_problems(cfg: DictConfig | dict[str, Any]) -> list[str]:
 
 
 def matching_problems(resolved: dict[str, Any]) -> list[str]:
-    """A model off the study's width under ``matching.rule=equal_width``."""
-    rule = (resolved.get("matching") or {}).get("rule")
-    width, size = (resolved.get("model") or {}).get("d_model"), (resolved.get("size") or {}).get("d_model")
-    if rule != "equal_width" or width is None or size is None or width == size:
+    """A model off the study's width or depth under ``matching.rule=equal_size``."""
+    if (resolved.get("matching") or {}).get("rule") != "equal_size":
         return []
-    return [f"model.d_model={width!r}: the study's matching.rule=equal_width gives every model its width "
-            f"size.d_model={size!r}; set the width through size.d_model, or another matching.rule "
-            f"(none, as_published)"]
+    model, size = resolved.get("model") or {}, resolved.get("size") or {}
+    return [f"model.{key}={model[key]!r}: the study's matching.rule=equal_size gives every model "
+            f"size.{key}={size[key]!r}; set it through size.{key}, or another matching.rule "
+            f"(none, as_published)"
+            for key in EQUAL_SIZE_KEYS
+            if model.get(key) is not None and size.get(key) is not None and model[key] != size[key]]
 
 
 def describe(node: str, err: dict) -> str:

@@ -579,11 +579,11 @@ def test_the_parameters_caption_says_how_each_study_matched_its_models(tmp_path)
     for model in ("transformer", "mamba"):
         run = make(tmp_path / "new", model=model, val=0.5, test=0.5)
         record = json.loads((run / "record.json").read_text())
-        record["config"]["matching"] = {"rule": "equal_width"}
+        record["config"]["matching"] = {"rule": "equal_size"}
         record["config"]["sweep"]["name"] = "quickstart"
         (run / "record.json").write_text(json.dumps(record))
     make(tmp_path / "new", model="transformer", task="txl", val=0.5, test=0.5)  # a record of before the key
     assert matching_note(load_runs(tmp_path / "new")) == \
-        "quickstart: every model at the same width (size.d_model) (equal_width)"
+        "quickstart: every model at the same width and depth (size.d_model, size.n_layers) (equal_size)"
     make(tmp_path / "old", val=0.5, test=0.5)
     assert matching_note(load_runs(tmp_path / "old")) == ""

@@ -141,12 +141,21 @@ def test_every_swept_job_composes_and_resolves(experiment):
     assert [p for cfg in cfgs for p in matching_problems(OmegaConf.to_container(cfg, resolve=True))] == []
 
 
-def test_an_equal_width_study_refuses_a_model_off_its_width():
+def test_an_equal_size_study_refuses_a_model_off_its_width_or_depth():
     cfg = compose_config(["experiment=quickstart", "model=mamba", "model.d_model=32"])
     (problem,) = config_problems(cfg)
-    assert "model.d_model=32" in problem and "matching.rule=equal_width" in problem and "size.d_model=64" in problem
+    assert "model.d_model=32" in problem and "matching.rule=equal_size" in problem and "size.d_model=64" in problem
+    (problem,) = config_problems(compose_config(["experiment=quickstart", "model=lstm", "model.n_layers=1"]))
+    assert "model.n_layers=1" in problem and "size.n_layers=2" in problem
     assert config_problems(compose_config(["experiment=quickstart", "model=mamba", "size.d_model=32"])) == []
     assert config_problems(compose_config(["model=mamba", "model.d_model=32"])) == []  # no study, no rule
+
+
+def test_the_lstms_follow_the_studys_depth_and_the_bahdanau_study_keeps_rnnsearchs():
+    assert compose_config(["experiment=quickstart", "model=lstm", "size.n_layers=3"]).model.n_layers == 3
+    assert compose_config(["experiment=quickstart", "model=lstm_attn_readout"]).model.n_layers == 2
+    for model in ("lstm", "lstm_bahdanau", "lstm_luong"):
+        assert compose_config(["experiment=bahdanau_length_curve_cpu", f"model={model}"]).model.n_layers == 1
 
 
 @functools.cache
