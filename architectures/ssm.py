@@ -389,13 +389,17 @@ class S4DKernel(nn.Module):
         channels: independent kernels sharing A and dt (2 for a bidirectional layer).
         dt_min, dt_max: log_dt is drawn uniformly in [log dt_min, log dt_max].
         ssm_lr: learning rate of A and dt (marked with ``_optim``, no weight decay), as in S4.
-        init: ``lin``, ``inv`` or ``legs`` (:func:`s4d_init`); B = 1, folded into C.
+        init: ``lin``, ``inv`` or ``legs`` (:func:`s4d_init`).
         dt_lr: learning rate of dt instead of ``ssm_lr`` (None: ``ssm_lr``; S4's ``lr: {dt: null}``
             leaves dt at the optimizer's lr).
+        train_B: B (H, n) as a parameter, initialised to 1 and trained at ``ssm_lr`` without weight
+            decay, as the S4 repository's diagonal kernel (``B_init='constant'``, registered with A's
+            lr). False: B = 1, folded into C (the kernel depends only on C B, so this changes only
+            how training moves them).
     """
 
     def __init__(self, d_model: int, *, d_state: int, channels: int, dt_min: float, dt_max: float, ssm_lr: float,
-                 init: str = "lin", dt_lr: float | None = None):
+                 init: str = "lin", dt_lr: float | None = None, train_B: bool = False):
         super().__init__()
         if d_state % 2:
             raise ValueError(f"model.mixer.d_state must be even (conjugate pairs), got {d_state}")
@@ -405,16 +409,21 @@ class S4DKernel(nn.Module):
         self.log_A_real = nn.Parameter(torch.full((H, n), math.log(0.5)))
         self.A_imag = nn.Parameter(A_imag.repeat(H, 1))
         self.C = nn.Parameter(torch.view_as_real(torch.randn(channels, H, n, dtype=torch.cfloat)))  # (c, H, n, 2)
-        for p in (self.log_A_real, self.A_imag):
-            p._optim = {"lr": ssm_lr, "weight_decay": 0.0}
+        self.B = nn.Parameter(torch.view_as_real(torch.ones(H, n, dtype=torch.cfloat))) if train_B else None  # (H, n, 2)
+        for p in (self.log_A_real, self.A_imag, self.B):
+            if p is not None:
+                p._optim = {"lr": ssm_lr, "weight_decay": 0.0}
         self.log_dt._optim = {"lr": ssm_lr if dt_lr is None else dt_lr, "weight_decay": 0.0}
         self._cache: tuple | None = None
 
     def discretize(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """dt A (H, n) and the ZOH-scaled output weights C (exp(dt A) - 1) / A, (c, H, n); complex."""
+        """dt A (H, n) and the ZOH-scaled output weights C B (exp(dt A) - 1) / A, (c, H, n); complex."""
         A = torch.complex(-torch.exp(self.log_A_real), self.A_imag)  # (H, n)
         dtA = A * torch.exp(self.log_dt).unsqueeze(-1)  # (H, n)
-        return dtA, torch.view_as_complex(self.C) * torch.expm1(dtA) / A
+        C = torch.view_as_complex(self.C)  # (c, H, n)
+        if self.B is not None:
+            C = C * torch.view_as_complex(self.B)
+        return dtA, C * torch.expm1(dtA) / A
 
     def forward(self, L: int, use_cache: bool = True) -> torch.Tensor:
         """The kernels (c, H, L). Without autograd the last one is reused until a parameter changes."""
@@ -456,16 +465,19 @@ class S4D(nn.Module):
         dropout: dropout after the GELU.
         init: S4D-Lin, -Inv or -LegS (``lin``, ``inv``, ``legs``; :func:`s4d_init`).
         dt_lr: learning rate of dt instead of ``ssm_lr`` (None: ``ssm_lr``).
+        train_B: B as a trained parameter (:class:`S4DKernel`).
     """
 
     def __init__(
         self, d_model: int, *, causal: bool, layer_idx: int = 0, d_state: int, dt_min: float, dt_max: float,
         ssm_lr: float, bidirectional: bool, dropout: float = 0.0, init: str = "lin", dt_lr: float | None = None,
+        train_B: bool = False,
     ):
         super().__init__()
         self.bidirectional = bidirectional and not causal
         self.kernel = S4DKernel(d_model, d_state=d_state, channels=2 if self.bidirectional else 1,
-                                dt_min=dt_min, dt_max=dt_max, ssm_lr=ssm_lr, init=init, dt_lr=dt_lr)
+                                dt_min=dt_min, dt_max=dt_max, ssm_lr=ssm_lr, init=init, dt_lr=dt_lr,
+                                train_B=train_B)
         self.D = nn.Parameter(torch.randn(d_model))
         self.dropout = nn.Dropout(dropout)
         self.output_linear = nn.Linear(d_model, 2 * d_model)  # then GLU back to d_model

@@ -208,6 +208,24 @@ def test_s4d_ssm_parameters_carry_optimizer_settings():
     assert layer.kernel.A_imag._optim == {"lr": 5e-4, "weight_decay": 0.0}
 
 
+def test_s4d_trained_B_gives_the_kernel_of_C_times_B_and_trains_at_the_ssm_lr():
+    torch.manual_seed(0)
+    plain = S4D(4, causal=False, bidirectional=True, **S4D_KW)
+    assert plain.kernel.B is None  # the default: B = 1, folded into C
+    trained = S4D(4, causal=False, bidirectional=True, **{**S4D_KW, "ssm_lr": 5e-4}, train_B=True)
+    trained.load_state_dict(plain.state_dict(), strict=False)
+    assert torch.equal(torch.view_as_complex(trained.kernel.B), torch.ones(4, S4D_KW["d_state"] // 2, dtype=torch.cfloat))
+    torch.testing.assert_close(trained.kernel(32), plain.kernel(32))  # B = 1 at init: the same kernels
+    B = torch.randn(4, S4D_KW["d_state"] // 2, dtype=torch.cfloat)
+    with torch.no_grad():
+        trained.kernel.B.copy_(torch.view_as_real(B))
+        plain.kernel.C.copy_(torch.view_as_real(torch.view_as_complex(plain.kernel.C) * B))
+    torch.testing.assert_close(trained.kernel(32), plain.kernel(32), rtol=1e-5, atol=1e-6)
+    trained(torch.randn(2, 32, 4)).sum().backward()
+    assert trained.kernel.B.grad is not None and trained.kernel.B.grad.abs().sum() > 0
+    assert trained.kernel.B._optim == {"lr": 5e-4, "weight_decay": 0.0}
+
+
 # --------------------------------------------------------------------------- both mixers
 
 

@@ -364,5 +364,6 @@ def test_s4_lra_study_uses_the_s4_repository_configs(model, task, d_model, d_sta
     assert (mixer.d_state, mixer.dt_min, mixer.bidirectional) == (d_state, dt_min, True)
     assert (cfg.trainer.lr, cfg.trainer.weight_decay, mixer.ssm_lr, mixer.dt_lr) == (lr, 0.05, 1e-3, dt_lr)
     assert (cfg.model.norm, cfg.model.prenorm) == ("batchnorm", prenorm)
+    assert mixer.get("train_B", False) == (model == "s4d")  # the repository trains S4D's B
     if model == "s4":
         assert mixer.n_ssm == n_ssm and mixer.l_max == cfg.task.seq_len
