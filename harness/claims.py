@@ -101,6 +101,12 @@ def load_claims(path: str | Path) -> list[dict]:
     return claims
 
 
+def claim_sides(claim: dict) -> list[dict]:
+    """The sides a claim compares, its ``model`` or its ``a`` and ``b``, each as
+    {model, where, label}."""
+    return [_side(claim[k]) for k in ("model", "a", "b") if k in claim]
+
+
 def _side(spec) -> dict:
     if isinstance(spec, str):
         return {"model": spec, "where": {}, "label": spec}

@@ -272,7 +272,7 @@ def claim_points(runs: pd.DataFrame, claims: list[dict], verdicts: pd.DataFrame)
     """The values a threshold claim is decided on, for the claims figure: one row per (claim,
     model, seq_len) with the test mean and its 95% t interval over seeds (the interval the claim
     is decided on), or the fitted exponent and its bound; only the claim's experiment's runs."""
-    from harness.claims import _side, _summary
+    from harness.claims import _side, _summary, claim_sides
 
     verdict = dict(zip(verdicts.get("id", []), verdicts.get("status", [])))
     rows = []
@@ -292,9 +292,7 @@ def claim_points(runs: pd.DataFrame, claims: list[dict], verdicts: pd.DataFrame)
             continue
         if "threshold" not in claim or not claim.get("task"):
             continue
-        names = [claim[k] for k in ("model", "a", "b") if k in claim]
-        for spec in names:
-            side = _side(spec)
+        for side in claim_sides(claim):
             cells = _summary(study, claim, side) if len(study) else pd.DataFrame()
             for _, c in cells[cells["status"] == "ok"].iterrows() if len(cells) else []:
                 low, high = t_interval(c["mean"], c["std"], c["n"], metric=c["metric"])

@@ -18,7 +18,7 @@ from hydra._internal.config_repository import ConfigRepository
 from omegaconf import OmegaConf
 
 from harness.api import build, compose_config
-from harness.claims import load_claims
+from harness.claims import claim_sides, load_claims
 from harness.config import CONF_DIR, register_resolvers
 from harness.validation import config_problems, matching_problems
 
@@ -339,12 +339,6 @@ CPU_STUDIES = [e for e in EXPERIMENTS if e.endswith("_cpu")
                and (PUBLISHED / f"claims_{e.removesuffix('_cpu')}.yaml").exists()]
 
 
-def claim_models(claim) -> set[str]:
-    """The model names a claim compares (its model, or its a and b sides)."""
-    sides = [claim.get(k) for k in ("model", "a", "b") if claim.get(k) is not None]
-    return {side["model"] if isinstance(side, dict) else side for side in sides}
-
-
 @pytest.mark.parametrize("experiment", CPU_STUDIES)
 def test_a_cpu_study_runs_3_seeds_of_every_model_its_claims_name(experiment):
     """Every claim belongs to its full study; those the CPU variant keeps name only models the CPU
@@ -358,7 +352,8 @@ def test_a_cpu_study_runs_3_seeds_of_every_model_its_claims_name(experiment):
     kept = [claim for claim in claims if experiment in claim["experiment"]]
     assert kept, f"{experiment} keeps no claim"
     for claim in kept:
-        assert claim_models(claim) <= models, (claim["id"], claim_models(claim), models)
+        named = {side["model"] for side in claim_sides(claim)}
+        assert named <= models, (claim["id"], named, models)
 
 
 def test_position_extrapolation_sweeps_every_positional_on_one_model():
