@@ -22,6 +22,27 @@ buckets. Padding sorts last (its own bucket), so it never moves a real token's c
 :func:`lsh_attention` is the chunked O(L * chunk_len) kernel; :func:`lsh_attention_reference`
 builds the dense (L, L) mask the same buckets imply and runs dense softmax attention: the two
 are tested equal in values and gradients.
+
+``variant: lra_released`` is the LSH attention of LRA's released code instead
+(``lra_benchmarks/models/reformer/reformer_attention.py`` and ``reformer.py``, read at
+google-research/long-range-arena cd31e5c), the model behind LRA's Reformer rows:
+
+* the block's input is padded with ``10 - L % 10`` zero rows (``extra_len = chunk_len - qlength %
+  chunk_len`` with ReformerAttention's default chunk_len 10, which ReformerBlock leaves; so
+  always at least one row) before the bias-free query and value projections;
+* one hashing round (the LRA configs' n_hashes 1) with rotations drawn once, from
+  ``PRNGKey(0)`` in every layer and head (here: from ``seed`` alone);
+* the bucket-sorted sequence is cut into ``n_hashes * n_buckets`` chunks (not chunks of a given
+  length) and each chunk attends to itself and to the chunk before, chunk 0 to the *last* chunk
+  (``look_one_back`` wraps around);
+* the keys are the queries themselves (``length_norm=False``), a token may attend to itself,
+  and the scores are *multiplied* by sqrt(head dim);
+* no padding mask (the task's padding and the appended zero rows are keys like any other), no
+  attention dropout (the released function takes dropout_rate and applies none), and no output
+  projection (the heads' outputs are concatenated and returned).
+
+:func:`lsh_attention_lra_released` is that computation on chunks and
+:func:`lsh_attention_lra_released_reference` the dense softmax under the same chunk rule.
 """
 
 from __future__ import annotations
@@ -32,9 +53,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from architectures.layers import RotaryEmbedding, refuse_score_bias
+from architectures.layers import RotaryEmbedding, UnsupportedTask, refuse_score_bias
 
 SELF_SCORE = -1e5  # added to a query's own score: it attends to itself only when nothing else is allowed
+LSH_VARIANTS = ("paper", "lra_released")
+RELEASED_PAD_MULTIPLE = 10  # the released ReformerAttention pads its input to a multiple of its chunk_len 10
 
 
 def lsh_buckets(x: torch.Tensor, rotations: torch.Tensor, key_real: torch.Tensor | None) -> torch.Tensor:
@@ -159,6 +182,48 @@ def lsh_attention_reference(
     return weights @ v
 
 
+def released_chunks(qk: torch.Tensor, rotations: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The released sort of qk (B, H, L, hd) under one round of ``rotations`` (1, hd, nb / 2):
+    each position's sorted order (B, H, L) and its chunk (B, H, L) of ``n_buckets`` chunks."""
+    L = qk.shape[-2]
+    n_chunks = 2 * rotations.shape[-1]
+    buckets = lsh_buckets(qk.detach(), rotations, None)  # (B, H, 1, L)
+    order, rank = sort_by_bucket(buckets)  # (B, H, 1, L)
+    return order[:, :, 0], rank[:, :, 0] // (L // n_chunks)
+
+
+def lsh_attention_lra_released(qk: torch.Tensor, v: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
+    """LRA's released LSH attention: qk, v (B, H, L, hd), L a multiple of the bucket count ->
+    (B, H, L, hd). Chunks of the sorted order attend to themselves and to the chunk before
+    (chunk 0 to the last), scores q.q * sqrt(hd), no mask."""
+    B, H, L, hd = qk.shape
+    n, c = 2 * rotations.shape[-1], L // (2 * rotations.shape[-1])  # n_buckets chunks of c
+    order, _ = released_chunks(qk, rotations)  # (B, H, L)
+
+    def sort(x):  # (B, H, L, d) -> (B, H, n, c, d) in sorted order
+        return x.gather(2, order[..., None].expand(-1, -1, -1, x.shape[-1])).view(B, H, n, c, x.shape[-1])
+
+    def look_one_back(x):  # (B, H, n, c, d) -> (B, H, n, 2c, d): the chunk, then the one before (wrapping)
+        return torch.cat([x, x.roll(1, dims=2)], -2)
+
+    sq, sv = sort(qk), sort(v)
+    scores = sq @ look_one_back(sq).transpose(-2, -1) * math.sqrt(hd)  # (B, H, n, c, 2c)
+    y = torch.softmax(scores, -1) @ look_one_back(sv)  # (B, H, n, c, hd)
+    out = torch.empty_like(y).view(B, H, L, hd)
+    return out.scatter(2, order[..., None].expand(-1, -1, -1, hd), y.reshape(B, H, L, hd))
+
+
+def lsh_attention_lra_released_reference(qk: torch.Tensor, v: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
+    """Dense softmax attention under the released chunk rule: query i attends key j where j's
+    chunk is i's or the one before it, modulo the chunk count (at least 2); (B, H, L, hd)."""
+    n_chunks = 2 * rotations.shape[-1]
+    _, chunk = released_chunks(qk, rotations)  # (B, H, L)
+    ci, cj = chunk[..., :, None], chunk[..., None, :]
+    allowed = (cj == ci) | (cj == (ci - 1) % n_chunks)  # (B, H, L, L)
+    scores = qk @ qk.transpose(-2, -1) * math.sqrt(qk.shape[-1])
+    return torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1) @ v
+
+
 class LSHAttention(nn.Module):
     """Multi-head LSH attention with a shared query-key projection: (B, L, D) -> (B, L, D).
 
@@ -174,36 +239,48 @@ class LSHAttention(nn.Module):
         dropout: attention-weight dropout in training.
         positional: ``rope`` rotates the shared queries/keys by their positions (a score bias or
             xPos's different scaling of queries and keys cannot act on a shared projection).
+        variant: ``paper`` (above) or ``lra_released``: LRA's released LSH attention (module
+            docstring), which takes ``chunk_len: null`` (it cuts ``n_buckets`` chunks), one
+            hashing round, no dropout, and has no output projection.
     """
 
-    # the query/key/value/output projections and the kernels each fuses, for init=lra_released
-    # (architectures/lra.py)
-    released_projections = {"qk": 1, "v": 1, "out": 1}
-
     def __init__(
-        self, d_model: int, *, causal: bool, layer_idx: int = 0, n_heads: int, chunk_len: int, n_buckets: int,
-        n_hashes: int, seed: int = 0, dropout: float = 0.0, positional: str = "none",
+        self, d_model: int, *, causal: bool, layer_idx: int = 0, n_heads: int, chunk_len: int | None,
+        n_buckets: int, n_hashes: int, seed: int = 0, dropout: float = 0.0, positional: str = "none",
+        variant: str = "paper",
     ):
         super().__init__()
         if d_model % n_heads:
             raise ValueError(f"model.d_model={d_model} is not divisible by model.mixer.n_heads={n_heads}")
         if n_buckets < 2 or n_buckets % 2:
             raise ValueError(f"model.mixer.n_buckets must be even and >= 2 (argmax over [xR; -xR]), got {n_buckets}")
-        if chunk_len < 1 or n_hashes < 1:
+        if variant not in LSH_VARIANTS:
+            raise ValueError(f"model.mixer.variant={variant!r} is not one of {', '.join(LSH_VARIANTS)}")
+        if variant == "lra_released":
+            check_released_settings(causal=causal, chunk_len=chunk_len, n_hashes=n_hashes, dropout=dropout)
+        elif chunk_len is None or chunk_len < 1 or n_hashes < 1:
             raise ValueError(f"model.mixer.chunk_len and n_hashes must be >= 1, got {chunk_len} and {n_hashes}")
         refuse_score_bias(positional, "reformer (shared query-key LSH attention)", allowed=("rope",))
         self.causal, self.n_heads, self.dropout = causal, n_heads, dropout
-        self.chunk_len = chunk_len
+        self.chunk_len, self.variant, self.n_buckets = chunk_len, variant, n_buckets
         hd = d_model // n_heads
         self.qk = nn.Linear(d_model, d_model)  # shared query-key projection
         self.v = nn.Linear(d_model, d_model)
-        self.out = nn.Linear(d_model, d_model)
+        # the query/key/value/output projections and the kernels each fuses, for init=lra_released
+        # (architectures/lra.py); the released attention has no output projection
+        self.released_projections = {"qk": 1, "v": 1}
+        if variant == "paper":
+            self.out = nn.Linear(d_model, d_model)
+            self.released_projections["out"] = 1
         self.rotary = RotaryEmbedding(hd) if positional == "rope" else None
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + layer_idx)
+        # the release draws one rotation for every layer (PRNGKey(0)); the paper variant one per layer
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + (layer_idx if variant == "paper" else 0))
         self.register_buffer("rotations", torch.randn(n_hashes, hd, n_buckets // 2, generator=generator),
                              persistent=False)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if self.variant == "lra_released":
+            return self.forward_released(x)
         B, L, D = x.shape
         qk = self.qk(x).view(B, L, self.n_heads, -1).transpose(1, 2)  # (B, H, L, hd)
         v = self.v(x).view(B, L, self.n_heads, -1).transpose(1, 2)
@@ -213,3 +290,35 @@ class LSHAttention(nn.Module):
         y = lsh_attention(qk, v, buckets, chunk_len=self.chunk_len, causal=self.causal, key_real=mask,
                           dropout=self.dropout if self.training else 0.0)
         return self.out(y.transpose(1, 2).reshape(B, L, D))
+
+    def forward_released(self, x: torch.Tensor) -> torch.Tensor:
+        """LRA's released attention: zero rows appended, no mask, no output projection."""
+        B, L, D = x.shape
+        x = F.pad(x, (0, 0, 0, RELEASED_PAD_MULTIPLE - L % RELEASED_PAD_MULTIPLE))  # (B, Lp, D), Lp > L
+        Lp = x.shape[1]
+        if Lp % self.n_buckets:
+            raise ValueError(f"reformer variant=lra_released cuts the padded length {Lp} (the input's {L} "
+                             f"padded to a multiple of {RELEASED_PAD_MULTIPLE}) into model.mixer.n_buckets="
+                             f"{self.n_buckets} chunks, which does not divide it (the release's reshape fails too)")
+        qk = self.qk(x).view(B, Lp, self.n_heads, -1).transpose(1, 2)  # (B, H, Lp, hd)
+        v = self.v(x).view(B, Lp, self.n_heads, -1).transpose(1, 2)
+        if self.rotary is not None:
+            qk = self.rotary.rotate(qk)
+        y = lsh_attention_lra_released(qk, v, self.rotations)  # (B, H, Lp, hd)
+        return y.transpose(1, 2).reshape(B, Lp, D)[:, :L]
+
+
+def check_released_settings(*, causal: bool, chunk_len: int | None, n_hashes: int, dropout: float) -> None:
+    """Refuse what LRA's released LSH attention does not do, naming the key."""
+    if causal:
+        raise UnsupportedTask("reformer variant=lra_released is LRA's encoder attention; its causal mask is "
+                              "unimplemented in the release (a TODO), so it serves classification tasks only")
+    if chunk_len is not None:
+        raise ValueError(f"reformer variant=lra_released cuts the sorted sequence into model.mixer.n_buckets "
+                         f"chunks; set model.mixer.chunk_len=null (got {chunk_len})")
+    if n_hashes != 1:
+        raise ValueError(f"reformer variant=lra_released hashes once (LRA's configs); model.mixer.n_hashes must "
+                         f"be 1, got {n_hashes}")
+    if dropout:
+        raise ValueError(f"reformer variant=lra_released applies no attention dropout (the release takes the rate "
+                         f"and ignores it); model.mixer.dropout must be 0, got {dropout}")

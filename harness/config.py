@@ -95,9 +95,6 @@ def register_resolvers() -> None:
     if not OmegaConf.has_resolver("arena_mul"):
         # widths that follow d_model: d_ff: ${arena_mul:${.d_model},4}
         OmegaConf.register_new_resolver("arena_mul", lambda a, b: int(a * b))
-    if not OmegaConf.has_resolver("arena_ceil_div"):
-        # LRA's Reformer chunks: a tenth of the input, rounded up: ${arena_ceil_div:${task.seq_len},10}
-        OmegaConf.register_new_resolver("arena_ceil_div", lambda a, b: -(-int(a) // int(b)))
     if not OmegaConf.has_resolver("arena_models"):
         # hydra.sweeper.params.model: ${arena_models:${sweep.exclude_models}}
         OmegaConf.register_new_resolver("arena_models", sweep_models)

@@ -78,11 +78,17 @@ def test_released_heads():
         transformer(CLASSIFY, init="flax")
 
 
-@pytest.mark.parametrize("name", ["linformer", "performer", "reformer", "synthesizer", "sinkhorn", "bigbird",
-                                  "block_local", "linear_transformer", "s4d"])
-def test_every_lra_model_builds_and_trains_with_the_released_options(name):
+REFORMER_RELEASED = ["model.mixer.variant=lra_released", "model.mixer.chunk_len=null", "model.mixer.n_hashes=1",
+                     "model.mixer.n_buckets=10", "model.mixer.dropout=0", "model.reversible=false"]
+
+
+@pytest.mark.parametrize("name,extra", [(name, []) for name in ("linformer", "performer", "reformer", "synthesizer",
+                                                                "sinkhorn", "bigbird", "block_local",
+                                                                "linear_transformer", "s4d")]
+                         + [("reformer", REFORMER_RELEASED)], ids=lambda v: "released" if v else None)
+def test_every_lra_model_builds_and_trains_with_the_released_options(name, extra):
     cfg = compose_config([f"model={name}", "task=mqar", "size.d_model=32", "size.n_layers=1", "size.init=lra_released",
-                          "size.head=lra_released", "size.attention_dropout=0.1"])
+                          "size.head=lra_released", "size.attention_dropout=0.1", *extra])
     spec = TaskSpec(kind="classify", vocab_size=20, n_outputs=3, seq_len=64)
     torch.manual_seed(0)
     model = build_model(cfg, type("Task", (), {"spec": spec})())
@@ -156,7 +162,7 @@ def test_lra_speed_runs_the_lra_table1_models():
     assert (mixers["longformer"].window, mixers["longformer"].n_global) == (512, 0)
     assert mixers["performer"].kernel == "relu"
     assert (mixers["linformer"].k, mixers["linformer"].share_kv) == (16, True)
-    assert mixers["reformer"].chunk_len == 205  # a tenth of 2048, rounded up
+    assert (mixers["reformer"].variant, mixers["reformer"].chunk_len) == ("lra_released", None)
     t = compose_config(["experiment=lra_speed", "model=transformer"], config_name="bench")
     assert (t.model.init, t.model.head, t.model.mixer.dropout, t.model.d_model, t.task.name) == \
         ("lra_released", "lra_released", 0.1, 256, "text")
