@@ -160,6 +160,16 @@ def elu_feature_map(x: torch.Tensor) -> torch.Tensor:
 # Mixers.
 
 
+def head_width(d_model: int, qkv_dim: int | None, n_heads: int) -> int:
+    """The attention width over the heads (``qkv_dim``, else ``d_model``), checked against the heads."""
+    width = qkv_dim or d_model
+    if width % n_heads:
+        raise ValueError(f"the attention width {width} (model.mixer.qkv_dim, else model.d_model) is not divisible "
+                         f"by the head count {n_heads} (size.n_heads for every model, model.mixer.n_heads for "
+                         "this one)")
+    return width
+
+
 class LinearAttention(nn.Module):
     """Linear Transformer attention (Katharopoulos et al. 2020), the ``linear_transformer`` mixer.
 
@@ -172,6 +182,8 @@ class LinearAttention(nn.Module):
         mask_padding: leave padding keys out of the sums (true); false lets them in, as LRA's
             released linear attention and FAVOR do (they take no padding mask: linear_attention
             has none, performer's dot_product_attention ignores its bias).
+        qkv_dim: total width of queries, keys and values over the heads (LRA's ``qkv_dim``);
+            None: ``d_model``.
     """
 
     # the query/key/value/output projections and the kernels each fuses, for init=lra_released
@@ -179,19 +191,17 @@ class LinearAttention(nn.Module):
     released_projections = {"qkv": 3, "out": 1}
 
     def __init__(self, d_model: int, *, causal: bool, layer_idx: int = 0, n_heads: int, chunk_size: int = 64,
-                 mask_padding: bool = True):
+                 mask_padding: bool = True, qkv_dim: int | None = None):
         super().__init__()
         self.mask_padding = mask_padding
-        if d_model % n_heads:
-            raise ValueError(f"model.d_model={d_model} is not divisible by the head count {n_heads} "
-                             "(size.n_heads for every model, model.mixer.n_heads for this one)")
+        self.qkv_dim = head_width(d_model, qkv_dim, n_heads)
         if chunk_size < 1:
             raise ValueError(f"model.mixer.chunk_size must be >= 1, got {chunk_size}")
         self.causal = causal
         self.n_heads = n_heads
         self.chunk_size = chunk_size
-        self.qkv = nn.Linear(d_model, 3 * d_model)
-        self.out = nn.Linear(d_model, d_model)
+        self.qkv = nn.Linear(d_model, 3 * self.qkv_dim)
+        self.out = nn.Linear(self.qkv_dim, d_model)
 
     def feature_maps(
         self, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None = None
@@ -204,10 +214,10 @@ class LinearAttention(nn.Module):
         return EPS
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        B, L, D = x.shape
-        q, k, v = self.qkv(x).view(B, L, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)  # (B, H, L, hd)
+        B, L, _ = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.n_heads, -1).permute(2, 0, 3, 1, 4)  # (B, H, L, hd)
         y = self.attend(q, k, v, mask if self.mask_padding else None)  # (B, H, L, hd)
-        return self.out(y.transpose(1, 2).reshape(B, L, D))
+        return self.out(y.transpose(1, 2).reshape(B, L, self.qkv_dim))
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """Attention of q, k, v (B, H, L, hd) through the feature maps; (B, H, L, hd)."""
@@ -217,8 +227,8 @@ class LinearAttention(nn.Module):
 
     def step(self, x_t: torch.Tensor, state: tuple | None) -> tuple[torch.Tensor, tuple]:
         """One token of the causal recurrence: state = (sum phi(k) v^T (B, H, F, hd), sum phi(k) (B, H, F))."""
-        B, D = x_t.shape
-        q, k, v = self.qkv(x_t).view(B, 3, self.n_heads, D // self.n_heads).unbind(1)  # (B, H, hd)
+        B = x_t.shape[0]
+        q, k, v = self.qkv(x_t).view(B, 3, self.n_heads, -1).unbind(1)  # (B, H, hd)
         phi_q, phi_k = (t.squeeze(2) for t in self.feature_maps(q.unsqueeze(2), k.unsqueeze(2)))  # (B, H, F)
         if state is None:
             state = (phi_k.new_zeros(*phi_k.shape, v.shape[-1]), torch.zeros_like(phi_k))
@@ -227,7 +237,7 @@ class LinearAttention(nn.Module):
         z = z + phi_k
         num = (phi_q.unsqueeze(-2) @ kv).squeeze(-2)  # (B, H, hd)
         y = num / ((phi_q * z).sum(-1, keepdim=True) + self.eps(x_t.dtype))
-        return self.out(y.reshape(B, D)), (kv, z)
+        return self.out(y.reshape(B, self.qkv_dim)), (kv, z)
 
 
 class LinformerAttention(nn.Module):
@@ -260,6 +270,8 @@ class LinformerAttention(nn.Module):
             is filled by the backbone, which counts a prepended CLS token).
         mask_padding: zero padding keys and values before the projection (true); false lets
             them in, as LRA's released Linformer does (it masks nothing).
+        qkv_dim: total width of queries, keys and values over the heads (LRA's ``qkv_dim``);
+            None: ``d_model``.
     """
 
     # the query/key/value/output projections and the kernels each fuses, for init=lra_released
@@ -269,7 +281,7 @@ class LinformerAttention(nn.Module):
     def __init__(
         self, d_model: int, *, causal: bool, layer_idx: int = 0, n_heads: int, seq_len: int, k: int = 256,
         share_kv: bool = False, dropout: float = 0.0, block: int = 128, max_len: int | None = None,
-        mask_padding: bool = True,
+        mask_padding: bool = True, qkv_dim: int | None = None,
     ):
         super().__init__()
         seq_len = max_len or seq_len
@@ -280,17 +292,15 @@ class LinformerAttention(nn.Module):
                 "would see the future: it serves bidirectional tasks (classify, pair) only, not "
                 "lm or seq2seq"
             )
-        if d_model % n_heads:
-            raise ValueError(f"model.d_model={d_model} is not divisible by the head count {n_heads} "
-                             "(size.n_heads for every model, model.mixer.n_heads for this one)")
+        self.qkv_dim = head_width(d_model, qkv_dim, n_heads)
         if min(seq_len, k, block) < 1:
             raise ValueError(f"model.mixer.seq_len, k and block must be >= 1, got {seq_len}, {k}, {block}")
         self.n_heads = n_heads
         self.seq_len = seq_len
         self.block = block
         self.dropout = dropout
-        self.qkv = nn.Linear(d_model, 3 * d_model)
-        self.out = nn.Linear(d_model, d_model)
+        self.qkv = nn.Linear(d_model, 3 * self.qkv_dim)
+        self.out = nn.Linear(self.qkv_dim, d_model)
         self.proj_k = self.length_projection(k, seq_len)  # E
         self.proj_v = None if share_kv else self.length_projection(k, seq_len)  # F
 
@@ -317,13 +327,13 @@ class LinformerAttention(nn.Module):
         return (used[0] if len(used) == 1 else torch.cat(used, dim=1))[:, :L]
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        B, L, D = x.shape
+        B, L, _ = x.shape
         if L > self.seq_len:
             raise ValueError(
                 f"linformer was built for model.mixer.seq_len={self.seq_len} positions but got a "
                 f"sequence of {L}; set model.mixer.seq_len to the longest input"
             )
-        q, k, v = self.qkv(x).view(B, L, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)  # (B, H, L, hd)
+        q, k, v = self.qkv(x).view(B, L, 3, self.n_heads, -1).permute(2, 0, 3, 1, 4)  # (B, H, L, hd)
         if mask is not None and self.mask_padding:  # zero pad keys/values: they add nothing to the projection
             keep = mask[:, None, :, None].to(k.dtype)
             k, v = k * keep, v * keep
@@ -332,4 +342,4 @@ class LinformerAttention(nn.Module):
         k = E @ k  # (B, H, k, hd)
         v = Fm @ v  # (B, H, k, hd)
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
-        return self.out(y.transpose(1, 2).reshape(B, L, D))
+        return self.out(y.transpose(1, 2).reshape(B, L, self.qkv_dim))

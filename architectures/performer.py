@@ -233,9 +233,10 @@ class PerformerAttention(LinearAttention):
     def __init__(
         self, d_model: int, *, causal: bool, layer_idx: int = 0, n_heads: int, n_features: int = 256,
         redraw_every: int = 1, kernel: str = "softmax", chunk_size: int = 64, mask_padding: bool = True,
+        qkv_dim: int | None = None,
     ):
         super().__init__(d_model, causal=causal, layer_idx=layer_idx, n_heads=n_heads, chunk_size=chunk_size,
-                         mask_padding=mask_padding)
+                         mask_padding=mask_padding, qkv_dim=qkv_dim)
         if n_features < 1 or redraw_every < 0:
             raise ValueError(
                 f"model.mixer.n_features must be >= 1 and redraw_every >= 0, got {n_features}, {redraw_every}"
@@ -246,7 +247,7 @@ class PerformerAttention(LinearAttention):
         self.kernel = kernel
         self.n_features = n_features
         self.redraw_every = redraw_every if kernel == "softmax" else 0
-        self.register_buffer("projection", orthogonal_random_features(n_features, d_model // n_heads))
+        self.register_buffer("projection", orthogonal_random_features(n_features, self.qkv_dim // n_heads))
         self.register_buffer("forward_calls", torch.zeros((), dtype=torch.long))
 
     @torch.no_grad()
@@ -289,8 +290,8 @@ class PerformerAttention(LinearAttention):
         grows, which cancels in the output as the sequence-wide max of the forward pass does."""
         if self.kernel == "relu":
             return super().step(x_t, state)
-        B, D = x_t.shape
-        q, k, v = self.qkv(x_t).view(B, 3, self.n_heads, D // self.n_heads).unbind(1)  # (B, H, hd)
+        B = x_t.shape[0]
+        q, k, v = self.qkv(x_t).view(B, 3, self.n_heads, -1).unbind(1)  # (B, H, hd)
         phi_q = favor_features(q.unsqueeze(2), self.projection, is_query=True).squeeze(2)  # (B, H, m)
         a = favor_logits(k.unsqueeze(2), self.projection).squeeze(2)  # (B, H, m)
         if state is None:
@@ -303,4 +304,4 @@ class PerformerAttention(LinearAttention):
         z = z * decay + phi_k
         num = (phi_q.unsqueeze(-2) @ kv).squeeze(-2)  # (B, H, hd)
         y = num / ((phi_q * z).sum(-1, keepdim=True) + self.eps(x_t.dtype))
-        return self.out(y.reshape(B, D)), (kv, z, c_new)
+        return self.out(y.reshape(B, self.qkv_dim)), (kv, z, c_new)

@@ -58,6 +58,8 @@ class SynthesizerAttention(nn.Module):
         dot_product: add the dot-product logits (the paper's "+V" mixtures; LRA's rows).
         dropout: attention-weight dropout in training.
         positional: ``rope`` or ``xpos`` rotate queries and keys (only with ``dot_product``).
+        qkv_dim: total width of queries, keys and values over the heads (LRA's ``qkv_dim``; the
+            dense mode's hidden projection too); None: ``d_model``.
     """
 
     # the query/key/value/output projections and the kernels each fuses, for init=lra_released
@@ -67,7 +69,7 @@ class SynthesizerAttention(nn.Module):
     def __init__(
         self, d_model: int, *, causal: bool, layer_idx: int = 0, n_heads: int, mode: str, max_len: int,
         factorized: bool = False, k: int = 32, dot_product: bool = False, dropout: float = 0.0,
-        positional: str = "none",
+        positional: str = "none", qkv_dim: int | None = None,
     ):
         super().__init__()
         if mode not in MODES:
@@ -75,21 +77,23 @@ class SynthesizerAttention(nn.Module):
         if factorized and mode != "random":
             raise ValueError("model.mixer.factorized=true is the factorised *random* synthesizer; "
                              f"with mode={mode!r} set factorized=false")
-        if d_model % n_heads:
-            raise ValueError(f"model.d_model={d_model} is not divisible by model.mixer.n_heads={n_heads}")
+        width = qkv_dim or d_model
+        if width % n_heads:
+            raise ValueError(f"the attention width {width} (model.mixer.qkv_dim, else model.d_model) is not "
+                             f"divisible by model.mixer.n_heads={n_heads}")
         refuse_score_bias(positional, "synthesizer", allowed=("rope", "xpos") if dot_product else ())
-        rotary, _ = attention_positions(positional, head_dim=d_model // n_heads, n_heads=n_heads, causal=causal)
+        rotary, _ = attention_positions(positional, head_dim=width // n_heads, n_heads=n_heads, causal=causal)
         self.causal, self.n_heads, self.mode, self.max_len = causal, n_heads, mode, max_len
         self.factorized, self.dot_product, self.dropout = factorized, dot_product, dropout
-        hd = d_model // n_heads
-        self.v = nn.Linear(d_model, d_model)
-        self.out = nn.Linear(d_model, d_model)
+        hd, self.qkv_dim = width // n_heads, width
+        self.v = nn.Linear(d_model, width)
+        self.out = nn.Linear(width, d_model)
         if dot_product:
-            self.qk = nn.Linear(d_model, 2 * d_model)
+            self.qk = nn.Linear(d_model, 2 * width)
         self.rotary = rotary
         if mode == "dense":
-            # per head: hd -> hd -> max_len, applied to the token's head slice of a d_model projection
-            self.dense_in = nn.Linear(d_model, d_model)
+            # per head: hd -> hd -> max_len, applied to the token's head slice of a qkv_dim projection
+            self.dense_in = nn.Linear(d_model, width)
             self.dense_out = nn.Parameter(torch.randn(n_heads, hd, max_len) / math.sqrt(hd))
             self.dense_bias = nn.Parameter(torch.zeros(n_heads, max_len))
         elif factorized:
@@ -126,7 +130,7 @@ class SynthesizerAttention(nn.Module):
         return self.random[None, :, :L, :L]  # (1, H, L, L)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        B, L, D = x.shape
+        B, L, _ = x.shape
         if L > self.max_len:
             raise ValueError(f"synthesizer was built for model.mixer.max_len={self.max_len} positions but got a "
                              f"sequence of {L}; set model.mixer.max_len to the longest input")
@@ -139,4 +143,4 @@ class SynthesizerAttention(nn.Module):
         v = self.v(x).view(B, L, self.n_heads, -1).transpose(1, 2)  # (B, H, L, hd)
         allowed = padding_and_causal_mask(mask, L, self.causal, x.device)
         y = synthetic_attention(logits, v, allowed, self.dropout if self.training else 0.0)
-        return self.out(y.transpose(1, 2).reshape(B, L, D))
+        return self.out(y.transpose(1, 2).reshape(B, L, self.qkv_dim))

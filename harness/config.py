@@ -36,11 +36,11 @@ LATER_TRAINER_DEFAULTS = {"compile": False, "activation_checkpointing": False, "
                           "eps": 1e-8, "decay": "matrices", "test_weights": "best"}
 # Model keys added the same way (LRA's released details, architectures/lra.py): the shared
 # backbone's init, head, feed-forward activation and norm placement (S4's LRA configs), the
-# attention mixers' qkv_dim, BigBird's pattern, the kernelised mixers' mask_padding, S4/S4D's dt_lr
-# and S4D's train_B
+# attention mixers' qkv_dim, BigBird's pattern, the kernelised mixers' mask_padding, S4/S4D's dt_lr,
+# S4D's train_B and the paper-or-released variant of Reformer and Sinkhorn
 LATER_MODEL_DEFAULTS = {"init": "default", "head": "default", "ffn_activation": "gelu", "prenorm": True}
 LATER_MIXER_DEFAULTS = {"qkv_dim": None, "pattern": "itc", "mask_padding": True, "dt_lr": None,
-                        "train_B": False}
+                        "train_B": False, "variant": "paper"}
 NON_RESULT_TASK_KEYS = ("cache_dir",)  # generated data are cached under a key of their own
 # Where a task reads its data: part of a run's identity (other data, another result), compared
 # as absolute paths, since a relative one means another folder when run from elsewhere.

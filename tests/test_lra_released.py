@@ -12,8 +12,11 @@ from omegaconf import OmegaConf
 
 from architectures.attention import MultiHeadAttention, dense_attention
 from architectures.backbone import SequenceModel
+from architectures.linear import LinearAttention, LinformerAttention
 from architectures.lra import TRUNCATED_NORMAL_STD, LRADualHead
+from architectures.performer import PerformerAttention
 from architectures.sparse import LocalAttention, sliding_window_mask
+from architectures.synthesizer import SynthesizerAttention
 from harness.api import build_model, compose_config
 from harness.config import result_config
 from harness.records import config_hash
@@ -128,6 +131,48 @@ def test_qkv_dim_narrower_than_d_model_equals_the_dense_reference(make):
     torch.testing.assert_close(g, g_ref, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="qkv_dim"):
         MultiHeadAttention(32, causal=False, n_heads=4, qkv_dim=18)
+
+
+def heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:  # (B, L, W) -> (B, H, L, W / H)
+    return x.view(x.shape[0], x.shape[1], n_heads, -1).transpose(1, 2)
+
+
+@pytest.mark.parametrize("kind", ["linear_transformer", "performer_relu", "linformer", "synthesizer"])
+def test_the_kernelised_mixers_attend_at_qkv_dim_as_the_release(kind):
+    """qkv_dim 16 of width 32 (LRA's image and pathfinder configs: half the width): the heads split
+    the 16, and each mixer equals its attention written out densely on those heads."""
+    torch.manual_seed(0)
+    H, L = 4, 12
+    make = {"linear_transformer": lambda: LinearAttention(32, causal=False, n_heads=H, qkv_dim=16),
+            "performer_relu": lambda: PerformerAttention(32, causal=False, n_heads=H, kernel="relu", qkv_dim=16),
+            "linformer": lambda: LinformerAttention(32, causal=False, n_heads=H, seq_len=L, k=5, qkv_dim=16),
+            "synthesizer": lambda: SynthesizerAttention(32, causal=False, n_heads=H, mode="random", max_len=L,
+                                                        dot_product=True, qkv_dim=16)}
+    mixer = make[kind]().double()
+    assert mixer.out.weight.shape == (32, 16)
+    x = torch.randn(2, L, 32, dtype=torch.float64, requires_grad=True)
+    if kind == "synthesizer":
+        q, k = (heads(t, H) for t in mixer.qk(x).chunk(2, -1))
+        v = heads(mixer.v(x), H)
+        scores = mixer.random[None, :, :L, :L] + q @ k.transpose(-2, -1) / math.sqrt(4)  # head size 16 / 4
+        ref = torch.softmax(scores, -1) @ v
+    else:
+        q, k, v = (heads(t, H) for t in mixer.qkv(x).chunk(3, -1))  # (B, H, L, 4)
+        if kind == "linformer":
+            E = mixer.columns(mixer.proj_k, L)
+            ref = dense_attention(q, E @ k, mixer.columns(mixer.proj_v, L) @ v)
+        else:
+            phi = (lambda t: torch.nn.functional.elu(t) + 1) if kind == "linear_transformer" \
+                else (lambda t: torch.relu(t) + 1e-3)
+            weights = phi(q) @ phi(k).transpose(-2, -1)  # (B, H, L, L)
+            ref = (weights / (weights.sum(-1, keepdim=True) + mixer.eps(torch.float64))) @ v
+    ref = mixer.out(ref.transpose(1, 2).reshape(2, L, 16))
+    y = mixer(x)
+    torch.testing.assert_close(y, ref, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(*(torch.autograd.grad(t.square().sum(), x)[0] for t in (y, ref)), rtol=1e-9, atol=1e-9)
+    own = {"linformer": {"seq_len": L}, "synthesizer": {"mode": "random", "max_len": L}}.get(kind, {})
+    with pytest.raises(ValueError, match="model.mixer.qkv_dim"):
+        type(mixer)(32, causal=False, n_heads=H, qkv_dim=18, **own)  # 18 heads of 4.5
 
 
 def test_the_new_keys_keep_old_hashes_and_count_when_set():
