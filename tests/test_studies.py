@@ -118,7 +118,8 @@ def tiered(experiments) -> list:
     return [pytest.param(e, marks=pytest.mark.slow) if e in ALL_MODELS_STUDIES else e for e in experiments]
 
 
-# The all-models studies whose attention models must all get the Transformer's head count. Checked
+# The all-models studies whose attention models must all get the Transformer's head count (or the
+# per-model count their by_model sets: lra_table1's image and pathfinder configs). Checked
 # on the same composed jobs as the test below (composing lra_table1 takes most of a minute, and
 # xdist workers do not share swept()'s cache).
 SAME_HEADS_STUDIES = ("lra_table1", "lra_table1_mini", "quickstart")
@@ -210,13 +211,19 @@ def test_a_new_model_yaml_joins_every_all_models_study_with_the_studys_sizes(tmp
 
 
 def every_attention_model_gets_the_transformers_heads(cfgs) -> None:
-    """In a study's composed jobs, every attention model on a task has the Transformer's heads."""
+    """In a study's composed jobs, every attention model on a task has the Transformer's heads,
+    except where the study's by_model gives a model its own (LRA's per-model image and pathfinder
+    configs): there it has those."""
     by_task: dict[str, dict[str, int]] = {}
     for cfg in cfgs:
         if heads(cfg.model) is not None:
             by_task.setdefault(cfg.task.name, {})[cfg.model.name] = heads(cfg.model)
+    by_model = OmegaConf.to_container(cfgs[0].by_model) if "by_model" in cfgs[0] else {}
+    own = {task: {model: sizes["n_heads"] for model, sizes in models.items() if "n_heads" in sizes}
+           for task, models in by_model.items()}
     for task, counts in by_task.items():
-        assert set(counts.values()) == {counts["transformer"]}, (task, counts)
+        expected = {model: own.get(task, {}).get(model, counts["transformer"]) for model in counts}
+        assert counts == expected, task
         assert len(counts) >= 8, counts  # transformer, sparse, linear families and Transformer-XL
 
 
@@ -285,11 +292,26 @@ def test_lra_table1_uses_the_released_per_task_sizes():
                 "retrieval": (128, 4, 4, 512, 5000), "image": (128, 1, 8, 128, 35000),
                 "pathfinder": (32, 4, 4, 32, 62400)}
     for task, expected in released.items():
-        for model in ("transformer", "performer", "transformer_xl"):
+        for model in ("transformer", "transformer_xl", "s4d") + (("performer",) if task != "pathfinder" else ()):
             c = compose_config(["experiment=lra_table1", f"task={task}", f"model={model}",
                                 "lra_data.lra_release=/d/lra_release"])
-            got = (c.model.d_model, c.model.n_layers, heads(c.model), c.model.d_ff, c.trainer.steps)
+            got = (c.model.d_model, c.model.n_layers, heads(c.model) or expected[2], c.model.d_ff or expected[3],
+                   c.trainer.steps)
             assert got == expected, (task, model, got)
+    # the image and pathfinder configs that size a model on their own (<model>_base.py at cd31e5c):
+    # width, depth, heads, mlp_dim, qkv_dim, dropout, pooling
+    own = {("image", "reformer"): (64, 4, 8, 64, None, 0.3, "cls_token"),  # the released LSH ignores qkv_dim
+           ("image", "longformer"): (128, 4, 4, 128, 64, 0.3, "mean"),
+           ("image", "block_local"): (128, 1, 2, 128, 64, 0.3, "mean"),
+           ("image", "linformer"): (128, 1, 8, 128, 64, 0.3, "cls_token"),  # = the Transformer's
+           ("pathfinder", "performer"): (32, 4, 8, 32, 16, 0.2, "mean"),
+           ("pathfinder", "linear_transformer"): (128, 1, 2, 128, 64, 0.2, "mean"),
+           ("pathfinder", "block_local"): (64, 2, 4, 64, 32, 0.1, "mean"),
+           ("pathfinder", "sinkhorn"): (32, 2, 4, 64, 16, 0.2, "mean")}
+    for (task, model), expected in own.items():
+        m = compose_config(["experiment=lra_table1", f"task={task}", f"model={model}"]).model
+        got = (m.d_model, m.n_layers, heads(m), m.d_ff, m.mixer.get("qkv_dim"), m.dropout, m.pooling)
+        assert got == expected, (task, model, got)
     listops = compose_config(["experiment=lra_table1", "task=listops", "lra_data.lra_release=/d/lra_release"])
     assert listops.task.data_dir == "/d/lra_release/listops-1000"
     mini = swept("lra_table1_mini")
