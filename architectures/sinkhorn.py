@@ -28,6 +28,11 @@ blocks only, with a row softmax, and its local block is causally masked. A causa
 :func:`sinkhorn_block_attention` is the blocked kernel, O(L * block_size) for the attention plus
 O(L^2 / block_size) for the sort; :func:`sinkhorn_attention_reference` gives every query its
 explicit key set for the same permutation and runs :func:`dense_attention`.
+
+``variant: lra_released`` runs LRA's released computation instead (architectures/
+sinkhorn_released.py): strided groups, two softmaxes summed, every sorted key the sum of a
+contiguous chunk whatever the sort, and the release's shifted padding mask. ``variant: paper``
+(the default) is everything above.
 """
 
 from __future__ import annotations
@@ -38,7 +43,10 @@ import torch.nn.functional as F
 
 from architectures.attention import MultiHeadAttention, dense_attention
 from architectures.layers import UnsupportedTask, refuse_score_bias
+from architectures.sinkhorn_released import released_permutation, released_sinkhorn_attention
 from architectures.sparse import attend
+
+VARIANTS = ("paper", "lra_released")  # the paper's attention; LRA's released code (sinkhorn_released.py)
 
 
 def masked_logsumexp(x: torch.Tensor, valid: torch.Tensor, dim: int) -> torch.Tensor:
@@ -135,13 +143,25 @@ class SinkhornAttention(MultiHeadAttention):
         max_blocks: the sorting network's outputs: the most blocks a sequence may have.
         sinkhorn_iters: Sinkhorn balancing rounds (0: a row softmax, LRA's released default).
         temperature: divides the sorting logits.
+        variant: ``paper`` (the module docstring) or ``lra_released``, LRA's released computation
+            (architectures/sinkhorn_released.py), which ignores ``sinkhorn_iters`` and
+            ``temperature`` (its softmax sort reaches the output only through row sums of 1) and
+            needs ``block_size`` to divide the length; its sorting network has no bias, as the
+            release's, and 25 outputs there (``max_blocks: 25`` for its parameter count).
     """
 
     def __init__(
         self, d_model: int, *, causal: bool, layer_idx: int = 0, n_heads: int, block_size: int, max_blocks: int,
         sinkhorn_iters: int, temperature: float, dropout: float = 0.0, positional: str = "none",
-        qkv_dim: int | None = None,
+        qkv_dim: int | None = None, variant: str = "paper",
     ):
+        if variant not in VARIANTS:
+            raise ValueError(f"model.mixer.variant must be one of {VARIANTS}, got {variant!r}")
+        if causal and variant == "lra_released":
+            raise UnsupportedTask(
+                "model.mixer.variant=lra_released has no causal form: LRA's released Sinkhorn attention marks its "
+                "causal masking untested (TODO) and builds (L, L) causal masks that do not fit its (b, b) block "
+                "weights; use model.mixer.variant=paper with model.mixer.sinkhorn_iters=0 for causal tasks")
         if causal and sinkhorn_iters > 0:
             raise UnsupportedTask(
                 "causal Sinkhorn balancing normalises each column over later query blocks, so a block's sort "
@@ -154,7 +174,9 @@ class SinkhornAttention(MultiHeadAttention):
                              f"temperature > 0; got {block_size}, {max_blocks}, {sinkhorn_iters}, {temperature}")
         self.block_size, self.max_blocks = block_size, max_blocks
         self.sinkhorn_iters, self.temperature = sinkhorn_iters, temperature
-        self.sortnet = nn.Linear(self.head_dim, max_blocks)  # shared by the heads, as in LRA's code
+        self.variant = variant
+        # shared by the heads, as in LRA's code, whose sorting Dense has no bias (bias=False)
+        self.sortnet = nn.Linear(self.head_dim, max_blocks, bias=variant == "paper")
 
     def permutation(self, k: torch.Tensor, key_real: torch.Tensor) -> torch.Tensor:
         """The soft permutation (B, H, n, n) of the key blocks, from k (B, H, n * b, hd)."""
@@ -176,7 +198,27 @@ class SinkhornAttention(MultiHeadAttention):
             valid = valid & torch.ones(n, n, dtype=torch.bool, device=k.device).tril(-1)
         return sinkhorn(logits, valid, self.sinkhorn_iters)
 
+    def released_forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """``variant: lra_released`` (architectures/sinkhorn_released.py)."""
+        B, L, _ = x.shape
+        b = self.block_size
+        if L % b:
+            raise ValueError(
+                f"model.mixer.block_size={b} does not divide the sequence length L={L}: LRA's released Sinkhorn "
+                "attention (model.mixer.variant=lra_released) reshapes the sequence into blocks and does not pad; "
+                "pick a block size that divides L (model.pooling=cls_token adds one token to the task's length)")
+        q, k, v = self.project(x)  # (B, H, L, hd)
+        key_real = mask if mask is not None else torch.ones(B, L, dtype=torch.bool, device=x.device)
+        # computed although only its row sums (1) reach the output, so the sorting network's
+        # parameters take part, with the release's (rounding-level) gradient
+        perm = released_permutation(k, self.sortnet, b)  # (B, H, nb, nb')
+        y = released_sinkhorn_attention(q, k, v, perm, key_real=key_real, block_size=b,
+                                        dropout=self.dropout if self.training else 0.0)
+        return self.merge(y)
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if self.variant == "lra_released":
+            return self.released_forward(x, mask)
         B, L, _ = x.shape
         q, k, v = self.project(x)  # (B, H, L, hd)
         b = self.block_size
