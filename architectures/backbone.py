@@ -39,14 +39,15 @@ from architectures.layers import (
     prefix_lm_layout,
     sinusoidal_positions,
 )
-from architectures.lra import HEADS, INITS, LRADualHead, head_width, lra_released_init
+from architectures.lra import HEADS, INITS, LRADenseHead, LRADualHead, head_width, lra_released_init
 from architectures.reversible import reversible_stack
 from tasks.base import TaskSpec
 
 # none / sinusoidal / learned act on the embedding; the SCORE_POSITIONALS (rope, alibi, t5, xpos)
 # act inside attention and are handed to the mixer as ``positional=<name>``
 POSITIONALS = ("none", "sinusoidal", "learned", *SCORE_POSITIONALS)
-POOLINGS = ("mean", "cls", "last", "cls_token")  # cls: the first token; cls_token: a prepended learned one
+POOLINGS = ("mean", "cls", "last", "cls_token", "mean_all")  # cls: the first token; cls_token: a prepended
+# learned one; mean_all: every position, padding included (LRA's jnp.mean on fixed-length inputs)
 EMBEDDING_POSITIONALS = ("none", "sinusoidal", "learned")
 
 
@@ -118,18 +119,22 @@ class SequenceModel(nn.Module):
         positional: ``none``, ``sinusoidal`` or ``learned`` on the embedding; ``rope``, ``alibi``,
             ``t5`` or ``xpos`` inside attention (passed to the mixer, which must take a
             ``positional`` argument: softmax attention does, kernelised and recurrent mixers not).
-        pooling: ``mean``, ``cls`` (the first token) or ``last`` for ``classify`` and ``pair``; or
+        pooling: ``mean``, ``cls`` (the first token) or ``last`` for ``classify`` and ``pair``;
             ``cls_token``: a learned vector (zeros at init) prepended to the embedded tokens before
-            the positions are added, and pooled from the top (LRA's ``classifier_pool='CLS'``).
+            the positions are added, and pooled from the top (LRA's ``classifier_pool='CLS'``); or
+            ``mean_all``: the mean over every position, padding included (LRA's ``jnp.mean(encoded,
+            axis=1)``; the same for an example whatever its batch, since LRA's tasks pad to a
+            fixed length).
         tie_embeddings: share the input embedding with the ``lm`` output layer when sizes match.
         reversible: reversible residual blocks (:mod:`architectures.reversible`) that recompute
             their activations in the backward pass instead of keeping them.
         init: ``default`` (PyTorch's initialisers) or ``lra_released``: LRA's released init
             (:func:`architectures.lra.lra_released_init`: N(0, 1) embeddings, xavier-uniform
             kernels, bias-free attention projections), before a mixer's own ``init_model``.
-        head: ``default`` (classify: hidden width d_model; pair: [u, v, u * v, u - v]) or
+        head: ``default`` (classify: hidden width d_model; pair: [u, v, u * v, u - v]),
             ``lra_released``: LRA's released heads (hidden width d_ff; pair: [u, v] through two
-            hidden layers, :class:`architectures.lra.LRADualHead`).
+            hidden layers, :class:`architectures.lra.LRADualHead`), or ``lra_dense`` (classify
+            only): the released Sinkhorn encoder's one Dense, :class:`architectures.lra.LRADenseHead`.
         ffn_activation: ``gelu`` (exact) or ``gelu_tanh`` (the approximation flax's gelu computes,
             LRA's released models).
 
@@ -199,7 +204,12 @@ class SequenceModel(nn.Module):
         )
         # post-norm blocks end normalised; the S4 repository adds a final norm only after pre-norm ones
         self.norm = make_norm(norm, d_model) if prenorm else nn.Identity()
-        if spec.kind == "classify":
+        if head == "lra_dense" and spec.kind != "classify":
+            raise ValueError(f"model.head=lra_dense is the one-Dense classifier of LRA's released Sinkhorn encoder, "
+                             f"for classify tasks; this task is {spec.kind}: use default or lra_released")
+        if spec.kind == "classify" and head == "lra_dense":
+            self.head = LRADenseHead(d_model, spec.n_outputs)
+        elif spec.kind == "classify":
             self.head = ClassifierHead(d_model, spec.n_outputs,
                                        d_hidden=head_width(d_model, d_ff) if head == "lra_released" else None)
         elif spec.kind == "pair" and head == "lra_released":

@@ -258,15 +258,18 @@ def refuse_score_bias(positional: str, mixer: str, *, allowed: tuple[str, ...] =
 
 
 def pool(x: torch.Tensor, mask: torch.Tensor | None, how: str) -> torch.Tensor:
-    """Pool (B, L, D) to (B, D) over real tokens only.
+    """Pool (B, L, D) to (B, D) over real tokens only (``mean_all``: over every position).
 
     Args:
         x: hidden states.
         mask: (B, L) True at real tokens (padding on the right), or None.
-        how: ``mean`` over real tokens, ``cls`` (first token), or ``last`` real token.
+        how: ``mean`` over real tokens, ``cls`` (first token), ``last`` real token, or
+            ``mean_all`` over every position, padding included (LRA's released MEAN pooling).
     """
     if how == "cls":
         return x[:, 0]
+    if how == "mean_all":
+        return x.mean(1)
     if mask is None:
         mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
     if how == "mean":
@@ -275,7 +278,7 @@ def pool(x: torch.Tensor, mask: torch.Tensor | None, how: str) -> torch.Tensor:
     if how == "last":
         last = mask.long().sum(1).clamp_min(1) - 1  # (B,)
         return x[torch.arange(x.shape[0], device=x.device), last]
-    raise ValueError(f"model.pooling must be 'mean', 'cls' or 'last', got {how!r}")
+    raise ValueError(f"model.pooling must be 'mean', 'cls', 'last' or 'mean_all', got {how!r}")
 
 
 class ClassifierHead(nn.Module):

@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 
 INITS = ("default", "lra_released")
-HEADS = ("default", "lra_released")
+HEADS = ("default", "lra_released", "lra_dense")  # lra_dense: the released Sinkhorn encoder's one Dense
 
 # jax's truncated_normal variance scaling divides by the std of a unit normal cut at +-2
 TRUNCATED_NORMAL_STD = 0.87962566103423978
@@ -60,6 +60,18 @@ class LRADualHead(nn.Module):
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
         return self.mlp(torch.cat([x1, x2], dim=-1))  # (B, 2D) -> (B, n_classes)
+
+
+class LRADenseHead(nn.Module):
+    """The classifier of LRA's released Sinkhorn encoder (sinkhorn_transformer.py, ``classifier_pool
+    'MEAN'``): one Dense from the pooled vector to the logits, no hidden layer."""
+
+    def __init__(self, d_model: int, n_classes: int):
+        super().__init__()
+        self.logits = nn.Linear(d_model, n_classes)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.logits(pooled)  # (B, n_classes)
 
 
 def head_width(d_model: int, d_ff: int) -> int:
