@@ -197,6 +197,7 @@ class SequenceModel(nn.Module):
             check_takes_positional(mixer, positional)
             extra = {"positional": positional}
         extra.update(input_length_kwargs(mixer, self.max_len))
+        extra.update(cls_token_kwargs(mixer, self.cls is not None))
         self.blocks = nn.ModuleList(
             Block(d_model, build_mixer(mixer, d_model, causal=spec.causal, layer_idx=i, **extra),
                   d_ff=d_ff, dropout=dropout, norm=norm, ffn_activation=ffn_activation, prenorm=prenorm)
@@ -293,6 +294,17 @@ def input_length_kwargs(mixer: Callable[..., nn.Module], max_len: int) -> dict:
     packs source and target; lm tasks may be evaluated longer)."""
     keywords = getattr(mixer, "keywords", {})
     return {"max_len": max_len} if "max_len" in keywords and keywords["max_len"] is None else {}
+
+
+def cls_token_kwargs(mixer: Callable[..., nn.Module], has_cls_token: bool) -> dict:
+    """``{"cls_token": <prepended or not>}`` for a mixer whose constructor takes ``cls_token``:
+    whether the backbone prepends a CLS token, which only it knows (``pooling=cls_token`` on a
+    classify or pair task); LRA's released Sparse Transformer pattern treats that token apart."""
+    try:
+        params = inspect.signature(mixer).parameters
+    except (TypeError, ValueError):  # a callable without a signature takes no such keyword
+        return {}
+    return {"cls_token": has_cls_token} if "cls_token" in params else {}
 
 
 def check_takes_positional(mixer: Callable[..., nn.Module], positional: str) -> None:
