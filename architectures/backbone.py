@@ -197,7 +197,9 @@ class SequenceModel(nn.Module):
             check_takes_positional(mixer, positional)
             extra = {"positional": positional}
         extra.update(input_length_kwargs(mixer, self.max_len))
-        extra.update(cls_token_kwargs(mixer, self.cls is not None))
+        # position 0 is the pooled CLS position: prepended (cls_token) or the first token (cls)
+        pools_first = pooling in ("cls", "cls_token") and spec.kind in ("classify", "pair")
+        extra.update(cls_token_kwargs(mixer, pools_first))
         self.blocks = nn.ModuleList(
             Block(d_model, build_mixer(mixer, d_model, causal=spec.causal, layer_idx=i, **extra),
                   d_ff=d_ff, dropout=dropout, norm=norm, ffn_activation=ffn_activation, prenorm=prenorm)
@@ -296,15 +298,16 @@ def input_length_kwargs(mixer: Callable[..., nn.Module], max_len: int) -> dict:
     return {"max_len": max_len} if "max_len" in keywords and keywords["max_len"] is None else {}
 
 
-def cls_token_kwargs(mixer: Callable[..., nn.Module], has_cls_token: bool) -> dict:
-    """``{"cls_token": <prepended or not>}`` for a mixer whose constructor takes ``cls_token``:
-    whether the backbone prepends a CLS token, which only it knows (``pooling=cls_token`` on a
-    classify or pair task); LRA's released Sparse Transformer pattern treats that token apart."""
+def cls_token_kwargs(mixer: Callable[..., nn.Module], pools_first: bool) -> dict:
+    """``{"cls_token": <position 0 is pooled>}`` for a mixer whose constructor takes ``cls_token``:
+    whether the backbone pools position 0, a prepended CLS token (``pooling=cls_token``) or the
+    first token (``cls``), on a classify or pair task, which only it knows; LRA's released Sparse
+    Transformer pattern treats that position apart (its ``use_cls_token``)."""
     try:
         params = inspect.signature(mixer).parameters
     except (TypeError, ValueError):  # a callable without a signature takes no such keyword
         return {}
-    return {"cls_token": has_cls_token} if "cls_token" in params else {}
+    return {"cls_token": pools_first} if "cls_token" in params else {}
 
 
 def check_takes_positional(mixer: Callable[..., nn.Module], positional: str) -> None:

@@ -19,10 +19,12 @@ task), which differs from ``fixed`` in three ways:
 
 * B also holds the *first* position of every block (``j mod l == 0 or j mod l >= l - c``);
 * it is causal (``j <= i``) on every task, classification and retrieval included;
-* with a CLS token (the release's ``use_cls_token``, set whenever ``classifier_pool='CLS'``;
-  here when the backbone prepends one, ``size.pooling=cls_token``, and passes ``cls_token``),
-  the pattern is built for the ``L - 1`` tokens after it, counting their positions from 0, and
-  padded with a first row and column of ones: the CLS token attends to every real key, the future
+* with a CLS token (the release's ``use_cls_token``, set whenever ``classifier_pool='CLS'``,
+  whether the encoder prepends a CLS token (classification) or not (the dual encoders of
+  retrieval, where the first document token takes its place); here when the backbone pools the
+  first position, ``size.pooling=cls_token`` or ``cls``, and passes ``cls_token``), the pattern
+  is built for the ``L - 1`` tokens after position 0, counting their positions from 0, and padded
+  with a first row and column of ones: position 0 attends to every real key, the future
   included, and every query attends to it.
 
 Padding keys are masked as in every pattern here. The release adds -1e10 to masked scores and
@@ -244,7 +246,7 @@ class SparseTransformerAttention(SparseAttention):
         dropout: attention-weight dropout in training.
         positional: ``none``, or ``rope``, ``xpos``, ``alibi`` or ``t5`` (see :class:`MultiHeadAttention`).
         qkv_dim: width of queries, keys and values over the heads (see :class:`MultiHeadAttention`).
-        cls_token: position 0 is a CLS token the backbone prepended (``pooling=cls_token`` on
+        cls_token: position 0 is the pooled CLS position (``pooling=cls_token`` or ``cls`` on
             classify and pair tasks; the backbone passes it, :func:`architectures.backbone.
             cls_token_kwargs`). Read by ``lra_released`` only: the release's ``use_cls_token``.
     """

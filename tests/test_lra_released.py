@@ -198,6 +198,33 @@ def test_lra_table1_uses_the_released_details():
     assert (bird.pattern, bird.block_size, bird.dropout) == ("lra_released", 64, 0.0)
     local = compose_config(["experiment=lra_table1", "model=block_local", "task=pathfinder"]).model.mixer
     assert (local.grouping, local.block_size) == ("lra_released", 64)
+    # the released dual encoders prepend no CLS token and pool the first document token
+    retrieval = compose_config(["experiment=lra_table1", "model=transformer", "task=retrieval"]).model
+    assert (retrieval.pooling, retrieval.head) == ("cls", "lra_released")
+    sink = compose_config(["experiment=lra_table1", "model=sinkhorn", "task=listops"]).model
+    assert (sink.mixer.variant, sink.mixer.block_size, sink.mixer.max_blocks, sink.pooling, sink.head) == \
+        ("lra_released", 50, 25, "mean_all", "lra_dense")
+    sparse = compose_config(["experiment=lra_table1", "model=sparse_transformer", "task=text"]).model.mixer
+    assert (sparse.pattern, sparse.stride, sparse.c) == ("lra_released", 50, 10)
+    reformer = compose_config(["experiment=lra_table1", "model=reformer", "task=image"]).model
+    assert (reformer.mixer.variant, reformer.d_model, reformer.n_layers) == ("lra_released", 64, 4)
+
+
+def test_the_released_sinkhorn_read_out_is_the_mean_over_every_position_and_one_dense():
+    torch.manual_seed(0)
+
+    def mixer(d_model, **kw):
+        return MultiHeadAttention(d_model, n_heads=2, **kw)
+    model = SequenceModel(spec=CLASSIFY, mixer=mixer, d_model=16, n_layers=1, d_ff=32, pooling="mean_all",
+                          head="lra_dense", init="lra_released")
+    assert [type(m) for m in model.head.modules()] == [type(model.head), torch.nn.Linear]
+    tokens = torch.randint(1, 50, (2, 24))
+    tokens[1, 20:] = 0  # right padding: part of the mean, as jnp.mean(encoded, axis=1)
+    h = model.encode(tokens, tokens != 0)  # (B, L, D), normed
+    torch.testing.assert_close(model({"tokens": tokens}), model.head.logits(h.mean(1)))
+    assert torch.equal(model.head.logits.bias, torch.zeros(5))  # flax Dense: zero bias, lecun kernel
+    with pytest.raises(ValueError, match="model.head=lra_dense.*classify"):
+        SequenceModel(spec=PAIR, mixer=mixer, d_model=16, n_layers=1, d_ff=32, head="lra_dense")
 
 
 def test_lra_speed_runs_the_lra_table1_models():

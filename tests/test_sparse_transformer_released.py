@@ -156,6 +156,7 @@ def test_cost_is_not_quadratic(cls_token):
 
 @pytest.mark.parametrize("task,pooling,expected", [
     ("classify", "cls_token", True), ("pair", "cls_token", True), ("classify", "mean", False),
+    ("pair", "cls", True),  # the release's dual encoders pool the first document token as the CLS
     ("lm", "cls_token", False),  # an lm task gets no CLS token
 ])
 def test_the_backbone_tells_the_mixer_about_its_cls_token(task, pooling, expected):
