@@ -15,6 +15,15 @@ features phi(x)_j = exp(w_j . x' - |x'|^2 / 2) / sqrt(m), x' = x / hd^(1/4) and 
 * a fresh projection on every call (``redraw_features=True``); here on every training forward
   call by default (``redraw_every: 1``), the projection kept fixed in evaluation.
 
+``variant="lra_released"`` is the softmax kernel exactly as LRA's fork computes it (its
+``make_fast_softmax_attention`` defaults, which LRA's ListOps config keeps): every feature gets
+``numerical_stabilizer`` 1e-6 added after the exponential, the stabilisers are the max of
+w . x' alone (not of the whole exponent, and not detached), the normaliser is bumped by 2e-6
+where it is at most 1e-6, and a fresh projection is drawn on every call, in evaluation too,
+from a seed computed from the queries (``PRNGKey(ceil(sum(query) * 1e7))``: the same batch gets
+the same draw). :func:`released_favor_attention` computes it in linear time;
+:func:`released_favor_reference` forms the (L, L) weights.
+
 ``kernel="relu"`` is LRA's released default instead (``make_fast_generalized_attention`` with
 its defaults: ``features_type='deterministic'``, no projection, no data normaliser,
 phi(x) = relu(x) + 1e-3), which LRA ran on every task but ListOps.
@@ -34,25 +43,69 @@ import math
 import torch
 import torch.nn.functional as F
 
+from architectures.layers import UnsupportedTask
 from architectures.linear import LinearAttention
 
 KERNELS = ("softmax", "relu")
+VARIANTS = ("paper", "lra_released")  # FAVOR+ as the authors' code (above); as LRA's fork on ListOps
+RELEASED_EPS = 1e-6  # make_fast_softmax_attention's numerical_stabilizer in LRA's fork
 RELU_KERNEL_EPS = 1e-3  # LRA's kernel_epsilon, added to every ReLU feature
 FEATURE_CHUNK_BYTES = 2 * 2**20  # one chunk of features; measured best of 0.5-8 MiB (L=4096, B=4, 256 features)
 NO_KEY = -1e30  # the key stabiliser before any (unpadded) key is seen
 
 
-def orthogonal_random_features(n_features: int, dim: int, device=None) -> torch.Tensor:
+def orthogonal_random_features(n_features: int, dim: int, device=None,
+                                generator: torch.Generator | None = None) -> torch.Tensor:
     """FAVOR+'s projection (n_features, dim): blocks of orthonormal rows, each rescaled to the
     norm of an independent Gaussian vector so that every row is marginally N(0, I) (the
     reference's ``GaussianOrthogonalRandomMatrix`` with ``scaling=0``)."""
     blocks = []
     for _ in range(math.ceil(n_features / dim)):
-        q, _ = torch.linalg.qr(torch.randn(dim, dim))
+        q, _ = torch.linalg.qr(torch.randn(dim, dim, generator=generator))
         blocks.append(q.T)  # rows orthonormal
     w = torch.cat(blocks)[:n_features]  # (m, dim)
-    norms = torch.randn(n_features, dim).norm(dim=1, keepdim=True)  # chi(dim) lengths
+    norms = torch.randn(n_features, dim, generator=generator).norm(dim=1, keepdim=True)  # chi(dim) lengths
     return (w * norms).to(device)
+
+
+def released_projection(q: torch.Tensor, n_features: int) -> torch.Tensor:
+    """The projection LRA's fork draws on every call, from a seed computed from all the queries
+    q (B, H, L, hd): ``ceil(sum(q) * 1e7)``, so a batch always gets the same draw."""
+    seed = math.ceil(float(q.detach().double().sum()) * 1e7) % 2**63
+    generator = torch.Generator().manual_seed(seed)
+    return orthogonal_random_features(n_features, q.shape[-1], q.device, generator).to(q.dtype)
+
+
+def released_favor_features(x: torch.Tensor, projection: torch.Tensor, *, is_query: bool) -> torch.Tensor:
+    """LRA's ``nonnegative_softmax_kernel_feature_creator``: (exp(w . x' - |x'|^2 / 2 - max) + 1e-6)
+    / sqrt(m), the max of w . x' over the features (a query) or over the positions and features of
+    a (batch, head) (keys); x (B, H, L, hd) -> (B, H, L, m)."""
+    xs = x * x.shape[-1] ** -0.25
+    dash = xs @ projection.T  # (B, H, L, m)
+    half_sq = (xs * xs).sum(-1, keepdim=True) / 2  # (B, H, L, 1)
+    top = dash.amax(-1, keepdim=True) if is_query else dash.amax((-2, -1), keepdim=True)
+    return (torch.exp(dash - half_sq - top) + RELEASED_EPS) / math.sqrt(projection.shape[0])
+
+
+def released_normaliser(den: torch.Tensor) -> torch.Tensor:
+    """The fork's guard, ``R + 2 eps (|R| <= eps)`` with eps = 1e-6."""
+    return den + 2 * RELEASED_EPS * (den.abs() <= RELEASED_EPS)
+
+
+def released_favor_attention(q, k, v, projection: torch.Tensor) -> torch.Tensor:
+    """LRA's bidirectional FAVOR in linear time: q, k, v (B, H, L, hd) -> (B, H, L, hd)."""
+    phi_q = released_favor_features(q, projection, is_query=True)  # (B, H, L, m)
+    phi_k = released_favor_features(k, projection, is_query=False)
+    num = phi_q @ (phi_k.transpose(-2, -1) @ v)  # (B, H, L, hd)
+    den = phi_q @ phi_k.sum(-2, keepdim=True).transpose(-2, -1)  # (B, H, L, 1)
+    return num / released_normaliser(den)
+
+
+def released_favor_reference(q, k, v, projection: torch.Tensor) -> torch.Tensor:
+    """The same through the (L, L) weights phi(q) phi(k)^T."""
+    weights = released_favor_features(q, projection, is_query=True) @ \
+        released_favor_features(k, projection, is_query=False).transpose(-2, -1)  # (B, H, L, L)
+    return (weights @ v) / released_normaliser(weights.sum(-1, keepdim=True))
 
 
 def favor_logits(x: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
@@ -227,16 +280,22 @@ class PerformerAttention(LinearAttention):
             checkpoint keeps the schedule; both sequences of a ``pair`` task share one draw.
             Softmax kernel only.
         kernel: ``softmax`` (FAVOR+) or ``relu`` (LRA's generalized attention).
+        variant: ``paper`` or ``lra_released``: the softmax kernel as LRA's fork computes it
+            (module docstring; bidirectional, ``redraw_every: 1``, ``mask_padding: false``); the
+            relu kernel is LRA's own
+            either way.
         Other arguments as for :class:`LinearAttention`.
     """
 
     def __init__(
         self, d_model: int, *, causal: bool, layer_idx: int = 0, n_heads: int, n_features: int = 256,
         redraw_every: int = 1, kernel: str = "softmax", chunk_size: int = 64, mask_padding: bool = True,
-        qkv_dim: int | None = None,
+        qkv_dim: int | None = None, variant: str = "paper",
     ):
         super().__init__(d_model, causal=causal, layer_idx=layer_idx, n_heads=n_heads, chunk_size=chunk_size,
                          mask_padding=mask_padding, qkv_dim=qkv_dim)
+        check_variant(variant, causal=causal, kernel=kernel, redraw_every=redraw_every, mask_padding=mask_padding)
+        self.released = variant == "lra_released" and kernel == "softmax"
         if n_features < 1 or redraw_every < 0:
             raise ValueError(
                 f"model.mixer.n_features must be >= 1 and redraw_every >= 0, got {n_features}, {redraw_every}"
@@ -246,7 +305,7 @@ class PerformerAttention(LinearAttention):
                              "(softmax: FAVOR+ random features; relu: LRA's generalized attention)")
         self.kernel = kernel
         self.n_features = n_features
-        self.redraw_every = redraw_every if kernel == "softmax" else 0
+        self.redraw_every = redraw_every if kernel == "softmax" and not self.released else 0  # released: per call
         self.register_buffer("projection", orthogonal_random_features(n_features, self.qkv_dim // n_heads))
         self.register_buffer("forward_calls", torch.zeros((), dtype=torch.long))
 
@@ -270,6 +329,8 @@ class PerformerAttention(LinearAttention):
         return torch.finfo(dtype).tiny
 
     def attend(self, q, k, v, mask):
+        if self.released:  # a fresh draw on every call, evaluation included, as LRA's fork
+            return released_favor_attention(q, k, v, released_projection(q, self.n_features))
         if self.causal or self.kernel == "relu":
             return super().attend(q, k, v, mask)
         return favor_attention(q, k, v, self.projection, mask)
@@ -305,3 +366,19 @@ class PerformerAttention(LinearAttention):
         num = (phi_q.unsqueeze(-2) @ kv).squeeze(-2)  # (B, H, hd)
         y = num / ((phi_q * z).sum(-1, keepdim=True) + self.eps(x_t.dtype))
         return self.out(y.reshape(B, self.qkv_dim)), (kv, z, c_new)
+
+
+def check_variant(variant: str, *, causal: bool, kernel: str, redraw_every: int, mask_padding: bool) -> None:
+    """Refuse a variant the mixer does not have, or settings LRA's fork does not run, naming the key."""
+    if variant not in VARIANTS:
+        raise ValueError(f"model.mixer.variant={variant!r} is not one of {', '.join(VARIANTS)}")
+    if variant == "lra_released" and kernel == "softmax":
+        if causal:
+            raise UnsupportedTask("performer variant=lra_released is LRA's bidirectional FAVOR (ListOps); "
+                                  "causal tasks take variant=paper")
+        if mask_padding:
+            raise ValueError("performer variant=lra_released takes no padding mask (LRA's FAVOR ignores the bias "
+                             "that carries it); set model.mixer.mask_padding=false")
+        if redraw_every != 1:
+            raise ValueError("performer variant=lra_released draws a projection on every call (LRA's "
+                             f"redraw_features=True); model.mixer.redraw_every must be 1, got {redraw_every}")

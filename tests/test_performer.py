@@ -9,12 +9,17 @@ import pytest
 import torch
 
 from architectures.attention import dense_attention
+from architectures.layers import UnsupportedTask
 from architectures.linear import quadratic_linear_attention
 from architectures.performer import (
     PerformerAttention,
     favor_attention,
     favor_features,
     orthogonal_random_features,
+    released_favor_attention,
+    released_favor_features,
+    released_favor_reference,
+    released_projection,
     relu_features,
 )
 
@@ -194,3 +199,57 @@ def test_relu_kernel_is_lras_generalized_attention():
 def test_kernel_is_validated():
     with pytest.raises(ValueError, match="model.mixer.kernel='cos' is not one of softmax, relu"):
         PerformerAttention(D, causal=False, n_heads=H, kernel="cos")
+
+
+# --- variant=lra_released (LRA's fork of the authors' FAVOR, as its ListOps config runs it) ---
+
+def test_released_favor_in_linear_time_equals_the_quadratic_weights():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 20, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    projection = orthogonal_random_features(2, 8, generator=g).double()  # ListOps: 2 features
+    y, ref = released_favor_attention(q, k, v, projection), released_favor_reference(q, k, v, projection)
+    torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-12)
+    w = torch.randn_like(y)
+    for a, b in zip(torch.autograd.grad((y * w).sum(), (q, k, v)), torch.autograd.grad((ref * w).sum(), (q, k, v))):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_released_features_add_the_stabiliser_after_the_exponential():
+    """The fork's features, written out for one query and one key set by hand."""
+    x = torch.tensor([[[[2.0, 0.0], [0.0, 0.0]]]], dtype=torch.float64)  # (1, 1, 2, 2)
+    w = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    xs = x * 2 ** -0.25
+    dash, half = xs @ w.T, (xs * xs).sum(-1, keepdim=True) / 2
+    q = released_favor_features(x, w, is_query=True)
+    torch.testing.assert_close(q, (torch.exp(dash - half - dash.amax(-1, keepdim=True)) + 1e-6) / 2 ** 0.5)
+    keys = released_favor_features(x, w, is_query=False)
+    torch.testing.assert_close(keys, (torch.exp(dash - half - dash.max()) + 1e-6) / 2 ** 0.5)
+    assert keys.min() > 1e-6 / 2 ** 0.5 * 0.999  # no feature below the stabiliser
+
+
+def test_released_mixer_redraws_on_every_call_in_evaluation_too_seeded_by_the_queries():
+    torch.manual_seed(0)
+    mixer = PerformerAttention(16, causal=False, n_heads=2, n_features=2, mask_padding=False,
+                               variant="lra_released").eval()
+    x, other = torch.randn(2, 12, 16), torch.randn(2, 12, 16)
+    torch.testing.assert_close(mixer(x), mixer(x))  # the same batch, the same draw
+
+    def heads(t):  # (B, L, 16) -> q, k, v (B, H, L, hd)
+        return mixer.qkv(t).view(2, 12, 3, 2, 8).permute(2, 0, 3, 1, 4)
+    q, k, v = heads(x)
+    assert not torch.equal(released_projection(q, 2), released_projection(heads(other)[0], 2))  # another draw
+    y = released_favor_attention(q, k, v, released_projection(q, 2))
+    torch.testing.assert_close(mixer(x), mixer.out(y.transpose(1, 2).reshape(2, 12, 16)))
+    assert mixer.redraw_every == 0  # the per-call draw replaces the training-step schedule
+
+
+def test_released_variant_refusals_name_the_key():
+    with pytest.raises(ValueError, match="model.mixer.variant"):
+        PerformerAttention(16, causal=False, n_heads=2, variant="fork")
+    with pytest.raises(ValueError, match="model.mixer.redraw_every"):
+        PerformerAttention(16, causal=False, n_heads=2, redraw_every=0, mask_padding=False, variant="lra_released")
+    with pytest.raises(ValueError, match="model.mixer.mask_padding"):
+        PerformerAttention(16, causal=False, n_heads=2, variant="lra_released")
+    with pytest.raises(UnsupportedTask, match="bidirectional"):
+        PerformerAttention(16, causal=True, n_heads=2, mask_padding=False, variant="lra_released")
+    PerformerAttention(16, causal=True, n_heads=2, kernel="relu", variant="lra_released")  # relu: LRA's already
