@@ -33,7 +33,9 @@ from architectures.layers import (
     ClassifierHead,
     FeedForward,
     PairHead,
+    TiedDropout,
     UnsupportedTask,
+    ValueEncoder,
     make_norm,
     pool,
     prefix_lm_layout,
@@ -46,6 +48,7 @@ from tasks.base import TaskSpec
 # none / sinusoidal / learned act on the embedding; the SCORE_POSITIONALS (rope, alibi, t5, xpos)
 # act inside attention and are handed to the mixer as ``positional=<name>``
 POSITIONALS = ("none", "sinusoidal", "learned", *SCORE_POSITIONALS)
+ENCODERS = ("embedding", "linear")  # a vector per token id; the id read as a value (S4's pixel encoder)
 POOLINGS = ("mean", "cls", "last", "cls_token", "mean_all")  # cls: the first token; cls_token: a prepended
 # learned one; mean_all: every position, padding included (LRA's jnp.mean on fixed-length inputs)
 EMBEDDING_POSITIONALS = ("none", "sinusoidal", "learned")
@@ -66,7 +69,7 @@ class Block(nn.Module):
     repository's LRA configs): norm(x + mixer(x)), then norm(x + ffn(x))."""
 
     def __init__(self, d_model: int, mixer: nn.Module, *, d_ff: int, dropout: float, norm: str,
-                 ffn_activation: str = "gelu", prenorm: bool = True):
+                 ffn_activation: str = "gelu", prenorm: bool = True, tie_dropout: bool = False):
         super().__init__()
         self.prenorm = prenorm
         self.norm1 = make_norm(norm, d_model)
@@ -75,7 +78,7 @@ class Block(nn.Module):
         # every parameter gets a gradient (DDP requires it)
         self.norm2 = make_norm(norm, d_model) if d_ff > 0 else None
         self.ffn = FeedForward(d_model, d_ff=d_ff, dropout=dropout, activation=ffn_activation) if d_ff > 0 else None
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = TiedDropout(dropout) if tie_dropout else nn.Dropout(dropout)  # on each branch's output
 
     def f(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """The pre-norm mixer branch (F of a reversible block)."""
@@ -162,8 +165,18 @@ class SequenceModel(nn.Module):
         init: str = "default",
         head: str = "default",
         ffn_activation: str = "gelu",
+        encoder: str = "embedding",
+        input_mean: float = 0.0,
+        input_std: float = 1.0,
+        tie_dropout: bool = False,
+        input_dropout: float | None = None,
     ):
         super().__init__()
+        if encoder not in ENCODERS:
+            raise ValueError(f"model.encoder must be one of {ENCODERS}, got {encoder!r}")
+        if encoder == "linear" and spec.kind not in ("classify", "pair"):
+            raise ValueError(f"model.encoder=linear reads token ids as values (pixels) for classify and pair tasks; "
+                             f"this task is {spec.kind}: use model.encoder=embedding")
         if init not in INITS:
             raise ValueError(f"model.init must be one of {INITS}, got {init!r}")
         if head not in HEADS:
@@ -184,14 +197,15 @@ class SequenceModel(nn.Module):
         self.reversible = reversible
         self.pooling = pooling
         self.positional = positional
-        self.embed = nn.Embedding(spec.vocab_size, d_model)
+        self.embed = nn.Embedding(spec.vocab_size, d_model) if encoder == "embedding" else \
+            ValueEncoder(d_model, mean=input_mean, std=input_std)
         # LRA's CLS token: zeros at init (lra_benchmarks/models/transformer/transformer.py)
         self.cls = nn.Parameter(torch.zeros(1, 1, d_model)) \
             if pooling == "cls_token" and spec.kind in ("classify", "pair") else None
         self.max_len = input_length(spec) + (self.cls is not None)
         if positional == "learned":
             self.pos_embed = nn.Embedding(self.max_len, d_model)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = nn.Dropout(dropout if input_dropout is None else input_dropout)
         extra = {}
         if positional in SCORE_POSITIONALS:
             check_takes_positional(mixer, positional)
@@ -202,7 +216,8 @@ class SequenceModel(nn.Module):
         extra.update(cls_token_kwargs(mixer, pools_first))
         self.blocks = nn.ModuleList(
             Block(d_model, build_mixer(mixer, d_model, causal=spec.causal, layer_idx=i, **extra),
-                  d_ff=d_ff, dropout=dropout, norm=norm, ffn_activation=ffn_activation, prenorm=prenorm)
+                  d_ff=d_ff, dropout=dropout, norm=norm, ffn_activation=ffn_activation, prenorm=prenorm,
+                  tie_dropout=tie_dropout)
             for i in range(n_layers)
         )
         # post-norm blocks end normalised; the S4 repository adds a final norm only after pre-norm ones

@@ -281,6 +281,37 @@ def pool(x: torch.Tensor, mask: torch.Tensor | None, how: str) -> torch.Tensor:
     raise ValueError(f"model.pooling must be 'mean', 'cls', 'last' or 'mean_all', got {how!r}")
 
 
+class ValueEncoder(nn.Module):
+    """The S4 repository's linear encoder of pixel inputs: each token id read as a value,
+    standardised, ``(id - mean) / std``, then ``Linear(1, d_model)``: (B, L) -> (B, L, D)."""
+
+    def __init__(self, d_model: int, *, mean: float, std: float):
+        super().__init__()
+        if std <= 0:
+            raise ValueError(f"model.input_std must be > 0, got {std}")
+        self.mean, self.std = mean, std
+        self.linear = nn.Linear(1, d_model)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        values = (tokens.to(self.linear.weight.dtype) - self.mean) / self.std  # (B, L)
+        return self.linear(values.unsqueeze(-1))  # (B, L, 1) -> (B, L, D)
+
+
+class TiedDropout(nn.Module):
+    """Dropout with one mask per example and channel, shared along the sequence (the S4
+    repository's ``DropoutNd(tie=True)``, its ``tie_dropout``): x (B, L, D) -> (B, L, D)."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        keep = torch.rand(x.shape[0], 1, x.shape[-1], device=x.device) >= self.p  # (B, 1, D)
+        return x * keep / (1 - self.p)
+
+
 class ClassifierHead(nn.Module):
     """LRA's classifier: pooled vector -> Linear -> ReLU -> Linear."""
 

@@ -99,7 +99,8 @@ def lecun_truncated_normal_(weight: torch.Tensor) -> None:
 def lra_released_init(model: nn.Module) -> None:
     """Re-initialise a built :class:`architectures.backbone.SequenceModel` as LRA's release does
     (see the module docstring). Removes the biases of the attention projections."""
-    nn.init.normal_(model.embed.weight, std=1.0)
+    if isinstance(model.embed, nn.Embedding):  # not a linear encoder of values (S4's pixel input)
+        nn.init.normal_(model.embed.weight, std=1.0)
     if hasattr(model, "pos_embed"):
         nn.init.normal_(model.pos_embed.weight, std=POSITION_STD)
     for block in model.blocks:

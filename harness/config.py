@@ -37,10 +37,14 @@ LATER_TRAINER_DEFAULTS = {"compile": False, "activation_checkpointing": False, "
 # Model keys added the same way (LRA's released details, architectures/lra.py): the shared
 # backbone's init, head, feed-forward activation and norm placement (S4's LRA configs), the
 # attention mixers' qkv_dim, BigBird's pattern, the kernelised mixers' mask_padding, S4/S4D's dt_lr,
-# S4D's train_B and the paper-or-released variant of Reformer and Sinkhorn
-LATER_MODEL_DEFAULTS = {"init": "default", "head": "default", "ffn_activation": "gelu", "prenorm": True}
+# S4D's train_B, the paper-or-released variant of Reformer, Sinkhorn and Performer, and the S4
+# repository's pixel pipeline (linear encoder, tied and input dropout)
+LATER_MODEL_DEFAULTS = {"init": "default", "head": "default", "ffn_activation": "gelu", "prenorm": True,
+                        "encoder": "embedding", "input_mean": 0.0, "input_std": 1.0, "tie_dropout": False,
+                        "input_dropout": None}
 LATER_MIXER_DEFAULTS = {"qkv_dim": None, "pattern": "itc", "mask_padding": True, "dt_lr": None,
                         "train_B": False, "variant": "paper"}
+LATER_TASK_DEFAULTS = {"grayscale": "lra"}  # Image's conversion (the S4 repository's: pil)
 NON_RESULT_TASK_KEYS = ("cache_dir",)  # generated data are cached under a key of their own
 # Where a task reads its data: part of a run's identity (other data, another result), compared
 # as absolute paths, since a relative one means another folder when run from elsewhere.
@@ -136,7 +140,8 @@ def result_config(cfg: DictConfig) -> dict:
             kept.get(node, {}).pop(key, None)
     trainer = kept.get("trainer", {})
     for node, defaults in ((trainer, LATER_TRAINER_DEFAULTS), (kept.get("model", {}), LATER_MODEL_DEFAULTS),
-                           (kept.get("model", {}).get("mixer") or {}, LATER_MIXER_DEFAULTS)):
+                           (kept.get("model", {}).get("mixer") or {}, LATER_MIXER_DEFAULTS),
+                           (kept.get("task", {}), LATER_TASK_DEFAULTS)):
         for key, default in defaults.items():
             if key in node and node[key] == default:
                 del node[key]

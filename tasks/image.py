@@ -39,6 +39,8 @@ N_PIXELS = 32 * 32
 TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_FILE = "test_batch"
 GREY_WEIGHTS = (0.2989, 0.5870, 0.1140)  # tf.image.rgb_to_grayscale
+PIL_GREY_WEIGHTS = (19595, 38470, 7471)  # Pillow's RGB -> L: (R 19595 + G 38470 + B 7471 + 2^15) >> 16
+GRAYSCALES = ("lra", "pil")  # LRA's TF conversion; torchvision's Grayscale (Pillow), the S4 repository's
 HOW_TO_GET = (
     "Download cifar-10-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html and "
     "unpack it; task.data_dir is the resulting cifar-10-batches-py folder or its parent."
@@ -62,15 +64,20 @@ class _ArrayUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def to_grey(data: np.ndarray) -> np.ndarray:
-    """(N, 3072) channel-major uint8 RGB -> (N, 1024) uint8 grey, as TF's rgb_to_grayscale."""
+def to_grey(data: np.ndarray, grayscale: str = "lra") -> np.ndarray:
+    """(N, 3072) channel-major uint8 RGB -> (N, 1024) uint8 grey, as TF's rgb_to_grayscale (``lra``)
+    or as Pillow's ``convert('L')``, which torchvision's Grayscale calls (``pil``)."""
+    if grayscale == "pil":
+        r, g, b = data.reshape(-1, 3, N_PIXELS).astype(np.int64).transpose(1, 0, 2)  # each (N, 1024)
+        wr, wg, wb = PIL_GREY_WEIGHTS
+        return ((r * wr + g * wg + b * wb + 0x8000) >> 16).astype(np.uint8)
     rgb = data.reshape(-1, 3, N_PIXELS).astype(np.float32) * np.float32(1.0 / 255)  # (N, 3, 1024)
     w = np.asarray(GREY_WEIGHTS, dtype=np.float32)
     grey = rgb[:, 0] * w[0] + rgb[:, 1] * w[1] + rgb[:, 2] * w[2]  # (N, 1024) in [0, 1]
     return (grey * np.float32(255.5)).astype(np.uint8)  # the cast truncates, as in TF
 
 
-def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def read_batch(path: Path, grayscale: str = "lra") -> tuple[np.ndarray, np.ndarray]:
     """One CIFAR-10 python batch -> (grey (N, 1024) uint8, labels (N,) int64), checked."""
     with open(path, "rb") as f:
         if not f.read(1):
@@ -99,7 +106,7 @@ def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     bad = np.flatnonzero((labels < 0) | (labels > 9))
     if len(bad):
         raise format_error(path, f"entry {bad[0]} of b'labels'", "a class 0-9", f"{labels[bad[0]]}")
-    return to_grey(data), labels.astype(np.int64)
+    return to_grey(data, grayscale), labels.astype(np.int64)
 
 
 class Image(FileTask):
@@ -109,16 +116,22 @@ class Image(FileTask):
         data_dir: the ``cifar-10-batches-py`` folder, or the folder holding it.
         seq_len: must be 1024 (32x32 pixels); present so that every task has ``task.seq_len``.
         val_fraction: the share of the training files (from the end) used for validation (LRA 0.1).
+        grayscale: ``lra`` (TF's rgb_to_grayscale, LRA's input pipeline) or ``pil`` (Pillow's
+            integer luma, through torchvision's Grayscale in the S4 repository's pipeline).
         cache_dir: where tokenised tensors are cached (``None``: default).
     """
 
     name = "image"
 
-    def __init__(self, *, data_dir: str | None, seq_len: int, val_fraction: float, cache_dir: str | None = None):
+    def __init__(self, *, data_dir: str | None, seq_len: int, val_fraction: float, grayscale: str = "lra",
+                 cache_dir: str | None = None):
         if seq_len != N_PIXELS:
             raise ValueError(f"task.seq_len is fixed at {N_PIXELS} (32x32 pixels) for image, got {seq_len}")
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"task.val_fraction must lie in (0, 1), got {val_fraction}")
+        if grayscale not in GRAYSCALES:
+            raise ValueError(f"task.grayscale must be one of {GRAYSCALES}, got {grayscale!r}")
+        self.grayscale = grayscale
         self.data_dir = data_dir
         self.val_fraction = val_fraction
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -137,11 +150,11 @@ class Image(FileTask):
         return directory
 
     def _build(self, root: Path) -> dict[str, dict[str, torch.Tensor]]:
-        batches = [read_batch(root / name) for name in TRAIN_FILES]
+        batches = [read_batch(root / name, self.grayscale) for name in TRAIN_FILES]
         grey = np.concatenate([g for g, _ in batches])
         labels = np.concatenate([y for _, y in batches])
         n_train = len(grey) - int(round(self.val_fraction * len(grey)))
-        test_grey, test_labels = read_batch(root / TEST_FILE)
+        test_grey, test_labels = read_batch(root / TEST_FILE, self.grayscale)
 
         def arrays(g: np.ndarray, y: np.ndarray) -> dict[str, torch.Tensor]:
             # grey levels 0-255 and labels 0-9 fit uint8 (the pad id 256 is never stored)
@@ -159,6 +172,8 @@ class Image(FileTask):
         files = [root / n for n in (*TRAIN_FILES, TEST_FILE)]
         params = dict(files=fingerprint(files), val_fraction=self.val_fraction,
                       version=2)  # version 2: uint8 (version 1: int16)
+        if self.grayscale != "lra":  # the key of LRA's conversion stays that of the caches before this option
+            params["grayscale"] = self.grayscale
         return cached_splits("image", params, lambda: self._build(root), self.cache_dir)
 
     def title(self) -> str:
