@@ -53,6 +53,17 @@ def padding_and_causal_mask(mask: torch.Tensor | None, L: int, causal: bool, dev
     return allowed
 
 
+def attention_width(d_model: int, qkv_dim: int | None, n_heads: int) -> int:
+    """The width of queries, keys and values over the heads (``qkv_dim``, else ``d_model``),
+    checked against the head count."""
+    width = qkv_dim or d_model
+    if width % n_heads:
+        raise ValueError(f"the attention width {width} (model.mixer.qkv_dim, else model.d_model) is not divisible "
+                         f"by the head count {n_heads} (size.n_heads for every model, model.mixer.n_heads for "
+                         "this one)")
+    return width
+
+
 class MultiHeadAttention(nn.Module):
     """Multi-head softmax attention mixer: (B, L, D) -> (B, L, D).
 
@@ -78,11 +89,7 @@ class MultiHeadAttention(nn.Module):
         positional: str = "none", qkv_dim: int | None = None,
     ):
         super().__init__()
-        qkv_dim = qkv_dim or d_model
-        if qkv_dim % n_heads:
-            raise ValueError(f"the attention width {qkv_dim} (model.mixer.qkv_dim, else model.d_model) is not "
-                             f"divisible by the head count {n_heads} (size.n_heads for every model, "
-                             "model.mixer.n_heads for this one)")
+        qkv_dim = attention_width(d_model, qkv_dim, n_heads)
         self.causal = causal
         self.n_heads = n_heads
         self.head_dim = qkv_dim // n_heads

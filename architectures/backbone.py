@@ -181,6 +181,9 @@ class SequenceModel(nn.Module):
             raise ValueError(f"model.init must be one of {INITS}, got {init!r}")
         if head not in HEADS:
             raise ValueError(f"model.head must be one of {HEADS}, got {head!r}")
+        if head == "lra_dense" and spec.kind != "classify":
+            raise ValueError(f"model.head=lra_dense is the one-Dense classifier of LRA's released Sinkhorn encoder, "
+                             f"for classify tasks; this task is {spec.kind}: use default or lra_released")
         if positional not in POSITIONALS:
             raise ValueError(f"model.positional must be one of {POSITIONALS}, got {positional!r}")
         if pooling not in POOLINGS:
@@ -222,9 +225,6 @@ class SequenceModel(nn.Module):
         )
         # post-norm blocks end normalised; the S4 repository adds a final norm only after pre-norm ones
         self.norm = make_norm(norm, d_model) if prenorm else nn.Identity()
-        if head == "lra_dense" and spec.kind != "classify":
-            raise ValueError(f"model.head=lra_dense is the one-Dense classifier of LRA's released Sinkhorn encoder, "
-                             f"for classify tasks; this task is {spec.kind}: use default or lra_released")
         if spec.kind == "classify" and head == "lra_dense":
             self.head = LRADenseHead(d_model, spec.n_outputs)
         elif spec.kind == "classify":

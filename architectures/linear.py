@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from architectures.attention import attention_width
 from architectures.layers import UnsupportedTask
 
 try:  # Triton kernels (GPU only); the portable path below computes the same thing
@@ -160,16 +161,6 @@ def elu_feature_map(x: torch.Tensor) -> torch.Tensor:
 # Mixers.
 
 
-def head_width(d_model: int, qkv_dim: int | None, n_heads: int) -> int:
-    """The attention width over the heads (``qkv_dim``, else ``d_model``), checked against the heads."""
-    width = qkv_dim or d_model
-    if width % n_heads:
-        raise ValueError(f"the attention width {width} (model.mixer.qkv_dim, else model.d_model) is not divisible "
-                         f"by the head count {n_heads} (size.n_heads for every model, model.mixer.n_heads for "
-                         "this one)")
-    return width
-
-
 class LinearAttention(nn.Module):
     """Linear Transformer attention (Katharopoulos et al. 2020), the ``linear_transformer`` mixer.
 
@@ -194,7 +185,7 @@ class LinearAttention(nn.Module):
                  mask_padding: bool = True, qkv_dim: int | None = None):
         super().__init__()
         self.mask_padding = mask_padding
-        self.qkv_dim = head_width(d_model, qkv_dim, n_heads)
+        self.qkv_dim = attention_width(d_model, qkv_dim, n_heads)
         if chunk_size < 1:
             raise ValueError(f"model.mixer.chunk_size must be >= 1, got {chunk_size}")
         self.causal = causal
@@ -292,7 +283,7 @@ class LinformerAttention(nn.Module):
                 "would see the future: it serves bidirectional tasks (classify, pair) only, not "
                 "lm or seq2seq"
             )
-        self.qkv_dim = head_width(d_model, qkv_dim, n_heads)
+        self.qkv_dim = attention_width(d_model, qkv_dim, n_heads)
         if min(seq_len, k, block) < 1:
             raise ValueError(f"model.mixer.seq_len, k and block must be >= 1, got {seq_len}, {k}, {block}")
         self.n_heads = n_heads

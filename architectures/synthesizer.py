@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from architectures.attention import padding_and_causal_mask
+from architectures.attention import attention_width, padding_and_causal_mask
 from architectures.layers import attention_positions, refuse_score_bias
 
 MODES = ("dense", "random")
@@ -77,10 +77,7 @@ class SynthesizerAttention(nn.Module):
         if factorized and mode != "random":
             raise ValueError("model.mixer.factorized=true is the factorised *random* synthesizer; "
                              f"with mode={mode!r} set factorized=false")
-        width = qkv_dim or d_model
-        if width % n_heads:
-            raise ValueError(f"the attention width {width} (model.mixer.qkv_dim, else model.d_model) is not "
-                             f"divisible by model.mixer.n_heads={n_heads}")
+        width = attention_width(d_model, qkv_dim, n_heads)
         refuse_score_bias(positional, "synthesizer", allowed=("rope", "xpos") if dot_product else ())
         rotary, _ = attention_positions(positional, head_dim=width // n_heads, n_heads=n_heads, causal=causal)
         self.causal, self.n_heads, self.mode, self.max_len = causal, n_heads, mode, max_len
