@@ -230,3 +230,30 @@ def test_the_yaml_defaults_are_ours_and_the_new_keys_keep_old_hashes():
                      "model.init=txl_reference", "model.head=txl_reference", "model.distance_dropout=true",
                      "model.output_dropout=true"):
         assert config_hash(result_config(compose_config([*base, override]))) != before, override
+
+
+@pytest.mark.parametrize("txl_size,sizes,train,evaluation", [
+    # run_enwik8_base.sh: n_layer 12, d_model 512, n_head 8, d_inner 2048, dropout 0.1, dropatt 0.0,
+    # tgt_len = mem_len 512, batch 22, warmup 0; eval tgt_len 80, mem_len 2100, clamp_len 820
+    ("base", (12, 512, 8, 2048, 0.1, 0.0), (512, 512, 22, 0), (80, 2100, 820)),
+    # run_enwik8_large.sh: n_layer 24, d_model 1024, n_head 8 (d_head 128), d_inner 3072, dropout and
+    # dropatt 0.15, tgt_len = mem_len 768, batch 64, warmup 4000; eval tgt_len 128, mem_len 3800, clamp_len 1000
+    ("large", (24, 1024, 8, 3072, 0.15, 0.15), (768, 768, 64, 4000), (128, 3800, 1000)),
+])
+def test_txl_enwik8_composes_the_reference_scripts_at_both_sizes(txl_size, sizes, train, evaluation):
+    from harness.api import compose_config
+    from harness.validation import config_problems
+
+    cfg = compose_config(["experiment=txl_enwik8", f"txl_size={txl_size}", "task.path=/data/enwik8"])
+    m, t = cfg.model, cfg.trainer
+    assert config_problems(cfg) == []
+    assert (m.name, cfg.task.name, cfg.task.source, cfg.sweep.name) == ("transformer_xl", "char_lm", "file", "txl_enwik8")
+    assert (m.n_layers, m.d_model, m.n_heads, m.d_ff, m.dropout, m.dropatt) == sizes
+    assert (m.seg_len, m.mem_len, t.batch_size, t.warmup_steps) == train and cfg.task.seq_len == m.seg_len
+    assert (m.eval_seg_len, m.eval_mem_len, m.eval_clamp_len, m.eval_same_length) == (*evaluation, True)
+    assert m.stream and not m.untie_r and m.clamp_len == -1 and not m.same_length
+    # train.py: adam lr 2.5e-4, 400000 steps, cosine to 0, clip 0.25, 10 evaluation streams
+    assert (t.lr, t.steps, t.min_lr_ratio, t.grad_clip, t.weight_decay, t.eval_batch_size) == \
+        (2.5e-4, 400000, 0.0, 0.25, 0.0, 10)
+    options = {k: m[k] for k in REFERENCE}
+    assert options == REFERENCE and m.distance_dropout and m.output_dropout
