@@ -48,9 +48,30 @@ Training and evaluation lengths: as the reference's ``reset_length`` around ``ev
 ``eval_same_length`` (kimiyoung/transformer-xl ``pytorch/run_enwik8_base.sh eval``: tgt_len 80,
 mem_len 2100, clamp_len 820, same_length), training mode with the training ones.
 
-Deviations from the reference code, all to share the backbone's pieces: pre-norm blocks (the
-reference's ``pre_lnorm`` option) with ``make_norm``, the shared GELU ``FeedForward``, a plain
-embedding without the sqrt(d_model) scale, and u, v initialised N(0, 0.02) like its weights.
+The reference's model, option by option (kimiyoung/transformer-xl ``pytorch/mem_transformer.py``
+and ``pytorch/train.py``; the defaults are ours, which share the backbone's pieces):
+
+* ``prenorm``: true (ours) normalises each sublayer's input, ``x + attn(norm([mem; x]))``, and the
+  final hidden states; false is the reference's default (``pre_lnorm`` False): post-norm,
+  ``norm(x + attn([mem; x]))`` then ``norm(x + ffn(x))`` (mem_transformer.py:221-226, 288-289,
+  62-65), and no final norm (its ``_forward`` has none). Either way the memory of a layer is the
+  (detached) input of that layer (``hids``, mem_transformer.py:673-678, 619-640).
+* ``ffn_activation``: gelu (the shared ``FeedForward``) or relu, the reference's ``PositionwiseFF``
+  (Linear, ReLU, Dropout, Linear, Dropout; mem_transformer.py:42-47).
+* ``embed_scale``: multiply the embedding by sqrt(d_model) (``AdaptiveEmbedding.emb_scale``,
+  mem_transformer.py:445, 491; enwik8 has no cutoffs, div_val 1).
+* ``init``: default (PyTorch's initialisers, u and v N(0, 0.02)) or txl_reference (train.py
+  ``weights_init`` with init normal, init_std 0.02: Linear weights and embeddings N(0, 0.02),
+  biases 0, norm weights N(1, 0.02), u and v N(0, 0.02); train.py:210-256).
+* ``head``: default (an untied bias-free Linear) or txl_reference: the softmax weight tied to the
+  embedding, with a bias (``ProjectedAdaptiveLogSoftmax`` without cutoffs, ``tie_weight`` True;
+  mem_transformer.py:562-567, proj_adaptive_softmax.py:45, 84).
+* ``distance_dropout``, ``output_dropout``: the reference's two dropout sites besides the embedding
+  and the residual branches: on the distance embeddings (mem_transformer.py:671, one mask per call,
+  shared by all layers) and on the last layer's output (:731).
+
+Still different with every option on: the attention's output projection has a bias (the
+reference's ``o_net`` has none; txl_reference initialises it to 0).
 """
 
 from __future__ import annotations
@@ -64,6 +85,7 @@ import torch.nn.functional as F
 
 from architectures.backbone import run_block
 from architectures.layers import (
+    FFN_ACTIVATIONS,
     ClassifierHead,
     FeedForward,
     PairHead,
@@ -74,6 +96,10 @@ from architectures.layers import (
     sinusoidal_positions,
 )
 from tasks.base import TaskSpec
+
+INITS = ("default", "txl_reference")
+HEADS = ("default", "txl_reference")
+INIT_STD = 0.02  # the reference's init_std (train.py --init_std)
 
 
 def rel_shift(x: torch.Tensor) -> torch.Tensor:
@@ -190,25 +216,64 @@ class RelativeAttention(nn.Module):
         return self.out(y.transpose(1, 2).reshape(N, S, D))  # (N, S, D)
 
 
-class XLBlock(nn.Module):
-    """Pre-norm block over all segments at once: x + attn(norm([mem; x])), then x + ffn(norm(x)).
+class ReLUFeedForward(nn.Module):
+    """The reference's ``PositionwiseFF`` core: Linear -> ReLU -> dropout -> Linear; its last
+    dropout is the block's, as for the shared :class:`architectures.layers.FeedForward` (whose
+    activations are GELUs), whose layer names it keeps."""
 
-    Within one call every segment's memory is the block input at the ``mem_len`` positions
-    before it, which is all known once the layer below is done: so the segments of a layer run
-    in parallel, and the result equals the paper's segment-by-segment loop (tested).
+    def __init__(self, d_model: int, *, d_ff: int, dropout: float = 0.0):
+        super().__init__()
+        self.up = nn.Linear(d_model, d_ff)
+        self.down = nn.Linear(d_ff, d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self.dropout(F.relu(self.up(x))))
+
+
+def make_ffn(activation: str, d_model: int, *, d_ff: int, dropout: float) -> nn.Module:
+    if activation == "relu":
+        return ReLUFeedForward(d_model, d_ff=d_ff, dropout=dropout)
+    if activation in FFN_ACTIVATIONS:
+        return FeedForward(d_model, d_ff=d_ff, dropout=dropout, activation=activation)
+    raise ValueError(f"model.ffn_activation must be one of {(*FFN_ACTIVATIONS, 'relu')}, got {activation!r}")
+
+
+class ScaledEmbedding(nn.Embedding):
+    """An embedding times a constant: the reference's ``AdaptiveEmbedding`` without cutoffs scales
+    by sqrt(d_model) (its ``emb_scale``). The weight stays unscaled, so a tied softmax reads it
+    as the reference's does."""
+
+    def __init__(self, vocab_size: int, d_model: int, *, scale: float):
+        super().__init__(vocab_size, d_model)
+        self.scale = scale
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return super().forward(tokens) * self.scale
+
+
+class XLBlock(nn.Module):
+    """One layer over all segments at once.
+
+    Pre-norm (``prenorm``, ours): x + attn(norm([mem; x])), then x + ffn(norm(x)). Post-norm (the
+    reference's default): norm(x + attn([mem; x])), then norm(x + ffn(x)). Within one call every
+    segment's memory is the block input at the ``mem_len`` positions before it, which is all known
+    once the layer below is done: so the segments of a layer run in parallel, and the result equals
+    the paper's segment-by-segment loop (tested).
     """
 
     def __init__(
         self, d_model: int, *, n_heads: int, d_ff: int, dropout: float, norm: str, seg_len: int, mem_len: int,
-        dropatt: float = 0.0,
+        dropatt: float = 0.0, prenorm: bool = True, ffn_activation: str = "gelu",
     ):
         super().__init__()
         self.seg_len = seg_len  # the model sets both for training or evaluation (TransformerXL.train)
         self.mem_len = mem_len
+        self.prenorm = prenorm
         self.norm1 = make_norm(norm, d_model)
         self.attn = RelativeAttention(d_model, n_heads=n_heads, dropout=dropatt)
         self.norm2 = make_norm(norm, d_model)
-        self.ffn = FeedForward(d_model, d_ff=d_ff, dropout=dropout)
+        self.ffn = make_ffn(ffn_activation, d_model, d_ff=d_ff, dropout=dropout)
         self.dropout = nn.Dropout(dropout)
 
     def forward(
@@ -222,7 +287,9 @@ class XLBlock(nn.Module):
         B, L, D = x.shape
         S, W = self.seg_len, self.mem_len
         n = L // S
-        h = self.norm1(x).reshape(B * n, S, D)  # (B*n, S, D): one row per segment
+        # what attention reads: the normed input (pre-norm) or the input itself (post-norm)
+        norm_in = self.norm1 if self.prenorm else nn.Identity()
+        h = norm_in(x).reshape(B * n, S, D)  # (B*n, S, D): one row per segment
         context = h
         if W > 0:
             # stop-gradient: memory is the detached block input; W zero rows in front stand for
@@ -232,12 +299,16 @@ class XLBlock(nn.Module):
             past = F.pad(past, (0, 0, W, 0))  # (B, W + M0 + L, D)
             windows = past[:, M0 : M0 + (n - 1) * S + W].unfold(1, W, S)  # (B, n, D, W)
             windows = windows.transpose(2, 3).reshape(B * n, W, D)  # (B*n, W, D)
-            context = torch.cat([self.norm1(windows), h], dim=1)  # (B*n, W + S, D)
+            context = torch.cat([norm_in(windows), h], dim=1)  # (B*n, W + S, D)
         if older is not None:
-            context = torch.cat([self.norm1(older), context], dim=1)  # (B*n, P + W + S, D)
+            context = torch.cat([norm_in(older), context], dim=1)  # (B*n, P + W + S, D)
         y = self.attn(h, context, allowed, distances).view(B, L, D)
-        x = x + self.dropout(y)
-        return x + self.dropout(self.ffn(self.norm2(x)))
+        if self.prenorm:
+            x = x + self.dropout(y)
+            return x + self.dropout(self.ffn(self.norm2(x)))
+        # the reference's pre_lnorm False: LayerNorm after each residual add (mem_transformer.py:289, 65)
+        x = self.norm1(x + self.dropout(y))
+        return self.norm2(x + self.dropout(self.ffn(x)))
 
 
 @dataclass(frozen=True)
@@ -282,6 +353,15 @@ class TransformerXL(nn.Module):
             feed consecutive batches (the trainer's stream order, :meth:`tasks.char_lm.CharLM.stream_indices`).
         pooling: ``mean``, ``cls`` or ``last`` for ``classify`` and ``pair``.
         norm: ``layernorm`` or ``rmsnorm``.
+        prenorm: pre-norm blocks and a final norm (ours); False: the reference's post-norm blocks,
+            no final norm.
+        ffn_activation: ``gelu`` (the shared feed-forward), ``gelu_tanh``, or ``relu`` (the reference's).
+        embed_scale: multiply the embedding by sqrt(d_model), as the reference.
+        init: ``default`` or ``txl_reference`` (:func:`txl_reference_init`).
+        head: ``default`` or ``txl_reference``: ``lm``/``seq2seq`` logits through the embedding
+            weight (tied) plus a bias, the reference's softmax.
+        distance_dropout: apply ``dropout`` to the distance embeddings too (the reference).
+        output_dropout: apply ``dropout`` to the final hidden states too (the reference).
 
     ``activation_checkpointing`` (``trainer.activation_checkpointing``) recomputes each block in
     the backward pass (architectures.backbone.run_block); memories are detached block inputs,
@@ -312,6 +392,13 @@ class TransformerXL(nn.Module):
         stream: bool = False,
         pooling: str = "mean",
         norm: str = "layernorm",
+        prenorm: bool = True,
+        ffn_activation: str = "gelu",
+        embed_scale: bool = False,
+        init: str = "default",
+        head: str = "default",
+        distance_dropout: bool = False,
+        output_dropout: bool = False,
     ):
         super().__init__()
         for key, value in (("seg_len", seg_len), ("eval_seg_len", eval_seg_len)):
@@ -322,6 +409,13 @@ class TransformerXL(nn.Module):
                 raise ValueError(f"model.{key} must be >= 0 (0 turns recurrence off), got {value}")
         if pooling not in ("mean", "cls", "last"):
             raise ValueError(f"model.pooling must be 'mean', 'cls' or 'last', got {pooling!r}")
+        if init not in INITS:
+            raise ValueError(f"model.init must be one of {INITS} for transformer_xl, got {init!r}")
+        if head not in HEADS:
+            raise ValueError(f"model.head must be one of {HEADS} for transformer_xl, got {head!r}")
+        if head == "txl_reference" and spec.kind not in ("lm", "seq2seq"):
+            raise ValueError(f"model.head=txl_reference is the reference's softmax tied to the embedding, for lm "
+                             f"and seq2seq tasks; this task is {spec.kind}: use model.head=default")
         if spec.kind == "seq2seq" and spec.sep_id is None:
             raise UnsupportedTask("transformer_xl runs seq2seq as a prefix LM and needs the task's sep_id")
         self.spec = spec
@@ -336,30 +430,44 @@ class TransformerXL(nn.Module):
             clamp_len if eval_clamp_len is None else eval_clamp_len,
             same_length if eval_same_length is None else eval_same_length,
         )
-        self.embed = nn.Embedding(spec.vocab_size, d_model)
+        if embed_scale:
+            self.embed = ScaledEmbedding(spec.vocab_size, d_model, scale=math.sqrt(d_model))
+        else:
+            self.embed = nn.Embedding(spec.vocab_size, d_model)
         # a query sees at most mem_len + seg_len keys: one table of distances serves every segment
         longest = max(n.seg_len + n.mem_len for n in (self.train_lengths, self.eval_lengths))
         self.register_buffer("distances", sinusoidal_positions(longest, d_model), persistent=False)
         self.dropout = nn.Dropout(dropout)
+        self.distance_dropout, self.output_dropout = distance_dropout, output_dropout
         self.blocks = nn.ModuleList(
             XLBlock(d_model, n_heads=n_heads, d_ff=d_ff, dropout=dropout, dropatt=dropatt, norm=norm,
-                    seg_len=seg_len, mem_len=mem_len)
+                    seg_len=seg_len, mem_len=mem_len, prenorm=prenorm, ffn_activation=ffn_activation)
             for _ in range(n_layers)
         )
         if not untie_r:  # the reference: one u (r_w_bias) and one v (r_r_bias) for all layers
             for block in self.blocks[1:]:
                 block.attn.u = self.blocks[0].attn.u
                 block.attn.v = self.blocks[0].attn.v
-        self.norm = make_norm(norm, d_model)
+        # post-norm blocks end in a norm already: the reference has no final one
+        self.norm = make_norm(norm, d_model) if prenorm else nn.Identity()
         if spec.kind == "classify":
             self.head = ClassifierHead(d_model, spec.n_outputs)
         elif spec.kind == "pair":
             self.head = PairHead(d_model, spec.n_outputs)
+        elif head == "txl_reference":
+            if spec.n_outputs != spec.vocab_size:
+                raise ValueError(f"model.head=txl_reference ties the softmax to the embedding and needs as many "
+                                 f"outputs as tokens; this task has {spec.n_outputs} outputs and "
+                                 f"{spec.vocab_size} tokens: use model.head=default")
+            self.head = nn.Linear(d_model, spec.n_outputs)
+            self.head.weight = self.embed.weight  # tie_weight (mem_transformer.py:565-567)
         else:
             self.head = nn.Linear(d_model, spec.n_outputs, bias=False)
         self.last_mems: list[torch.Tensor] | None = None
         self.carried: dict[bool, list | None] = {True: None, False: None}  # stream memory, by self.training
         self.use_lengths(self.train_lengths)
+        if init == "txl_reference":
+            txl_reference_init(self)
 
     # -- training and evaluation lengths, carried memory ---------------------------------------
     def use_lengths(self, lengths: Lengths) -> None:
@@ -427,6 +535,8 @@ class TransformerXL(nn.Module):
         x = F.pad(x, (0, 0, 0, n * S - L))  # (B, n*S, D)
         allowed = segment_mask(n, S, W, 0 if mems is None else mems[0].shape[1], self.same_length, device=x.device)
         distances = self.distance_table(S + W)  # (S + W, D)
+        if self.distance_dropout:  # the reference drops out pos_emb once per forward, for all layers
+            distances = self.dropout(distances)
         new_mems = []
         for i, block in enumerate(self.blocks):
             mem = None if mems is None else mems[i]
@@ -434,7 +544,10 @@ class TransformerXL(nn.Module):
                 entered = x[:, :L] if mem is None else torch.cat([mem, x[:, :L]], dim=1)
                 new_mems.append(entered[:, -W:].detach())
             x = run_block(block, x, mem, allowed, distances, checkpointed=self.activation_checkpointing)
-        return self.norm(x[:, :L]), (new_mems if W > 0 else None)
+        h = self.norm(x[:, :L])
+        if self.output_dropout:
+            h = self.dropout(h)
+        return h, (new_mems if W > 0 else None)
 
     def pooled(self, tokens: torch.Tensor) -> torch.Tensor:
         """Encode a right-padded batch and pool its real tokens: (B, D)."""
@@ -476,6 +589,26 @@ class TransformerXL(nn.Module):
         if kind == "classify":
             return self.head(pooled)
         return self.head(pooled, self.pooled(batch["tokens2"]))
+
+
+def txl_reference_init(model: nn.Module, std: float = INIT_STD) -> None:
+    """The reference's ``weights_init`` (train.py:210-256, init normal, init_std 0.02): Linear
+    weights N(0, std) and biases 0, embeddings N(0, std), norm weights N(1, std) and biases 0, the
+    biases u, v (``r_w_bias``, ``r_r_bias``) N(0, std). A tied softmax weight is the embedding's."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, 0.0, std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, 0.0, std)
+        elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)) and module.weight is not None:
+            nn.init.normal_(module.weight, 1.0, std)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, RelativeAttention):
+            nn.init.normal_(module.u, 0.0, std)
+            nn.init.normal_(module.v, 0.0, std)
 
 
 def _batch_of(memory) -> int:

@@ -38,10 +38,12 @@ LATER_TRAINER_DEFAULTS = {"compile": False, "activation_checkpointing": False, "
 # backbone's init, head, feed-forward activation and norm placement (S4's LRA configs), the
 # attention mixers' qkv_dim, BigBird's pattern, the kernelised mixers' mask_padding, S4/S4D's dt_lr,
 # S4D's train_B, the paper-or-released variant of Reformer, Sinkhorn and Performer, and the S4
-# repository's pixel pipeline (linear encoder, tied and input dropout)
+# repository's pixel pipeline (linear encoder, tied and input dropout); Transformer-XL's reference
+# options (its embedding scale and two more dropout sites; it reuses init, head, ffn_activation, prenorm)
 LATER_MODEL_DEFAULTS = {"init": "default", "head": "default", "ffn_activation": "gelu", "prenorm": True,
                         "encoder": "embedding", "input_mean": 0.0, "input_std": 1.0, "tie_dropout": False,
-                        "input_dropout": None}
+                        "input_dropout": None, "embed_scale": False, "distance_dropout": False,
+                        "output_dropout": False}
 LATER_MIXER_DEFAULTS = {"qkv_dim": None, "pattern": "itc", "mask_padding": True, "dt_lr": None,
                         "train_B": False, "variant": "paper"}
 LATER_TASK_DEFAULTS = {"grayscale": "lra"}  # Image's conversion (the S4 repository's: pil)

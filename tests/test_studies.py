@@ -27,7 +27,7 @@ PUBLISHED = ROOT / "results" / "published"
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 # arena-bench's experiments (conf/bench.yaml) are the speed sweeps; the rest are arena-train's.
 BENCH_EXPERIMENTS = [e for e in EXPERIMENTS if "speed" in e]
-REQUIRED = {"txl_memory": ["task.path=/data/enwik8"]}  # the one study that needs a data path
+REQUIRED = {e: ["task.path=/data/enwik8"] for e in ("txl_memory", "txl_enwik8")}  # the studies that need a data path
 # The attention models' head count, wherever their yaml keeps it.
 HEADS = ("mixer.n_heads", "n_heads")
 

@@ -48,7 +48,7 @@ def full_context_reference(model: TransformerXL, tokens: torch.Tensor) -> torch.
     for block in model.blocks:
         a = block.attn
         H, hd = a.n_heads, a.head_dim
-        h = block.norm1(x)
+        h = block.norm1(x) if block.prenorm else x
         q = a.q(h).view(B, L, H, hd).transpose(1, 2)  # (B, H, L, hd)
         k, v = a.kv(h).view(B, L, 2, H, hd).permute(2, 0, 3, 1, 4)
         r = a.r(R).view(L, H, hd)[dist]  # (L, L, H, hd): W_r R[t - p]
@@ -56,9 +56,20 @@ def full_context_reference(model: TransformerXL, tokens: torch.Tensor) -> torch.
         position = torch.einsum("bhtd,tphd->bhtp", q + a.v[:, None], r)
         scores = ((content + position) / math.sqrt(hd)).masked_fill(~allowed, float("-inf"))
         y = torch.softmax(scores, -1) @ v  # (B, H, L, hd)
-        x = x + a.out(y.transpose(1, 2).reshape(B, L, D))
-        x = x + block.ffn(block.norm2(x))
+        y = a.out(y.transpose(1, 2).reshape(B, L, D))
+        if block.prenorm:
+            x = x + y
+            x = x + block.ffn(block.norm2(x))
+        else:  # post-norm (the reference's default): norm after each residual add
+            x = block.norm1(x + y)
+            x = block.norm2(x + block.ffn(x))
     return model.head(model.norm(x))
+
+
+# The reference's options (kimiyoung/transformer-xl), all at once: the tests that compare the
+# segment-parallel model with the plain versions run with ours and with these.
+REFERENCE = dict(prenorm=False, ffn_activation="relu", embed_scale=True, init="txl_reference", head="txl_reference")
+OPTIONS = [pytest.param({}, id="ours"), pytest.param(REFERENCE, id="reference")]
 
 
 def test_window_mask_literal():
@@ -95,19 +106,21 @@ def test_rel_shift_scores_match_distance_table():
             torch.testing.assert_close(shifted[i, j], q[i] @ table[M + i - j])
 
 
+@pytest.mark.parametrize("options", OPTIONS)
 @pytest.mark.parametrize("seg_len,mem_len,L", [(4, 4, 12), (4, 6, 11), (3, 8, 10), (4, 0, 9), (16, 4, 10)])
-def test_recurrence_equals_full_context_reference(seg_len, mem_len, L):
-    model = make(seg_len=seg_len, mem_len=mem_len).double()
+def test_recurrence_equals_full_context_reference(seg_len, mem_len, L, options):
+    model = make(seg_len=seg_len, mem_len=mem_len, **options).double()
     tokens = tokens_(2, L)
     with torch.no_grad():
         torch.testing.assert_close(model({"tokens": tokens}), full_context_reference(model, tokens))
 
 
+@pytest.mark.parametrize("options", OPTIONS)
 @pytest.mark.parametrize("seg_len,mem_len", [(4, 4), (3, 7), (4, 2), (5, 0)])
-def test_parallel_segments_equal_the_segment_by_segment_loop(seg_len, mem_len):
+def test_parallel_segments_equal_the_segment_by_segment_loop(seg_len, mem_len, options):
     """One call runs a layer's segments in parallel; the paper feeds one segment at a time with
     the cached memory. Outputs and parameter gradients must agree."""
-    model = make(seg_len=seg_len, mem_len=mem_len).double()
+    model = make(seg_len=seg_len, mem_len=mem_len, **options).double()
     tokens = tokens_(2, 14)
     model({"tokens": tokens}).square().sum().backward()
     whole = {k: p.grad.clone() for k, p in model.named_parameters()}
@@ -320,14 +333,17 @@ def test_attention_dropout_is_its_own_option_off_by_default():
 
 @pytest.mark.parametrize("seg_len,mem_len,clamp_len,same_length,L",
                          [(4, 4, 2, False, 12), (4, 6, -1, True, 13), (3, 2, 3, True, 10), (2, 5, 1, True, 9)])
-def test_clamp_len_and_same_length_equal_the_full_context_reference(seg_len, mem_len, clamp_len, same_length, L):
-    model = make(seg_len=seg_len, mem_len=mem_len, clamp_len=clamp_len, same_length=same_length).double()
+@pytest.mark.parametrize("options", OPTIONS)
+def test_clamp_len_and_same_length_equal_the_full_context_reference(seg_len, mem_len, clamp_len, same_length, L,
+                                                                    options):
+    model = make(seg_len=seg_len, mem_len=mem_len, clamp_len=clamp_len, same_length=same_length, **options).double()
     tokens = tokens_(2, L)
     with torch.no_grad():
         out = model({"tokens": tokens})
         torch.testing.assert_close(out, full_context_reference(model, tokens))
         if same_length or clamp_len > 0:  # the options change something
-            assert not torch.allclose(out, make(seg_len=seg_len, mem_len=mem_len).double()({"tokens": tokens}))
+            plain = make(seg_len=seg_len, mem_len=mem_len, **options).double()
+            assert not torch.allclose(out, plain({"tokens": tokens}))
 
 
 def test_same_length_query_sees_its_last_mem_len_positions():
