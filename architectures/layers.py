@@ -42,14 +42,17 @@ def make_norm(kind: str, d_model: int) -> nn.Module:
     raise ValueError(f"model.norm must be one of {NORMS}, got {kind!r}")
 
 
-FFN_ACTIVATIONS = ("gelu", "gelu_tanh")  # gelu_tanh: jax.nn.gelu's default approximation (flax, LRA)
+# gelu_tanh: jax.nn.gelu's default approximation (flax, LRA); relu: the original Transformer's and
+# Transformer-XL's reference PositionwiseFF
+FFN_ACTIVATIONS = ("gelu", "gelu_tanh", "relu")
 
 
 class FeedForward(nn.Module):
     """Position-wise MLP: Linear -> GELU -> Linear (or SwiGLU with ``gated=True``).
 
-    ``activation``: ``gelu`` (the exact erf form) or ``gelu_tanh`` (the tanh approximation, which
-    jax.nn.gelu computes by default and so flax models such as LRA's released ones use).
+    ``activation``: ``gelu`` (the exact erf form), ``gelu_tanh`` (the tanh approximation, which
+    jax.nn.gelu computes by default and so flax models such as LRA's released ones use) or ``relu``
+    (Transformer-XL's reference ``PositionwiseFF``).
     """
 
     def __init__(self, d_model: int, *, d_ff: int, dropout: float = 0.0, gated: bool = False,
@@ -57,7 +60,7 @@ class FeedForward(nn.Module):
         super().__init__()
         if activation not in FFN_ACTIVATIONS:
             raise ValueError(f"model.ffn_activation must be one of {FFN_ACTIVATIONS}, got {activation!r}")
-        self.approximate = "tanh" if activation == "gelu_tanh" else "none"
+        self.activation = activation
         self.gated = gated
         self.up = nn.Linear(d_model, 2 * d_ff if gated else d_ff)
         self.down = nn.Linear(d_ff, d_model)
@@ -68,8 +71,10 @@ class FeedForward(nn.Module):
         if self.gated:
             a, b = h.chunk(2, dim=-1)
             h = F.silu(a) * b
+        elif self.activation == "relu":
+            h = F.relu(h)
         else:
-            h = F.gelu(h, approximate=self.approximate)
+            h = F.gelu(h, approximate="tanh" if self.activation == "gelu_tanh" else "none")
         return self.down(self.dropout(h))
 
 

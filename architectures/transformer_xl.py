@@ -56,8 +56,8 @@ and ``pytorch/train.py``; the defaults are ours, which share the backbone's piec
   ``norm(x + attn([mem; x]))`` then ``norm(x + ffn(x))`` (mem_transformer.py:221-226, 288-289,
   62-65), and no final norm (its ``_forward`` has none). Either way the memory of a layer is the
   (detached) input of that layer (``hids``, mem_transformer.py:673-678, 619-640).
-* ``ffn_activation``: gelu (the shared ``FeedForward``) or relu, the reference's ``PositionwiseFF``
-  (Linear, ReLU, Dropout, Linear, Dropout; mem_transformer.py:42-47).
+* ``ffn_activation``: the shared ``FeedForward``'s gelu, or its relu, the reference's
+  ``PositionwiseFF`` (Linear, ReLU, Dropout, Linear, Dropout; mem_transformer.py:42-47).
 * ``embed_scale``: multiply the embedding by sqrt(d_model) (``AdaptiveEmbedding.emb_scale``,
   mem_transformer.py:445, 491; enwik8 has no cutoffs, div_val 1).
 * ``init``: default (PyTorch's initialisers, u and v N(0, 0.02)) or txl_reference (train.py
@@ -85,7 +85,6 @@ import torch.nn.functional as F
 
 from architectures.backbone import run_block
 from architectures.layers import (
-    FFN_ACTIVATIONS,
     ClassifierHead,
     FeedForward,
     PairHead,
@@ -216,29 +215,6 @@ class RelativeAttention(nn.Module):
         return self.out(y.transpose(1, 2).reshape(N, S, D))  # (N, S, D)
 
 
-class ReLUFeedForward(nn.Module):
-    """The reference's ``PositionwiseFF`` core: Linear -> ReLU -> dropout -> Linear; its last
-    dropout is the block's, as for the shared :class:`architectures.layers.FeedForward` (whose
-    activations are GELUs), whose layer names it keeps."""
-
-    def __init__(self, d_model: int, *, d_ff: int, dropout: float = 0.0):
-        super().__init__()
-        self.up = nn.Linear(d_model, d_ff)
-        self.down = nn.Linear(d_ff, d_model)
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(self.dropout(F.relu(self.up(x))))
-
-
-def make_ffn(activation: str, d_model: int, *, d_ff: int, dropout: float) -> nn.Module:
-    if activation == "relu":
-        return ReLUFeedForward(d_model, d_ff=d_ff, dropout=dropout)
-    if activation in FFN_ACTIVATIONS:
-        return FeedForward(d_model, d_ff=d_ff, dropout=dropout, activation=activation)
-    raise ValueError(f"model.ffn_activation must be one of {(*FFN_ACTIVATIONS, 'relu')}, got {activation!r}")
-
-
 class ScaledEmbedding(nn.Embedding):
     """An embedding times a constant: the reference's ``AdaptiveEmbedding`` without cutoffs scales
     by sqrt(d_model) (its ``emb_scale``). The weight stays unscaled, so a tied softmax reads it
@@ -273,7 +249,7 @@ class XLBlock(nn.Module):
         self.norm1 = make_norm(norm, d_model)
         self.attn = RelativeAttention(d_model, n_heads=n_heads, dropout=dropatt)
         self.norm2 = make_norm(norm, d_model)
-        self.ffn = make_ffn(ffn_activation, d_model, d_ff=d_ff, dropout=dropout)
+        self.ffn = FeedForward(d_model, d_ff=d_ff, dropout=dropout, activation=ffn_activation)
         self.dropout = nn.Dropout(dropout)
 
     def forward(

@@ -255,7 +255,7 @@ def test_ffn_activation_gelu_tanh_is_flax_gelu():
     cfg = compose_config(["experiment=lra_table1", "model=transformer", "task=text"])
     assert cfg.model.ffn_activation == "gelu_tanh"
     with pytest.raises(ValueError, match="model.ffn_activation"):
-        FeedForward(8, d_ff=16, activation="relu")
+        FeedForward(8, d_ff=16, activation="swish")
 
 
 def test_released_init_draws_the_synthesizers_logits_as_flax_xavier():
