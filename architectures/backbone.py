@@ -138,8 +138,8 @@ class SequenceModel(nn.Module):
             ``lra_released``: LRA's released heads (hidden width d_ff; pair: [u, v] through two
             hidden layers, :class:`architectures.lra.LRADualHead`), or ``lra_dense`` (classify
             only): the released Sinkhorn encoder's one Dense, :class:`architectures.lra.LRADenseHead`.
-        ffn_activation: ``gelu`` (exact) or ``gelu_tanh`` (the approximation flax's gelu computes,
-            LRA's released models).
+        ffn_activation: ``gelu`` (exact), ``gelu_tanh`` (the approximation flax's gelu computes,
+            LRA's released models) or ``relu``.
 
     ``activation_checkpointing`` (set by the trainer from ``trainer.activation_checkpointing``,
     harness.compile) recomputes each block in the backward pass instead (:func:`run_block`).

@@ -70,8 +70,8 @@ and ``pytorch/train.py``; the defaults are ours, which share the backbone's piec
   and the residual branches: on the distance embeddings (mem_transformer.py:671, one mask per call,
   shared by all layers) and on the last layer's output (:731).
 
-Still different with every option on: the attention's output projection has a bias (the
-reference's ``o_net`` has none; txl_reference initialises it to 0).
+``init: txl_reference`` also removes the attention's output bias (the reference's ``o_net`` has
+none).
 """
 
 from __future__ import annotations
@@ -570,7 +570,11 @@ class TransformerXL(nn.Module):
 def txl_reference_init(model: nn.Module, std: float = INIT_STD) -> None:
     """The reference's ``weights_init`` (train.py:210-256, init normal, init_std 0.02): Linear
     weights N(0, std) and biases 0, embeddings N(0, std), norm weights N(1, std) and biases 0, the
-    biases u, v (``r_w_bias``, ``r_r_bias``) N(0, std). A tied softmax weight is the embedding's."""
+    biases u, v (``r_w_bias``, ``r_r_bias``) N(0, std). A tied softmax weight is the embedding's.
+    The attention's output projection loses its bias (``o_net``: ``bias=False``)."""
+    for module in model.modules():
+        if isinstance(module, RelativeAttention):
+            module.out.register_parameter("bias", None)
     for module in model.modules():
         if isinstance(module, nn.Linear):
             nn.init.normal_(module.weight, 0.0, std)

@@ -36,8 +36,8 @@ def reference_rel_shift(x: torch.Tensor) -> torch.Tensor:
 
 def reference_layer(block, w, r, r_w_bias, r_r_bias, attn_mask, mems, r_net_weight):
     """RelPartialLearnableDecoderLayer.forward with pre_lnorm False (mem_transformer.py:218-291,
-    53-67), with the weights of our ``block``: qkv_net = [q; kv], o_net = out (its bias is 0 in
-    these tests), r_net the reference's layout of our W_r."""
+    53-67), with the weights of our ``block``: qkv_net = [q; kv], o_net = out (bias-free, as
+    init txl_reference leaves it), r_net the reference's layout of our W_r."""
     a = block.attn
     n_head, d_head = a.n_heads, a.head_dim
     qlen, rlen, bsz = w.size(0), r.size(0), w.size(1)
@@ -110,7 +110,6 @@ def test_the_reference_options_equal_a_transcription_of_the_reference_forward(se
                  **REFERENCE).double()
     with torch.no_grad():
         for block in model.blocks:
-            block.attn.out.bias.zero_()  # the reference's o_net has no bias
             for norm in (block.norm1, block.norm2):  # away from the init, so a swapped norm shows
                 norm.bias.normal_(0, 0.3)
         model.head.bias.normal_(0, 0.3)
@@ -182,6 +181,7 @@ def test_reference_init_statistics():
             assert close(module.weight.mean(), 1.0, 0.01) and close(module.weight.std(), 0.02, 0.006), name
             assert not module.bias.any(), name
     assert close(model.embed.weight.std(), 0.02, 0.002)
+    assert all(block.attn.out.bias is None for block in model.blocks)  # o_net: bias=False
     u, v = model.blocks[0].attn.u, model.blocks[0].attn.v
     assert close(u.std(), 0.02, 0.005) and close(v.std(), 0.02, 0.005)
     # ours: PyTorch's initialisers (N(0, 1) embedding, ones for the norms)
