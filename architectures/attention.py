@@ -23,7 +23,7 @@ from architectures.layers import attention_positions
 
 def dense_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None = None,
-    bias: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None, dropout: float = 0.0,
 ) -> torch.Tensor:
     """Exact softmax attention with an explicit boolean mask; the reference implementation.
 
@@ -32,6 +32,7 @@ def dense_attention(
         allowed: broadcastable to (B, H, L, S); True where query i may attend key j.
             A query with no allowed key outputs zeros (never NaN).
         bias: broadcastable to (B, H, L, S); added to the scaled scores (ALiBi, T5).
+        dropout: dropout on the attention weights (pass 0 in evaluation).
     """
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, H, L, S)
     if bias is not None:
@@ -39,6 +40,8 @@ def dense_attention(
     if allowed is not None:
         scores = scores.masked_fill(~allowed, float("-inf"))
     weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    if dropout > 0:
+        weights = F.dropout(weights, dropout)
     return weights @ v  # (B, H, L, hd)
 
 
@@ -64,6 +67,9 @@ def attention_width(d_model: int, qkv_dim: int | None, n_heads: int) -> int:
     return width
 
 
+IMPLEMENTATIONS = ("sdpa", "explicit")  # PyTorch's fused kernels; softmax(q k^T) v written out
+
+
 class MultiHeadAttention(nn.Module):
     """Multi-head softmax attention mixer: (B, L, D) -> (B, L, D).
 
@@ -78,6 +84,10 @@ class MultiHeadAttention(nn.Module):
         qkv_dim: total width of queries, keys and values over the heads (LRA's ``qkv_dim``; its
             image and pathfinder configs use ``emb_dim / 2``); None: ``d_model``. The output
             projection maps it back to ``d_model``.
+        implementation: ``sdpa`` (PyTorch's fused kernels, which never hold the (L, L) weights)
+            or ``explicit``: the weights computed and held, as the attention of LRA's release
+            (flax's ``dot_product_attention``) does; the same values, the memory and time of
+            that code (LRA's Table 2). Read by this class's own forward only.
     """
 
     # the query/key/value/output projections and the kernels each fuses, for init=lra_released
@@ -86,10 +96,13 @@ class MultiHeadAttention(nn.Module):
 
     def __init__(
         self, d_model: int, *, causal: bool, layer_idx: int = 0, n_heads: int, dropout: float = 0.0,
-        positional: str = "none", qkv_dim: int | None = None,
+        positional: str = "none", qkv_dim: int | None = None, implementation: str = "sdpa",
     ):
         super().__init__()
         qkv_dim = attention_width(d_model, qkv_dim, n_heads)
+        if implementation not in IMPLEMENTATIONS:
+            raise ValueError(f"model.mixer.implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+        self.implementation = implementation
         self.causal = causal
         self.n_heads = n_heads
         self.head_dim = qkv_dim // n_heads
@@ -132,6 +145,9 @@ class MultiHeadAttention(nn.Module):
         L = x.shape[1]
         dropout = self.dropout if self.training else 0.0
         bias = self.self_attention_bias(L, x.device)  # (H, L, L) or None
+        if self.implementation == "explicit":  # the (B, H, L, L) weights held, as flax's dot_product_attention
+            allowed = padding_and_causal_mask(mask, L, self.causal, x.device)
+            return self.merge(dense_attention(q, k, v, allowed, bias, dropout))
         if mask is None and bias is None:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=self.causal)
         else:

@@ -37,7 +37,8 @@ LATER_TRAINER_DEFAULTS = {"compile": False, "activation_checkpointing": False, "
 # Model keys added the same way (LRA's released details, architectures/lra.py): the shared
 # backbone's init, head, feed-forward activation and norm placement (S4's LRA configs), the
 # attention mixers' qkv_dim, BigBird's pattern, the kernelised mixers' mask_padding, S4/S4D's dt_lr,
-# S4D's train_B, the paper-or-released variant of Reformer, Sinkhorn and Performer, and the S4
+# S4D's train_B, the paper-or-released variant of Reformer, Sinkhorn and Performer, the
+# Transformer's attention implementation, and the S4
 # repository's pixel pipeline (linear encoder, tied and input dropout); Transformer-XL's reference
 # options (its embedding scale and two more dropout sites; it reuses init, head, ffn_activation, prenorm)
 LATER_MODEL_DEFAULTS = {"init": "default", "head": "default", "ffn_activation": "gelu", "prenorm": True,
@@ -45,7 +46,7 @@ LATER_MODEL_DEFAULTS = {"init": "default", "head": "default", "ffn_activation": 
                         "input_dropout": None, "embed_scale": False, "distance_dropout": False,
                         "output_dropout": False}
 LATER_MIXER_DEFAULTS = {"qkv_dim": None, "pattern": "itc", "mask_padding": True, "dt_lr": None,
-                        "train_B": False, "variant": "paper"}
+                        "train_B": False, "variant": "paper", "implementation": "sdpa"}
 LATER_TASK_DEFAULTS = {"grayscale": "lra"}  # Image's conversion (the S4 repository's: pil)
 NON_RESULT_TASK_KEYS = ("cache_dir",)  # generated data are cached under a key of their own
 # Where a task reads its data: part of a run's identity (other data, another result), compared

@@ -102,6 +102,35 @@ def test_every_lra_model_builds_and_trains_with_the_released_options(name, extra
             assert linear.bias is None
 
 
+@pytest.mark.parametrize("causal,positional", [(False, "none"), (True, "alibi")])
+def test_explicit_attention_equals_sdpa_and_holds_the_weights(causal, positional):
+    """implementation=explicit (LRA's flax dot_product_attention: the (B, H, L, L) weights held)
+    gives SDPA's values and gradients, with padding, causality and a score bias."""
+    from tests.test_sparse import LargestTensor
+
+    torch.manual_seed(0)
+    fused = MultiHeadAttention(32, causal=causal, n_heads=4, positional=positional).double()
+    explicit = MultiHeadAttention(32, causal=causal, n_heads=4, positional=positional,
+                                  implementation="explicit").double()
+    explicit.load_state_dict(fused.state_dict())
+    x = torch.randn(2, 48, 32, dtype=torch.float64, requires_grad=True)
+    mask = torch.ones(2, 48, dtype=torch.bool)
+    mask[1, 40:] = False
+    keep = mask[..., None]  # pad queries' outputs are never read
+    ys = [m(x, mask) * keep for m in (fused, explicit)]
+    torch.testing.assert_close(ys[1], ys[0])
+    grads = [torch.autograd.grad(y.square().sum(), x)[0] for y in ys]
+    torch.testing.assert_close(grads[1], grads[0])
+    with LargestTensor() as probe:
+        explicit(x.detach(), mask)
+    assert probe.numel >= 2 * 4 * 48 * 48  # the weights are materialised
+    with pytest.raises(ValueError, match="model.mixer.implementation"):
+        MultiHeadAttention(32, causal=False, n_heads=4, implementation="flash")
+    lra = compose_config(["experiment=lra_table1", "model=transformer", "task=text"]).model.mixer
+    assert lra.implementation == "explicit"
+    assert compose_config(["model=transformer", "task=mqar"]).model.mixer.implementation == "sdpa"
+
+
 def test_attention_dropout_comes_from_size():
     cfg = compose_config(["model=transformer", "task=mqar", "size.attention_dropout=0.1"])
     assert cfg.model.mixer.dropout == 0.1
