@@ -38,12 +38,19 @@ import torch
 import torch.nn as nn
 
 INITS = ("default", "lra_released")
+MIXER_VARIANTS = ("paper", "lra_released")  # model.mixer.variant: the paper's attention, or LRA's released code
 HEADS = ("default", "lra_released", "lra_dense")  # lra_dense: the released Sinkhorn encoder's one Dense
 
 # jax's truncated_normal variance scaling divides by the std of a unit normal cut at +-2
 TRUNCATED_NORMAL_STD = 0.87962566103423978
 FFN_BIAS_STD = 1e-6  # common_layers.MlpBlock bias_init=normal(stddev=1e-6)
 POSITION_STD = 0.02  # transformer.py: pe_init = normal(stddev=0.02) if learn_pos_emb
+
+
+def check_mixer_variant(variant: str) -> None:
+    """Refuse a ``model.mixer.variant`` outside :data:`MIXER_VARIANTS`, naming the key."""
+    if variant not in MIXER_VARIANTS:
+        raise ValueError(f"model.mixer.variant must be one of {MIXER_VARIANTS}, got {variant!r}")
 
 
 class LRADualHead(nn.Module):

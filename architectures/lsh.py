@@ -53,10 +53,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from architectures.attention import dense_attention
 from architectures.layers import RotaryEmbedding, UnsupportedTask, refuse_score_bias
+from architectures.lra import check_mixer_variant
 
 SELF_SCORE = -1e5  # added to a query's own score: it attends to itself only when nothing else is allowed
-LSH_VARIANTS = ("paper", "lra_released")
 RELEASED_PAD_MULTIPLE = 10  # the released ReformerAttention pads its input to a multiple of its chunk_len 10
 
 
@@ -220,8 +221,8 @@ def lsh_attention_lra_released_reference(qk: torch.Tensor, v: torch.Tensor, rota
     _, chunk = released_chunks(qk, rotations)  # (B, H, L)
     ci, cj = chunk[..., :, None], chunk[..., None, :]
     allowed = (cj == ci) | (cj == (ci - 1) % n_chunks)  # (B, H, L, L)
-    scores = qk @ qk.transpose(-2, -1) * math.sqrt(qk.shape[-1])
-    return torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1) @ v
+    # scores q.q * sqrt(hd) = (hd q).q / sqrt(hd): dense_attention with the queries scaled by hd
+    return dense_attention(qk * qk.shape[-1], qk, v, allowed)
 
 
 class LSHAttention(nn.Module):
@@ -254,8 +255,7 @@ class LSHAttention(nn.Module):
             raise ValueError(f"model.d_model={d_model} is not divisible by model.mixer.n_heads={n_heads}")
         if n_buckets < 2 or n_buckets % 2:
             raise ValueError(f"model.mixer.n_buckets must be even and >= 2 (argmax over [xR; -xR]), got {n_buckets}")
-        if variant not in LSH_VARIANTS:
-            raise ValueError(f"model.mixer.variant={variant!r} is not one of {', '.join(LSH_VARIANTS)}")
+        check_mixer_variant(variant)
         if variant == "lra_released":
             check_released_settings(causal=causal, chunk_len=chunk_len, n_hashes=n_hashes, dropout=dropout)
         elif chunk_len is None or chunk_len < 1 or n_hashes < 1:

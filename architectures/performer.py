@@ -44,10 +44,10 @@ import torch
 import torch.nn.functional as F
 
 from architectures.layers import UnsupportedTask
+from architectures.lra import check_mixer_variant
 from architectures.linear import LinearAttention
 
 KERNELS = ("softmax", "relu")
-VARIANTS = ("paper", "lra_released")  # FAVOR+ as the authors' code (above); as LRA's fork on ListOps
 RELEASED_EPS = 1e-6  # make_fast_softmax_attention's numerical_stabilizer in LRA's fork
 RELU_KERNEL_EPS = 1e-3  # LRA's kernel_epsilon, added to every ReLU feature
 FEATURE_CHUNK_BYTES = 2 * 2**20  # one chunk of features; measured best of 0.5-8 MiB (L=4096, B=4, 256 features)
@@ -370,8 +370,7 @@ class PerformerAttention(LinearAttention):
 
 def check_variant(variant: str, *, causal: bool, kernel: str, redraw_every: int, mask_padding: bool) -> None:
     """Refuse a variant the mixer does not have, or settings LRA's fork does not run, naming the key."""
-    if variant not in VARIANTS:
-        raise ValueError(f"model.mixer.variant={variant!r} is not one of {', '.join(VARIANTS)}")
+    check_mixer_variant(variant)
     if variant == "lra_released" and kernel == "softmax":
         if causal:
             raise UnsupportedTask("performer variant=lra_released is LRA's bidirectional FAVOR (ListOps); "

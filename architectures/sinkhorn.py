@@ -43,10 +43,10 @@ import torch.nn.functional as F
 
 from architectures.attention import MultiHeadAttention, dense_attention
 from architectures.layers import UnsupportedTask, refuse_score_bias
+from architectures.lra import check_mixer_variant
 from architectures.sinkhorn_released import released_permutation, released_sinkhorn_attention
 from architectures.sparse import attend
 
-VARIANTS = ("paper", "lra_released")  # the paper's attention; LRA's released code (sinkhorn_released.py)
 
 
 def masked_logsumexp(x: torch.Tensor, valid: torch.Tensor, dim: int) -> torch.Tensor:
@@ -155,8 +155,7 @@ class SinkhornAttention(MultiHeadAttention):
         sinkhorn_iters: int, temperature: float, dropout: float = 0.0, positional: str = "none",
         qkv_dim: int | None = None, variant: str = "paper",
     ):
-        if variant not in VARIANTS:
-            raise ValueError(f"model.mixer.variant must be one of {VARIANTS}, got {variant!r}")
+        check_mixer_variant(variant)  # lra_released: sinkhorn_released.py
         if causal and variant == "lra_released":
             raise UnsupportedTask(
                 "model.mixer.variant=lra_released has no causal form: LRA's released Sinkhorn attention marks its "

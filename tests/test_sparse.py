@@ -41,6 +41,14 @@ def keys_ok(key_real: torch.Tensor) -> torch.Tensor:
     return key_real[:, None, None, :]  # (B, 1, 1, L)
 
 
+def assert_same_values_and_gradients(y: torch.Tensor, ref: torch.Tensor, inputs) -> None:
+    """y equals ref, and so do their gradients with respect to ``inputs`` under one random cotangent."""
+    torch.testing.assert_close(y, ref)
+    g = torch.randn_like(y)
+    for a, b in zip(torch.autograd.grad((y * g).sum(), inputs), torch.autograd.grad((ref * g).sum(), inputs)):
+        torch.testing.assert_close(a, b)
+
+
 def example_random_blocks(key_real, L, *, block_size, causal, **pattern) -> torch.Tensor:
     """Each example's random table drawn for its real blocks, as BigBirdAttention does."""
     nb = -(-L // block_size)
